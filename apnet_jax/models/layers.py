@@ -1,0 +1,148 @@
+"""Small building blocks with PyTorch semantics.
+
+The official APNet is a PyTorch model, and parity with it decides how these
+layers behave: explicit paddings instead of ``'SAME'``, PyTorch's BatchNorm
+(momentum 0.1, eps 1e-5, running variance updated with the *unbiased* batch
+variance), and PyTorch's default initialisers where the official code relies
+on them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+# PyTorch's default init for Conv2d/Linear weights is kaiming_uniform(a=sqrt(5)),
+# i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official code keeps it for the
+# attention layers.
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# Kaiming normal, fan_out: torchvision's ResNet init for convolutions.
+kaiming_fan_out = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def torch_default_bias_init(fan_in: int):
+  """PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class FrozenBias(nnx.Variable):
+  """A bias the optimiser never touches (``requires_grad_(False)`` in PyTorch).
+
+  The official BNNeck and the BatchNorm after each SAMS keep their bias at
+  zero this way. It stays in the state so that official checkpoints load
+  and save key for key, and it counts as a parameter as it does there.
+  """
+
+
+class BatchNorm(nnx.Module):
+  """BatchNorm over the last axis, matching ``torch.nn.BatchNorm{1,2}d``.
+
+  Normalises with the biased batch variance in training mode but updates the
+  running variance with the unbiased one, as PyTorch does (Flax's own
+  BatchNorm uses the biased one for both). Statistics and the affine
+  transform run in float32 whatever the compute dtype. ``frozen_bias=True``
+  makes the bias a ``FrozenBias`` (zero, never trained), as in the official
+  BNNeck and the BatchNorm after each SAMS.
+
+  Under ``jax.jit`` with the batch sharded over a mesh, the reductions span
+  the global batch, so the statistics are those of the whole batch.
+  """
+
+  def __init__(
+      self,
+      num_features: int,
+      *,
+      frozen_bias: bool = False,
+      momentum: float = 0.1,
+      epsilon: float = 1e-5,
+      dtype: Dtype | None = None,
+      use_running_average: bool = False,
+  ):
+    self.num_features = num_features
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.use_running_average = use_running_average
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    bias_type = FrozenBias if frozen_bias else nnx.Param
+    self.bias = bias_type(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    xf = at_least_f32(x)
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      self.mean[...] = (1.0 - m) * self.mean[...] + m * mean
+      self.var[...] = (1.0 - m) * self.var[...] + m * unbiased
+    mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+    return ((xf - mean) * mul + self.bias[...]).astype(dtype)
+
+
+def conv(
+    in_features: int,
+    out_features: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    use_bias: bool = False,
+    kernel_init=kaiming_fan_out,
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+  """A 2-D convolution with PyTorch's explicit, symmetric padding."""
+  return nnx.Conv(
+      in_features,
+      out_features,
+      kernel_size=(kernel_size, kernel_size),
+      strides=(stride, stride),
+      padding=((padding, padding), (padding, padding)),
+      use_bias=use_bias,
+      kernel_init=kernel_init,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """``nn.MaxPool2d(3, stride=2, padding=1)``: pads with -inf, not zeros."""
+  # A Python -inf lets JAX recognise the max monoid (differentiable under jit).
+  return jax.lax.reduce_window(
+      x,
+      -jnp.inf,
+      jax.lax.max,
+      window_dimensions=(1, 3, 3, 1),
+      window_strides=(1, 2, 2, 1),
+      padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+  )
+
+
+def at_least_f32(x: jax.Array) -> jax.Array:
+  """bfloat16/float16 -> float32; float32 and float64 stay as they are."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, C), accumulated in at least float32."""
+  return jnp.mean(at_least_f32(x), axis=(1, 2))

@@ -1,0 +1,213 @@
+"""The network: shapes, variants, BatchNorm semantics, attention blocks, init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from apnet_jax import build_model
+from apnet_jax.models import attention, layers
+from apnet_jax.models.apnet import stage_sizes
+from apnet_jax.models.summary import count_parameters
+from configs.common import get_config
+
+
+def small_config(**overrides):
+  config = get_config().model
+  config.depth, config.width, config.input_size = 18, 0.25, (64, 32)
+  for key, value in overrides.items():
+    setattr(config, key, value)
+  return config
+
+
+def images(n=4, size=(64, 32), seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, *size, 3))
+
+
+@pytest.mark.parametrize("kind", ["channel", "spatial"])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_forward_backward_shapes(kind, level):
+  model = build_model(small_config(kind=kind, level=level), 7, rngs=nnx.Rngs(0))
+  x = images()
+  out = model(x, return_stages=True)
+  assert out["global_feat"].shape == out["feat"].shape == (4, 128)
+  assert out["logits"].shape == (4, 7)
+  expected = [(4, h, w, c) for (h, w), c in zip(stage_sizes((64, 32), 1), (16, 16, 32, 64, 128))]
+  assert [s.shape for s in out["stages"]] == expected
+
+  def loss(model):
+    out = model(x)
+    return jnp.mean(out["logits"] ** 2) + jnp.mean(out["global_feat"] ** 2)
+
+  grads = nnx.grad(loss)(model)
+  flat = nnx.to_flat_state(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g[...]))) for _, g in flat)
+  # Every attention module gets a gradient: the pyramid is wired in.
+  pyramid_grads = [g for path, g in flat if path[0] == "pyramids"]
+  if level > 0:
+    assert pyramid_grads and any(float(jnp.abs(g[...]).max()) > 0 for g in pyramid_grads)
+  else:
+    assert not pyramid_grads
+
+
+def test_level_structure_matches_the_pyramid():
+  model = build_model(small_config(level=3), 5, rngs=nnx.Rngs(0))
+  for pyramid in model.pyramids:
+    assert [s.radix for s in pyramid.splits] == [4, 2]  # finest first, then SE
+    assert isinstance(pyramid.whole, attention.SEGate)
+  model = build_model(small_config(level=3, kind="spatial"), 5, rngs=nnx.Rngs(0))
+  assert [s.stripes for s in model.pyramids[0].splits] == [4, 2]
+  assert model.pyramids[0].whole.stripes == 1
+
+
+def test_spatial_rejects_maps_that_do_not_split():
+  with pytest.raises(ValueError, match=r"10x5 feature map does not split into 4"):
+    build_model(small_config(level=3, kind="spatial", input_size=(80, 40)), 5, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("depth", 42, "model.depth"), ("level", 4, "model.level"), ("kind", "temporal", "model.kind"),
+    ("dtype", "float16", "model.dtype")])
+def test_bad_config_is_named(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    build_model(small_config(**{field: value}), 5, rngs=nnx.Rngs(0))
+
+
+# torchvision's published parameter counts minus the ImageNet fc layer.
+@pytest.mark.parametrize("depth,expected", [
+    (18, 11_689_512 - 513_000), (34, 21_797_672 - 513_000),
+    (50, 25_557_032 - 2_049_000), (101, 44_549_160 - 2_049_000)])
+def test_backbone_sizes_equal_torchvision(depth, expected):
+  from apnet_jax.models import ResNet
+  backbone = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0)))
+  assert count_parameters(backbone)["trainable"] == expected
+
+
+def test_train_and_eval_batchnorm_modes():
+  model = build_model(small_config(), 5, rngs=nnx.Rngs(0))
+  x = images()
+  before = np.asarray(model.backbone.bn1.mean[...])
+  model.train()
+  train_out = model(x)
+  after = np.asarray(model.backbone.bn1.mean[...])
+  assert not np.allclose(before, after)  # running stats move in training
+  model.eval()
+  eval_out = model(x)
+  assert np.allclose(model.backbone.bn1.mean[...], after)  # and stay put in eval
+  # Eval features of one image do not depend on the rest of the batch.
+  single = model(x[:1])
+  np.testing.assert_allclose(single["feat"], eval_out["feat"][:1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(train_out["feat"], eval_out["feat"])
+
+
+def test_batchnorm_matches_pytorch_formulas():
+  """Normalise with the biased variance, track the unbiased one, momentum 0.1."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, size=(6, 5, 4, 3)).astype(np.float32)
+  bn = layers.BatchNorm(3)
+  scale, bias = np.array([1.0, 2.0, 0.5]), np.array([0.1, -0.2, 0.3])
+  bn.scale[...] = jnp.asarray(scale, jnp.float32)
+  bn.bias[...] = jnp.asarray(bias, jnp.float32)
+  y = np.asarray(bn(jnp.asarray(x)))
+  flat = x.reshape(-1, 3).astype(np.float64)
+  mean, var = flat.mean(0), flat.var(0)
+  expected = (x - mean) / np.sqrt(var + 1e-5) * scale + bias
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(bn.mean[...], 0.1 * mean, rtol=1e-5)
+  np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+  bn.use_running_average = True
+  expected = (x - np.asarray(bn.mean[...])) / np.sqrt(np.asarray(bn.var[...]) + 1e-5) * scale + bias
+  np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sams_matches_a_numpy_reference():
+  rng = np.random.default_rng(1)
+  sams = attention.SAMS(8, 2, rngs=nnx.Rngs(0))
+  sams.bn1.use_running_average = True
+  x = rng.normal(size=(3, 4, 2, 8)).astype(np.float32)
+  w1, b1 = np.asarray(sams.fc1.kernel[...]), np.asarray(sams.fc1.bias[...])
+  w2, b2 = np.asarray(sams.fc2.kernel[...]), np.asarray(sams.fc2.bias[...])
+  # PyTorch semantics: split channels into radix groups, sum, pool, MLP,
+  # view (B, radix, C/radix), softmax over radix, weight each group.
+  groups = [x[..., :4], x[..., 4:]]
+  pooled = sum(groups).mean(axis=(1, 2))
+  hidden = np.maximum((pooled @ w1 + b1) / np.sqrt(1 + 1e-5), 0)
+  logits = (hidden @ w2 + b2).reshape(3, 2, 4)
+  att = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+  expected = np.concatenate([g * att[:, j][:, None, None] for j, g in enumerate(groups)], -1)
+  np.testing.assert_allclose(sams(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_se_gate_matches_a_numpy_reference():
+  rng = np.random.default_rng(2)
+  se = attention.SEGate(16, rngs=nnx.Rngs(0))
+  assert se.fc1.kernel.shape == (16, 8)  # hidden width 8 at every stage
+  x = rng.normal(size=(2, 3, 3, 16)).astype(np.float32)
+  hidden = np.maximum(x.mean(axis=(1, 2)) @ np.asarray(se.fc1.kernel[...]), 0)
+  gate = 1 / (1 + np.exp(-(hidden @ np.asarray(se.fc2.kernel[...]))))
+  np.testing.assert_allclose(se(jnp.asarray(x)), x * gate[:, None, None], rtol=1e-5, atol=1e-6)
+
+
+def test_stripe_attention_attends_each_stripe_on_its_own():
+  rng = np.random.default_rng(3)
+  stripes = attention.StripeAttention(8, 8, 4, 2, rngs=nnx.Rngs(0))
+  stripes.set_attributes(use_running_average=True)
+  x = rng.normal(size=(2, 8, 4, 8)).astype(np.float32)
+  gate = np.asarray(stripes.weights(jnp.asarray(x)))
+  top = np.asarray(stripes.rga.weights(jnp.asarray(x[:, :4])))
+  bottom = np.asarray(stripes.rga.weights(jnp.asarray(x[:, 4:])))
+  np.testing.assert_allclose(gate, np.concatenate([top, bottom], axis=1), rtol=1e-5, atol=1e-6)
+  # Changing the bottom stripe leaves the top stripe's attention unchanged.
+  x2 = x.copy()
+  x2[:, 4:] = rng.normal(size=x2[:, 4:].shape)
+  np.testing.assert_allclose(np.asarray(stripes.weights(jnp.asarray(x2)))[:, :4], gate[:, :4],
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_stem_relu_switch():
+  x = images(2)
+  plain = build_model(small_config(level=0), 5, rngs=nnx.Rngs(0))
+  relu = build_model(small_config(level=0, stem_relu=True), 5, rngs=nnx.Rngs(0))
+  plain.eval(), relu.eval()
+  stem = plain.backbone.stage(0, x)
+  assert float(stem.min()) < 0  # the official stem lets negatives through
+  assert float(relu.backbone.stage(0, x).min()) >= 0
+
+
+def test_initialisation_follows_the_official_code():
+  model = build_model(get_config().model, 751, rngs=nnx.Rngs(0))
+  kernel = np.asarray(model.backbone.layer3[0].conv2.kernel[...])  # 3x3, 256 -> 256
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (9 * 256)), rtol=0.05)
+  np.testing.assert_allclose(np.asarray(model.classifier.kernel[...]).std(), 0.001, rtol=0.05)
+  assert np.all(model.bottleneck.scale[...] == 1) and np.all(model.bottleneck.bias[...] == 0)
+  fc1 = np.asarray(model.pyramids[2].splits[0].fc1.kernel[...])  # PyTorch default init
+  assert np.abs(fc1).max() <= 1 / np.sqrt(fc1.shape[0])
+  np.testing.assert_allclose(fc1.std(), 1 / np.sqrt(3 * fc1.shape[0]), rtol=0.05)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  model = build_model(small_config(dtype="bfloat16"), 5, rngs=nnx.Rngs(0))
+  model.eval()
+  out = model(images(2), return_stages=True)
+  assert out["stages"][2].dtype == jnp.bfloat16
+  assert out["feat"].dtype == out["logits"].dtype == jnp.float32
+  leaves = jax.tree.leaves(nnx.state(model))
+  assert all(leaf.dtype == jnp.float32 for leaf in leaves)
+  reference = build_model(small_config(), 5, rngs=nnx.Rngs(0))
+  reference.eval()
+  expected = np.asarray(reference(images(2))["feat"])
+  assert rel_l2(out["feat"], expected) < 0.05  # bfloat16 keeps ~3 significant digits
+
+
+def rel_l2(a, b):
+  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def test_frozen_biases_are_not_parameters():
+  model = build_model(small_config(level=2), 5, rngs=nnx.Rngs(0))
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  frozen = nnx.to_flat_state(nnx.state(model, layers.FrozenBias))
+  assert ("bottleneck", "bias") in [p for p, _ in frozen]
+  assert ("bottleneck", "bias") not in [p for p, _ in params]
+  assert len(frozen) == 1 + 5  # BNNeck + the BatchNorm after each SAMS

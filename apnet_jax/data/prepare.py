@@ -1,0 +1,219 @@
+"""Builds the re-ID datasets (TFDS ArrayRecord) and reports their statistics.
+
+`prepare` builds a dataset into ``data_dir/<name>/[<config>/]<version>/``,
+the standard TFDS location (readable with `tfds.builder_from_directory` and
+`apnet_jax.data.sources.load_split`), showing TFDS's progress bars, and
+prints a table of ids / images / cameras per split. A second call reuses the
+built dataset. A failed build leaves nothing loadable behind: TFDS writes
+into a temporary folder and renames it only on success.
+
+`STANDARD_STATISTICS` holds the benchmarks' published statistics;
+`check_standard_statistics` compares a prepared dataset with them. To check
+real data after preparing it::
+
+    python -c "from apnet_jax.data import prepare; \
+prepare.check_standard_statistics('market1501', data_dir='~/tensorflow_datasets')"
+
+(add ``config='detected'`` etc. for CUHK03 and MSMT17). It prints the table
+and raises ValueError naming every split whose statistics differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from apnet_jax.data import sources
+from apnet_jax.datasets import reid_common
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStatistics:
+  """Counts of one split: distinct pids (pid 0 counts as one), images, cameras."""
+
+  ids: int
+  images: int
+  cameras: int
+
+
+Statistics = Mapping[str, SplitStatistics]
+
+
+def _table(train: tuple[int, int, int], query: tuple[int, int, int],
+           gallery: tuple[int, int, int]) -> dict[str, SplitStatistics]:
+  return {
+      "train": SplitStatistics(*train),
+      "query": SplitStatistics(*query),
+      "gallery": SplitStatistics(*gallery),
+  }
+
+
+# Published statistics (ids, images, cameras) per dataset key (see
+# `dataset_key`); Market-1501's gallery counts the distractors (pid 0) as one
+# id. MSMT17 V1 and V2 have the same counts.
+STANDARD_STATISTICS: Mapping[str, Statistics] = {
+    "market1501": _table((751, 12936, 6), (750, 3368, 6), (751, 15913, 6)),
+    "dukemtmc_reid": _table((702, 16522, 8), (702, 2228, 8), (1110, 17661, 8)),
+    "cuhk03/labeled": _table((767, 7368, 2), (700, 1400, 2), (700, 5328, 2)),
+    "cuhk03/detected": _table((767, 7365, 2), (700, 1400, 2), (700, 5332, 2)),
+    "msmt17/train": _table((1041, 30248, 15), (3060, 11659, 15), (3060, 82161, 15)),
+    "msmt17/trainval": _table((1041, 32621, 15), (3060, 11659, 15), (3060, 82161, 15)),
+}
+
+
+def dataset_key(builder: tfds.core.DatasetBuilder) -> str:
+  """'<name>' or '<name>/<config>', e.g. 'cuhk03/labeled'."""
+  config = builder.builder_config
+  return f"{builder.name}/{config.name}" if config else builder.name
+
+
+def prepare(
+    name: str,
+    *,
+    manual_dir: str | os.PathLike[str] | None,
+    data_dir: str | os.PathLike[str],
+    config: sources.Config = None,
+    **builder_kwargs: Any,
+) -> tfds.core.DatasetBuilder:
+  """Builds dataset ``name`` (if not built yet) and prints its statistics.
+
+  Args:
+    name: a dataset of `apnet_jax.data.sources.BUILDERS`, e.g. 'market1501'.
+    manual_dir: the folder holding the downloaded archive or its extracted
+      folder (see the builder's README.md); None for 'synthetic_reid'.
+    data_dir: where to build, e.g. '~/tensorflow_datasets'.
+    config: builder config or its name (e.g. 'detected' for cuhk03,
+      'trainval' for msmt17, a `SyntheticReidConfig`); None for the default.
+    **builder_kwargs: more arguments of the builder class.
+
+  Returns:
+    The prepared builder.
+
+  Raises:
+    ValueError: unknown name, missing manual_dir, a dataset of the same name
+      built from a different config, or bad input data (the message names
+      the file).
+    FileNotFoundError: the manual dir or an expected file is missing.
+  """
+  data_dir = os.path.expanduser(os.fspath(data_dir))
+  builder = sources.get_builder(
+      name, data_dir=data_dir, config=config, file_format="array_record",
+      **builder_kwargs,
+  )
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and manual_dir is None:
+    raise ValueError(
+        f"{name} needs manual_dir, the folder holding its files:\n"
+        f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+    )
+  if builder.data_path.exists() and builder.is_prepared():
+    _check_same_config(builder)
+  download_config = tfds.download.DownloadConfig(
+      manual_dir=None if manual_dir is None
+      else os.path.expanduser(os.fspath(manual_dir))
+  )
+  builder.download_and_prepare(download_config=download_config)
+  print(format_statistics(split_statistics(builder), title=dataset_key(builder)))
+  return builder
+
+
+def _check_same_config(builder: tfds.core.DatasetBuilder) -> None:
+  """Refuses to reuse a dataset built from another config of the same name."""
+  built = (builder.info.metadata or {}).get("config")
+  wanted = reid_common.config_fields(builder.builder_config)
+  if built is not None and built != wanted:
+    raise ValueError(
+        f"{builder.data_path} was built from config {built}, not {wanted}."
+        " Give the config another name, or use another data_dir."
+    )
+
+
+def split_statistics(
+    name_or_builder: sources.DatasetRef,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    config: sources.Config = None,
+) -> dict[str, SplitStatistics]:
+  """The ids / images / cameras of every split of a prepared dataset."""
+  builder = sources.get_builder(name_or_builder, data_dir=data_dir, config=config)
+  stats = {}
+  for split in builder.info.splits:
+    annotations = sources.split_annotations(builder, split)
+    stats[split] = SplitStatistics(
+        ids=len(np.unique(annotations.pid)),
+        images=len(annotations),
+        cameras=len(np.unique(annotations.camid)),
+    )
+  return {s: stats[s] for s in reid_common.SPLITS if s in stats}
+
+
+def format_statistics(stats: Statistics, *, title: str = "") -> str:
+  """A text table of ``stats``: one row per split."""
+  rows = [f"{'split':<8} {'ids':>7} {'images':>8} {'cameras':>8}"]
+  rows += [
+      f"{split:<8} {s.ids:>7,} {s.images:>8,} {s.cameras:>8}"
+      for split, s in stats.items()
+  ]
+  width = max(len(r) for r in rows)
+  header = [title, "-" * width] if title else []
+  return "\n".join(header + rows)
+
+
+def statistics_mismatches(actual: Statistics, expected: Statistics) -> list[str]:
+  """Describes every split whose statistics differ; empty when all match."""
+  problems = []
+  for split, want in expected.items():
+    got = actual.get(split)
+    if got is None:
+      problems.append(f"{split}: missing (expected {want})")
+    elif got != want:
+      problems.append(f"{split}: {got}, expected {want}")
+  problems += [f"{split}: unexpected split" for split in actual if split not in expected]
+  return problems
+
+
+def check_standard_statistics(
+    name_or_builder: sources.DatasetRef,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    config: sources.Config = None,
+    expected: Statistics | None = None,
+) -> dict[str, SplitStatistics]:
+  """Prints a prepared dataset's statistics and checks them.
+
+  Args:
+    name_or_builder: a dataset name or builder (as `sources.load_split`).
+    data_dir: the data dir (with a name).
+    config: the builder config (with a name); None for the default.
+    expected: the statistics to expect; default: `STANDARD_STATISTICS` of
+      the dataset.
+
+  Returns:
+    The dataset's statistics.
+
+  Raises:
+    ValueError: some statistics differ (all differences are named), or no
+      standard statistics exist for the dataset.
+  """
+  builder = sources.get_builder(name_or_builder, data_dir=data_dir, config=config)
+  key = dataset_key(builder)
+  if expected is None:
+    if key not in STANDARD_STATISTICS:
+      raise ValueError(
+          f"No standard statistics for {key}; known: "
+          f"{', '.join(STANDARD_STATISTICS)}."
+      )
+    expected = STANDARD_STATISTICS[key]
+  actual = split_statistics(builder)
+  print(format_statistics(actual, title=key))
+  problems = statistics_mismatches(actual, expected)
+  if problems:
+    raise ValueError(
+        f"{key} at {builder.data_path} differs from the expected statistics:\n  "
+        + "\n  ".join(problems)
+    )
+  return actual

@@ -1,0 +1,28 @@
+"""DukeMTMC-reID (Zheng et al., ICCV 2017) as an ArrayRecord TFDS dataset.
+
+Same folder structure and file names as Market-1501, 8 cameras. Its gallery
+also holds 408 identities that never appear as queries (distractor ids with
+ordinary pids).
+"""
+
+from .. import reid_common
+
+_ROOT = "DukeMTMC-reID"
+
+
+class Builder(reid_common.MarketStyleBuilder):
+  """DukeMTMC-reID: 702 train ids, 1,110 gallery ids, 8 cameras."""
+
+  NUM_CAMERAS = 8
+  LAYOUTS = (
+      reid_common.Layout(
+          name=_ROOT,
+          root_name=_ROOT,
+          markers=tuple(reid_common.MarketStyleBuilder.FOLDERS.values()),
+      ),
+  )
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
+  Place the archive {_ROOT}.zip, or the folder {_ROOT}/ extracted from it
+  (holding bounding_box_train/, query/ and bounding_box_test/), in manual_dir.
+  See README.md next to this builder.
+  """

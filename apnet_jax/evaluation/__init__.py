@@ -1,0 +1,7 @@
+"""Re-ID evaluation: CMC / mAP / mINP and k-reciprocal re-ranking."""
+
+from apnet_jax.evaluation.metrics import evaluate
+from apnet_jax.evaluation.rerank import k_reciprocal_rerank
+from apnet_jax.evaluation.rerank import k_reciprocal_rerank_chunks
+
+__all__ = ["evaluate", "k_reciprocal_rerank", "k_reciprocal_rerank_chunks"]

@@ -1,0 +1,263 @@
+"""The sharded, jitted APNet train step: augment, forward, loss, Adam update.
+
+One ``jax.jit`` over a 1-D device mesh with axis ``'data'``: the global batch
+is one array sharded along its first axis, the train state is replicated
+and donated. Because the batch is a single global array, BatchNorm
+statistics, the triplet distance matrix and its hard-example mining span the
+whole batch whatever the number of devices; XLA inserts the cross-device
+reductions, so no ``axis_name``/``pmean`` appears here.
+
+The model travels as ``(graphdef, params, rest)``: ``params`` holds the
+``nnx.Param`` leaves (the only thing the optimiser and the gradients see);
+``rest`` holds everything else (BatchNorm running statistics, the biases
+frozen at zero). The step merges them back into a module *inside* the trace
+and splits the updated running statistics out after the forward pass.
+
+Randomness is a pure function of ``(seed, step)`` (``fold_in`` of the step
+counter kept on device), so a resumed run draws the same augmentations and
+no host synchronisation is needed.
+
+Typical use::
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  tx, _ = optim.make_optimizer(config, steps_per_epoch)
+  graphdef, state = create_train_state(model, tx)
+  state = jax.device_put(state, replicated_sharding(mesh))
+  train_step = make_train_step(graphdef, tx, num_classes=n, config=config,
+                               mesh=mesh, seed=config.seed)
+  for host_batch in loader:
+    state, metrics = train_step(state, shard_batch(host_batch, mesh))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from apnet_jax import losses, optim
+from apnet_jax.data import augment
+
+__all__ = [
+    "DATA_AXIS",
+    "TrainState",
+    "create_train_state",
+    "data_sharding",
+    "make_train_step",
+    "replicated_sharding",
+    "shard_batch",
+]
+
+DATA_AXIS = "data"
+# The batch entries the step consumes; anything else in a loader batch
+# (pid, camid, index) stays on the host.
+_STEP_KEYS = ("image", "label")
+
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training: a plain pytree of arrays.
+
+  Attributes:
+    params: the model's ``nnx.Param`` state (trained).
+    rest: all other model state (BatchNorm running mean/var, frozen biases).
+    opt_state: the optax state of ``params``.
+    step: int32 scalar, the number of updates made so far.
+  """
+
+  params: nnx.State
+  rest: nnx.State
+  opt_state: optax.OptState
+  step: jax.Array
+
+
+def create_train_state(
+    model: nnx.Module, tx: optax.GradientTransformation
+) -> tuple[nnx.GraphDef, TrainState]:
+  """Splits a model into its static graph and a fresh train state.
+
+  The model is put in training mode first (batch statistics in every
+  BatchNorm), which the returned ``graphdef`` records.
+
+  Args:
+    model: the APNet module (e.g. from ``apnet_jax.build_model``).
+    tx: the optimiser (e.g. from ``apnet_jax.optim.make_optimizer``).
+
+  Returns:
+    ``(graphdef, state)`` with ``state.step == 0``.
+  """
+  model.train()
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = TrainState(
+      params=params,
+      rest=rest,
+      opt_state=tx.init(params),
+      step=jnp.zeros((), jnp.int32),
+  )
+  return graphdef, state
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of batch arrays: first axis split over the mesh's ``'data'`` axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of the train state: a full copy on every device."""
+  return NamedSharding(mesh, P())
+
+
+def _check_mesh(mesh: Mesh) -> None:
+  if DATA_AXIS not in mesh.axis_names:
+    raise ValueError(
+        f"the mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}; build it with "
+        f"jax.make_mesh((jax.device_count(),), ({DATA_AXIS!r},)).")
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host numpy batch -> global device arrays sharded along ``'data'``.
+
+  Every entry whose first axis is the batch is placed; strings and other
+  non-numeric entries are dropped. Single process: ``batch`` is the global
+  batch (``jax.device_put``). Multi-process: ``batch`` is this process's
+  contiguous slice of the global batch, as ``train_loader`` yields it, and
+  the global array is assembled with ``jax.make_array_from_process_local_data``.
+
+  Args:
+    batch: dict of numpy (or array-like) entries with a common first axis.
+    mesh: the training mesh.
+
+  Returns:
+    A dict of sharded ``jax.Array``.
+  """
+  _check_mesh(mesh)
+  sharding = data_sharding(mesh)
+  # Each process holds the rows of its own devices (the whole batch when single-process).
+  local_shards = len(mesh.local_devices)
+  out = {}
+  for key, value in batch.items():
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+      continue
+    if array.ndim == 0 or array.shape[0] % local_shards:
+      raise ValueError(
+          f"shard_batch: batch[{key!r}] has shape {array.shape}; its first axis must be "
+          f"divisible by the {local_shards} devices this process feeds.")
+    if jax.process_count() == 1:
+      out[key] = jax.device_put(array, sharding)
+    else:
+      out[key] = jax.make_array_from_process_local_data(sharding, array)
+  return out
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    num_classes: int,
+    config: Any,
+    mesh: Mesh,
+    seed: int,
+) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
+  """Builds the jitted train step.
+
+  Args:
+    graphdef: from :func:`create_train_state`.
+    tx: the optimiser that made ``state.opt_state`` (from
+      :func:`apnet_jax.optim.make_optimizer`: the ``lr`` metric is read from
+      its state).
+    num_classes: number of train identities (classifier outputs).
+    config: the full config; reads ``config.loss.margin``,
+      ``config.loss.label_smoothing`` and ``config.augment.{pad, flip_p,
+      erase_p}``.
+    mesh: a mesh with a ``'data'`` axis, e.g.
+      ``jax.make_mesh((jax.device_count(),), ('data',))``.
+    seed: the training seed; the augmentation key of step ``s`` is
+      ``fold_in(key(seed), s)``.
+
+  Returns:
+    ``train_step(state, batch) -> (state, metrics)``. ``batch`` needs
+    ``image`` (uint8 (B, H, W, 3)) and ``label`` (int (B,)), ideally
+    already sharded with :func:`shard_batch`; other entries are ignored.
+    ``state`` must be replicated on the mesh (``jax.device_put(state,
+    replicated_sharding(mesh))``) and is donated: do not use it after the
+    call. ``metrics`` are float32 device scalars: ``loss``, ``ce``,
+    ``triplet``, ``acc``, ``lr``, ``grad_norm`` (of the loss gradient,
+    before weight decay), ``param_norm`` (after the update), ``dist_ap``,
+    ``dist_an``. The jitted function is ``train_step.jitted``.
+  """
+  _check_mesh(mesh)
+  margin = float(config.loss.margin)
+  epsilon = float(config.loss.label_smoothing)
+  augment_kwargs = {
+      "pad": int(config.augment.pad),
+      "flip_p": float(config.augment.flip_p),
+      "erase_p": float(config.augment.erase_p),
+  }
+  base_key = jax.random.key(int(seed))
+
+  def loss_fn(params, rest, images, labels):
+    # copy=True: fresh Variables at this trace level, so the BatchNorm update
+    # below neither trips NNX's trace check nor touches the caller's state.
+    model = nnx.merge(graphdef, params, rest, copy=True)
+    outputs = model(images)
+    loss, aux = losses.total_loss(
+        outputs, labels, num_classes=num_classes, margin=margin, epsilon=epsilon)
+    # The forward pass updated the BatchNorm running statistics in `model`.
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return loss, (aux, new_rest)
+
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(base_key, state.step)
+    images = augment.train_augment(rng, batch["image"], **augment_kwargs)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (aux, new_rest)), grads = grad_fn(state.params, state.rest, images, batch["label"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss,
+        **aux,
+        "lr": optim.current_learning_rate(opt_state),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+    }
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    new_state = TrainState(params=params, rest=new_rest, opt_state=opt_state,
+                           step=state.step + 1)
+    return new_state, metrics
+
+  replicated = replicated_sharding(mesh)
+  jitted = jax.jit(
+      step,
+      in_shardings=(replicated, data_sharding(mesh)),
+      out_shardings=(replicated, replicated),
+      donate_argnums=(0,),
+  )
+
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    missing = [k for k in _STEP_KEYS if k not in batch]
+    if missing:
+      raise KeyError(f"train_step: the batch has no {missing} (got keys {sorted(batch)}).")
+    image, label = batch["image"], batch["label"]
+    if image.dtype != jnp.uint8 or image.ndim != 4 or image.shape[-1] != 3:
+      raise ValueError(f"train_step: batch['image'] must be uint8 (B, H, W, 3), got "
+                       f"{image.dtype} {image.shape}.")
+    if label.shape != image.shape[:1] or not jnp.issubdtype(label.dtype, jnp.integer):
+      raise ValueError(f"train_step: batch['label'] must be integer ({image.shape[0]},), got "
+                       f"{label.dtype} {label.shape}.")
+    if image.shape[0] % mesh.shape[DATA_AXIS]:
+      raise ValueError(f"train_step: batch size {image.shape[0]} is not divisible by the "
+                       f"{mesh.shape[DATA_AXIS]} devices of the mesh's 'data' axis.")
+    return jitted(state, {"image": image, "label": label})
+
+  train_step.jitted = jitted  # type: ignore[attr-defined]
+  return train_step

@@ -1,18 +1,25 @@
 """apnet-jax command line.
 
+  python run.py --config configs/synthetic.py --workdir /tmp/apnet-demo
+  python run.py --config configs/market1501.py --workdir DIR --mode eval
+  python run.py --config configs/msmt17.py --mode prepare --config.data.manual_dir=DIR
   python run.py --config configs/common.py --mode summary
 
-Only parses flags and calls library functions, so a notebook can make the
-same calls.
+Only parses flags and calls library functions (`apnet_jax.train`), so a
+notebook can make the same calls.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                 lock_config=True)
-flags.DEFINE_enum("mode", "summary", ["summary"],
-                  "summary: build the model, print its parameter table, output shapes and FLOPs.")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "prepare", "summary"],
+    "train: prepare the data if needed, train, evaluate. eval: evaluate a checkpoint of "
+    "--workdir. prepare: build the dataset only. summary: print the model's parameter "
+    "table, output shapes and FLOPs.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -20,11 +27,23 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO.
+    logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  if FLAGS.mode == "summary":
+  if FLAGS.mode in ("train", "eval") and not FLAGS.workdir:
+    raise app.UsageError(f"--mode {FLAGS.mode} needs --workdir")
+  from apnet_jax import train  # after flag parsing: importing JAX takes a moment
+
+  if FLAGS.mode == "train":
+    train.train_and_evaluate(config, FLAGS.workdir)
+  elif FLAGS.mode == "eval":
+    train.evaluate_workdir(config, FLAGS.workdir)
+  elif FLAGS.mode == "prepare":
+    train.prepare_dataset(config.data)
+  else:
     from apnet_jax.models.summary import describe
 
-    print(describe(config.model, config.model.num_classes))
+    print(describe(config.model, train.num_train_ids(config.data)))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """The official APNet recipe as defaults; every other config starts from it.
 
-Facts from the official implementation (github.com/Gutianpei/APNet,
-configs/default.yml and modeling/): see docs and the project GUIDE.
+Values from the official implementation (github.com/Gutianpei/APNet,
+configs/default.yml, modeling/ and solver/). Each dataset config changes only
+what differs.
 """
 
 import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the default config. ``arg`` is unused here (kept for a uniform API)."""
+  """Returns the official recipe. ``arg`` is unused (kept for a uniform API)."""
   del arg
   config = ml_collections.ConfigDict()
 
@@ -19,10 +20,61 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model.stem_relu = False  # The official stem has no ReLU after bn1.
   model.level = 2  # Attention pyramid level, 0..3 (0 = plain ResNet + BNNeck).
   model.kind = "channel"  # 'channel' (APNet-C) or 'spatial' (APNet-S).
-  model.input_size = (384, 192)  # (height, width) of the network input.
+  model.input_size = (384, 192)  # (height, width) of train and test images.
   model.eval_feature = "bn"  # 'bn' (feat), 'global' (global_feat), 'logits'.
   model.dtype = "float32"  # Compute dtype: 'float32' or 'bfloat16'.
-  model.init_from = ""  # Path to torchvision's resnet50-19c8e357.pth, or ''.
-  model.num_classes = 751  # Replaced by the dataset's number of train ids.
+  # torchvision's ImageNet ResNet-50, the file the official code starts from;
+  # '' trains from scratch.
+  model.init_from = "~/.cache/torch/hub/checkpoints/resnet50-19c8e357.pth"
+
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "market1501"  # A builder of apnet_jax.data.sources.BUILDERS.
+  data.config = ""  # Builder config ('' = its default), e.g. 'labeled'.
+  data.data_dir = "~/tensorflow_datasets"  # Where prepared datasets live.
+  data.manual_dir = ""  # Downloaded files; set it to prepare a dataset.
+  data.p = 20  # Identities per batch ...
+  data.k = 4  # ... and images per identity: 80 images.
+  data.num_workers = 2  # Grain worker processes decoding and resizing.
+
+  config.augment = augment = ml_collections.ConfigDict()
+  augment.pad = 10
+  augment.flip_p = 0.5
+  augment.erase_p = 0.5
+
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.margin = 0.3  # Batch-hard triplet margin, on global_feat.
+  loss.label_smoothing = 0.1  # Over the real number of train ids.
+
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.base_lr = 4e-4
+  optim.weight_decay = 1e-3  # Coupled, as torch.optim.Adam applies it.
+  optim.bias_lr_factor = 1.0
+  optim.weight_decay_bias = 1e-3
+  optim.betas = (0.9, 0.999)
+  optim.warmup_factor = 0.01
+  optim.warmup_epochs = 10
+  optim.milestones = (40, 80, 120)
+  optim.gamma = 0.1
+
+  config.train = train = ml_collections.ConfigDict()
+  train.epochs = 160
+  train.max_steps = -1  # > 0 stops after that many steps (smoke tests).
+  train.seed = 0
+  train.log_every_steps = 50
+  train.checkpoint_every_epochs = 10
+  train.keep_best = 1  # Best checkpoints by mAP kept besides the latest.
+  train.eval_epochs = (120, 160)  # Evaluate after these epochs.
+
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.batch_size = 128  # Images per forward pass (padded; sharded over devices).
+  ev.step = -1  # Checkpoint step for --mode eval; -1 = latest.
+  ev.use_best = False  # --mode eval: restore the best checkpoint by mAP instead.
+  ev.torch_checkpoint = ""  # Evaluate an official PyTorch checkpoint instead.
+  ev.drop_distractors = False  # Market: the Gutianpei code's easier gallery.
+  ev.rerank = False  # Also report k-reciprocal re-ranking.
+  ev.rerank_k1 = 20
+  ev.rerank_k2 = 6
+  ev.rerank_lambda = 0.3
+  ev.max_rank = 50
 
   return config

@@ -1,0 +1,354 @@
+"""Training and evaluation of APNet: the project's main job.
+
+``train_and_evaluate(config, workdir)`` reads top to bottom: set up the mesh
+and the workdir, open (or prepare) the dataset, build the model, optimizer and
+train state, resume from the latest checkpoint, run the jitted step, log,
+checkpoint and evaluate, then write ``results.json``. ``run.py`` and
+notebooks call the same functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from absl import logging
+from flax import nnx
+
+from apnet_jax import checkpointing, optim, train_step
+from apnet_jax.data import pipeline, prepare, sources
+from apnet_jax.evaluation import evaluate
+from apnet_jax.evaluation.features import extract_features
+from apnet_jax.metric_writers import MetricWriter
+from apnet_jax.models import build_model
+from apnet_jax.weights import load_torch_weights, read_state_dict
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step."""
+
+
+# --- Data --------------------------------------------------------------------
+
+
+def open_dataset(data_config: ml_collections.ConfigDict):
+  """The dataset's TFDS builder, prepared first when it is not yet built.
+
+  A dataset is prepared here when ``data.manual_dir`` is set (or needs no
+  download, like ``synthetic_reid``); otherwise a missing dataset is an
+  error that says how to prepare it.
+  """
+  data_dir = os.path.expanduser(data_config.data_dir)
+  builder = sources.get_builder(data_config.name, data_dir=data_dir,
+                                config=data_config.config or None)
+  if builder.is_prepared():
+    return builder
+  if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS or data_config.manual_dir:
+    return prepare_dataset(data_config)
+  raise FileNotFoundError(
+      f"{data_config.name} is not prepared in {data_dir}. Download it as "
+      f"datasets/{data_config.name}/README.md says and run with "
+      f"--config.data.manual_dir=<the folder holding it> (once; it is then kept in "
+      f"{data_dir}).")
+
+
+def prepare_dataset(data_config: ml_collections.ConfigDict):
+  """Builds the dataset (a no-op when built) and prints its statistics table."""
+  return prepare.prepare(data_config.name, manual_dir=data_config.manual_dir or None,
+                         data_dir=os.path.expanduser(data_config.data_dir),
+                         config=data_config.config or None)
+
+
+# --- Model ---------------------------------------------------------------------
+
+
+def init_from_imagenet(model: nnx.Module, path: str) -> None:
+  """Loads torchvision's ImageNet ResNet into the backbone; refuses partial loads."""
+  path = os.path.expanduser(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"model.init_from: {path} does not exist. The official recipe starts from "
+        "torchvision's ImageNet ResNet-50, resnet50-19c8e357.pth "
+        "(https://download.pytorch.org/models/resnet50-19c8e357.pth); put it there, "
+        "point --config.model.init_from at it, or set it to '' to train from scratch.")
+  report = load_torch_weights(model, path)
+  backbone_missing = [k for k in report.missing if not k.startswith(("att", "BN", "bottleneck",
+                                                                      "classifier"))]
+  if report.layout != "torchvision" or backbone_missing:
+    raise ValueError(f"model.init_from: {path} is a {report.layout} checkpoint and leaves "
+                     f"backbone keys missing: {backbone_missing[:5]}")
+  logging.info("Loaded %d ImageNet tensors from %s", len(report.loaded), path)
+
+
+# --- Evaluation ------------------------------------------------------------------
+
+
+def evaluate_model(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
+                   mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+  """Extracts query and gallery features and computes CMC, mAP and mINP.
+
+  Returns a results dict: ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP`` (in
+  percent), ``cmc``, ``num_valid_queries``, the protocol used, and the same
+  under ``rerank`` when ``eval.rerank`` is set.
+  """
+  features = {}
+  for split in ("query", "gallery"):
+    features[split] = extract_features(
+        model, sources.load_split(builder, split), eval_feature=config.model.eval_feature,
+        input_size=tuple(config.model.input_size), batch_size=config.eval.batch_size,
+        mesh=mesh, num_workers=config.data.num_workers)
+  gallery = features["gallery"]
+  if config.eval.drop_distractors:
+    keep = gallery["pid"] != 0
+    gallery = {k: v[keep] for k, v in gallery.items()}
+  query = features["query"]
+  args = (query["features"], gallery["features"], query["pid"], gallery["pid"],
+          query["camid"], gallery["camid"])
+  results = _summary(evaluate(*args, max_rank=config.eval.max_rank))
+  if config.eval.rerank:
+    rerank = dict(k1=config.eval.rerank_k1, k2=config.eval.rerank_k2,
+                  lambda_value=config.eval.rerank_lambda)
+    results["rerank"] = _summary(evaluate(*args, max_rank=config.eval.max_rank, rerank=rerank))
+  results["protocol"] = {
+      "dataset": prepare.dataset_key(builder),
+      "distractors": "dropped" if config.eval.drop_distractors else "kept (standard)",
+      "eval_feature": config.model.eval_feature,
+      "flip": "image + horizontal flip, summed, L2-normalized",
+      "num_query": int(len(query["pid"])), "num_gallery": int(len(gallery["pid"])),
+  }
+  return results
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+  cmc = np.asarray(metrics["cmc"])
+  out = {f"R{k}": 100 * float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)}
+  out.update(mAP=100 * float(metrics["mAP"]), mINP=100 * float(metrics["mINP"]),
+             num_valid_queries=int(metrics["num_valid_queries"]), cmc=cmc.tolist())
+  return out
+
+
+def format_results(results: dict[str, Any]) -> str:
+  """A small table of R1, R5, R10, mAP and mINP (and re-ranked, if any)."""
+  names = ("R1", "R5", "R10", "mAP", "mINP")
+  rows = [("", results)] + ([("re-ranked", results["rerank"])] if "rerank" in results else [])
+  lines = [f"{'':<11}" + "".join(f"{n:>8}" for n in names)]
+  for title, r in rows:
+    lines.append(f"{title:<11}" + "".join(f"{r[n]:>8.2f}" for n in names if n in r))
+  return "\n".join(lines)
+
+
+# --- Training --------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains APNet as ``config`` says, resuming from ``workdir``; returns the results.
+
+  Writes ``workdir/config.json``, ``metrics.jsonl``, TensorBoard events,
+  ``checkpoints/`` and, at the end, ``results.json``.
+  """
+  # Setup: workdir, resolved config, mesh.
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  logging.info("Config:\n%s", config)
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+
+  # Data: the train split and its identity-balanced sampler.
+  builder = open_dataset(config.data)
+  train_labels = sources.split_annotations(builder, "train").label
+  num_classes = int(len(np.unique(train_labels)))
+  steps_per_epoch = pipeline.steps_per_epoch(train_labels, p=config.data.p, k=config.data.k)
+  total_steps = config.train.epochs * steps_per_epoch
+  if config.train.max_steps > 0:
+    total_steps = min(total_steps, config.train.max_steps)
+  loader = pipeline.train_loader(
+      sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
+      height=config.model.input_size[0], width=config.model.input_size[1],
+      seed=config.train.seed, num_workers=config.data.num_workers)
+
+  # Model, optimizer and train state.
+  model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
+  if config.model.init_from:
+    init_from_imagenet(model, config.model.init_from)
+  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  graphdef, state = train_step.create_train_state(model, tx)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  meta = {"seed": config.train.seed, "num_classes": num_classes,
+          "model": config.model.to_dict(), "data": config.data.to_dict()}
+
+  # Resume from the latest checkpoint, if any.
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    checkpointing.check_compatible(checkpointing.restore_meta(manager, start_step), meta,
+                                   workdir)
+    state, _ = checkpointing.restore(manager, start_step, state, loader)
+    logging.info("Resumed from step %d", start_step)
+
+  # The loop. Device metrics are fetched only at logging steps.
+  step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
+                                       mesh=mesh, seed=config.train.seed)
+  writer = MetricWriter(workdir, enabled=is_main)
+  preempted = _SigtermFlag()
+  results: dict[str, Any] | None = None
+  window, window_start, tick = [], start_step, time.time()
+  with tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main,
+                 desc="train", unit="step") as bar:
+    for step in range(start_step, total_steps):
+      batch = next(loader)
+      state, metrics = step_fn(state, train_step.shard_batch(
+          {"image": batch["image"], "label": batch["label"]}, mesh))
+      window.append(metrics)
+      done = step + 1
+      epoch_end = done % steps_per_epoch == 0
+      epoch = done // steps_per_epoch
+      last = done == total_steps
+      if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
+        record = _reduce_window(window, window_start)
+        record.update(epoch=done / steps_per_epoch,
+                      img_per_s=len(window) * config.data.p * config.data.k
+                      / max(time.time() - tick, 1e-9))
+        writer.write(done, record)
+        # Updated only here, after the sync: dispatch runs ahead of the device.
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}")
+        window, window_start, tick = [], done, time.time()
+
+      evaluated = None
+      if epoch_end and epoch in config.train.eval_epochs:
+        results = evaluate_model(nnx.merge(graphdef, state.params, state.rest), builder, config,
+                                 mesh=mesh)
+        evaluated = {"mAP": results["mAP"]}
+        writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+                     kind="eval")
+      if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
+          or last or preempted.set):
+        checkpointing.save(manager, done, state, loader, dict(meta, epoch=epoch),
+                           metrics=evaluated)
+      if preempted.set:
+        manager.wait_until_finished()
+        logging.warning("SIGTERM: saved step %d and stopped.", done)
+        writer.close()
+        raise SystemExit(143)
+  manager.wait_until_finished()
+
+  # Final evaluation (reused when the last epoch was evaluated) and results.json.
+  if results is None or not (total_steps % steps_per_epoch == 0
+                             and total_steps // steps_per_epoch in config.train.eval_epochs):
+    results = evaluate_model(nnx.merge(graphdef, state.params, state.rest), builder, config,
+                             mesh=mesh)
+    writer.write(total_steps, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+                 kind="eval")
+  writer.close()
+  results.update(step=int(total_steps), config=config.to_dict())
+  if is_main:
+    print(format_results(results))
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, default=str)
+  return results
+
+
+def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, float]:
+  """Means of the window's metrics; a non-finite loss names its step."""
+  host = jax.device_get(window)
+  losses_ = np.array([m["loss"] for m in host], np.float64)
+  bad = np.flatnonzero(~np.isfinite(losses_))
+  if bad.size:
+    raise NonFiniteLossError(
+        f"the loss became {losses_[bad[0]]} at step {first_step + int(bad[0]) + 1}; "
+        "training stopped, the last checkpoint before it is kept.")
+  return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.set = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook kernels)
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.set = True
+
+
+# --- Evaluating a finished (or running) training ------------------------------
+
+
+def num_train_ids(data_config: ml_collections.ConfigDict) -> int:
+  """Train identities: from the prepared dataset, else its published statistics."""
+  builder = sources.get_builder(data_config.name, data_dir=os.path.expanduser(
+      data_config.data_dir), config=data_config.config or None)
+  if builder.is_prepared():
+    return int(len(np.unique(sources.split_annotations(builder, "train").label)))
+  known = prepare.STANDARD_STATISTICS.get(prepare.dataset_key(builder))
+  if known is not None:
+    return known["train"].ids
+  return int(builder.builder_config.num_train_ids)
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``--mode eval``: evaluates a checkpoint of ``workdir`` and writes results.json.
+
+  The checkpoint is ``eval.step``, else the best by mAP when ``eval.use_best``,
+  else the latest; or, with ``eval.torch_checkpoint``, an official PyTorch
+  checkpoint instead of an Orbax one.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  builder = open_dataset(config.data)
+  if config.eval.torch_checkpoint:
+    state_dict = read_state_dict(os.path.expanduser(config.eval.torch_checkpoint))
+    if "classifier.weight" not in state_dict:
+      raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} has no "
+                       "classifier.weight; is it an official APNet checkpoint?")
+    num_classes = state_dict["classifier.weight"].shape[0]
+    model = build_model(config.model, num_classes, rngs=nnx.Rngs(0))
+    report = load_torch_weights(model, state_dict)
+    if report.layout != "official" or report.missing:
+      raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} is not a "
+                       f"complete official APNet checkpoint for this model; missing: "
+                       f"{report.missing[:5]}")
+    source = {"torch_checkpoint": os.path.abspath(config.eval.torch_checkpoint)}
+  else:
+    manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+    if config.eval.step >= 0:
+      step = config.eval.step
+    elif config.eval.use_best:
+      step = checkpointing.best_step(manager)
+    else:
+      step = manager.latest_step()
+    if step is None or step not in manager.all_steps():
+      raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint "
+                              f"{'at step ' + str(step) if step is not None else 'to evaluate'}"
+                              f" (it has: {list(manager.all_steps())}).")
+    meta = checkpointing.restore_meta(manager, step)
+    checkpointing.check_compatible(meta, dict(meta, model=config.model.to_dict(),
+                                              data=config.data.to_dict()), workdir)
+    model = build_model(config.model, meta["num_classes"], rngs=nnx.Rngs(0))
+    tx, _ = optim.make_optimizer(config, 1)
+    graphdef, state = train_step.create_train_state(model, tx)
+    state, _ = checkpointing.restore(manager, step, state, None)
+    model = nnx.merge(graphdef, state.params, state.rest)
+    source = {"checkpoint_step": int(step)}
+  results = evaluate_model(model, builder, config, mesh=mesh)
+  results.update(source, config=config.to_dict())
+  if jax.process_index() == 0:
+    print(format_results(results))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2, default=str)
+  return results

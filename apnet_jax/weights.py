@@ -145,8 +145,8 @@ def _from_torch(value: np.ndarray, kind: str) -> np.ndarray:
   return value
 
 
-def _flatten_source(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The state dict of ``source``: unnested, ``module.`` prefixes removed."""
+def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The state dict in a file or mapping: unnested, ``module.`` prefixes removed."""
   obj = source if isinstance(source, Mapping) else torch_io.read_checkpoint(source)
   for key in ("state_dict", "model"):
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
@@ -228,7 +228,7 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
       ``base_k`` alias disagrees with its canonical key; nothing is loaded
       then.
   """
-  state = _flatten_source(source)
+  state = read_state_dict(source)
   layout = detect_layout(state)
   entries = _entries(model)
   if layout == "official":

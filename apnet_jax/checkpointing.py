@@ -28,8 +28,11 @@ def make_manager(workdir: str, *, keep_best: int) -> ocp.CheckpointManager:
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,
                      keep_checkpoints_without_metrics=False),
   ])
+  # best_fn only makes Orbax write each checkpoint's metrics to disk (so the
+  # ranking survives restarts); the policy above decides what is kept.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, enable_async_checkpointing=True, create=True)
+      preservation_policy=policy, best_fn=lambda metrics: metrics["mAP"], best_mode="max",
+      enable_async_checkpointing=True, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 
@@ -70,7 +73,9 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
   """The kept step with the highest mAP, or None if none has metrics."""
-  return manager.best_step()
+  scored = [(metrics["mAP"], step) for step in manager.all_steps()
+            if (metrics := manager.metrics(step)) and "mAP" in metrics]
+  return max(scored)[1] if scored else None
 
 
 # Config keys a checkpoint's arrays depend on; the rest (paths, workers,

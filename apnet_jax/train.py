@@ -24,11 +24,11 @@ from flax import nnx
 
 from apnet_jax import checkpointing, optim, train_step
 from apnet_jax.data import pipeline, prepare, sources
-from apnet_jax.evaluation import evaluate
+from apnet_jax.evaluation import evaluate, plots
 from apnet_jax.evaluation.features import extract_features
 from apnet_jax.metric_writers import MetricWriter
 from apnet_jax.models import build_model
-from apnet_jax.weights import load_torch_weights, read_state_dict
+from apnet_jax.weights import detect_layout, load_torch_weights, read_state_dict
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,37 +78,44 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
         "torchvision's ImageNet ResNet-50, resnet50-19c8e357.pth "
         "(https://download.pytorch.org/models/resnet50-19c8e357.pth); put it there, "
         "point --config.model.init_from at it, or set it to '' to train from scratch.")
-  report = load_torch_weights(model, path)
-  backbone_missing = [k for k in report.missing if not k.startswith(("att", "BN", "bottleneck",
-                                                                      "classifier"))]
-  if report.layout != "torchvision" or backbone_missing:
-    raise ValueError(f"model.init_from: {path} is a {report.layout} checkpoint and leaves "
-                     f"backbone keys missing: {backbone_missing[:5]}")
+  state = read_state_dict(path)
+  if detect_layout(state) != "torchvision":
+    raise ValueError(f"model.init_from: {path} is a whole official APNet checkpoint, not an "
+                     "ImageNet backbone; evaluate it with --config.eval.torch_checkpoint.")
+  report = load_torch_weights(model, state)
+  if report.missing:
+    raise ValueError(f"model.init_from: {path} lacks backbone keys: {report.missing[:5]}")
   logging.info("Loaded %d ImageNet tensors from %s", len(report.loaded), path)
 
 
 # --- Evaluation ------------------------------------------------------------------
 
 
-def evaluate_model(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
-                   mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
-  """Extracts query and gallery features and computes CMC, mAP and mINP.
-
-  Returns a results dict: ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP`` (in
-  percent), ``cmc``, ``num_valid_queries``, the protocol used, and the same
-  under ``rerank`` when ``eval.rerank`` is set.
-  """
+def extract_eval_features(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
+                          mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, Any]]:
+  """Query and gallery features (image + flip, summed), pids and camids."""
   features = {}
   for split in ("query", "gallery"):
     features[split] = extract_features(
         model, sources.load_split(builder, split), eval_feature=config.model.eval_feature,
         input_size=tuple(config.model.input_size), batch_size=config.eval.batch_size,
         mesh=mesh, num_workers=config.data.num_workers)
-  gallery = features["gallery"]
+    features[split]["index"] = np.arange(len(features[split]["pid"]))
   if config.eval.drop_distractors:
-    keep = gallery["pid"] != 0
-    gallery = {k: v[keep] for k, v in gallery.items()}
-  query = features["query"]
+    keep = features["gallery"]["pid"] != 0
+    features["gallery"] = {k: v[keep] for k, v in features["gallery"].items()}
+  return features
+
+
+def evaluate_features(features: dict[str, dict[str, Any]], builder,
+                      config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """CMC, mAP and mINP of extracted features, with the protocol used.
+
+  Returns a results dict: ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP`` (in
+  percent), ``cmc``, ``num_valid_queries``, the protocol, and the same under
+  ``rerank`` when ``eval.rerank`` is set.
+  """
+  query, gallery = features["query"], features["gallery"]
   args = (query["features"], gallery["features"], query["pid"], gallery["pid"],
           query["camid"], gallery["camid"])
   results = _summary(evaluate(*args, max_rank=config.eval.max_rank))
@@ -124,6 +131,35 @@ def evaluate_model(model: nnx.Module, builder, config: ml_collections.ConfigDict
       "num_query": int(len(query["pid"])), "num_gallery": int(len(gallery["pid"])),
   }
   return results
+
+
+def write_report(workdir: str, results: dict[str, Any], features: dict[str, dict[str, Any]],
+                 builder, *, num_queries: int = 8) -> None:
+  """Prints the table; writes results.json, cmc.png and ranked_list.png (process 0)."""
+  if jax.process_index() != 0:
+    return
+  print(format_results(results))
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2, default=str)
+  curves = {"APNet": results["cmc"]}
+  if "rerank" in results:
+    curves["re-ranked"] = results["rerank"]["cmc"]
+  plots.plot_cmc(curves, os.path.join(workdir, "cmc.png"),
+                 title=results["protocol"]["dataset"])
+  query, gallery = features["query"], features["gallery"]
+  picked = np.linspace(0, len(query["pid"]) - 1, min(num_queries, len(query["pid"]))).astype(int)
+  order, matches = plots.ranked_lists(
+      query["features"][picked], gallery["features"], query["pid"][picked], gallery["pid"],
+      query["camid"][picked], gallery["camid"], top=min(10, len(gallery["pid"])))
+  query_source = sources.load_split(builder, "query")
+  gallery_source = sources.load_split(builder, "gallery")
+  plots.plot_ranked_lists(
+      [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
+      [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
+       for row in order],
+      matches, os.path.join(workdir, "ranked_list.png"),
+      query_labels=[f"pid {query['pid'][i]}" for i in picked])
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -157,9 +193,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   logging.info("Config:\n%s", config)
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
 
@@ -194,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    workdir)
     state, _ = checkpointing.restore(manager, start_step, state, loader)
     logging.info("Resumed from step %d", start_step)
+  if is_main:  # after the check above: never overwrite another run's record
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   # The loop. Device metrics are fetched only at logging steps.
   step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
@@ -201,6 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   writer = MetricWriter(workdir, enabled=is_main)
   preempted = _SigtermFlag()
   results: dict[str, Any] | None = None
+  final_features = None  # set when the last step was an evaluation epoch
   window, window_start, tick = [], start_step, time.time()
   with tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main,
                  desc="train", unit="step") as bar:
@@ -226,8 +263,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       evaluated = None
       if epoch_end and epoch in config.train.eval_epochs:
-        results = evaluate_model(nnx.merge(graphdef, state.params, state.rest), builder, config,
-                                 mesh=mesh)
+        features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+                                         builder, config, mesh=mesh)
+        results = evaluate_features(features, builder, config)
+        final_features = features if last else None
         evaluated = {"mAP": results["mAP"]}
         writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                      kind="eval")
@@ -242,19 +281,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise SystemExit(143)
   manager.wait_until_finished()
 
-  # Final evaluation (reused when the last epoch was evaluated) and results.json.
-  if results is None or not (total_steps % steps_per_epoch == 0
-                             and total_steps // steps_per_epoch in config.train.eval_epochs):
-    results = evaluate_model(nnx.merge(graphdef, state.params, state.rest), builder, config,
-                             mesh=mesh)
+  # Final evaluation (reused when the last epoch was evaluated), results and pictures.
+  features = final_features
+  if features is None:
+    features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest), builder,
+                                     config, mesh=mesh)
+    results = evaluate_features(features, builder, config)
     writer.write(total_steps, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                  kind="eval")
   writer.close()
   results.update(step=int(total_steps), config=config.to_dict())
-  if is_main:
-    print(format_results(results))
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=str)
+  write_report(workdir, results, features, builder)
   return results
 
 
@@ -344,11 +381,8 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     state, _ = checkpointing.restore(manager, step, state, None)
     model = nnx.merge(graphdef, state.params, state.rest)
     source = {"checkpoint_step": int(step)}
-  results = evaluate_model(model, builder, config, mesh=mesh)
+  features = extract_eval_features(model, builder, config, mesh=mesh)
+  results = evaluate_features(features, builder, config)
   results.update(source, config=config.to_dict())
-  if jax.process_index() == 0:
-    print(format_results(results))
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2, default=str)
+  write_report(workdir, results, features, builder)
   return results

@@ -35,12 +35,21 @@ def saved_state(workdir, step):
   return restored["state"]
 
 
-def test_restart_resumes_exactly(data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+  """4 steps of the tiny config in one go: (workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  config = tiny_config(data_dir, max_steps=4, eval_epochs=(1, 2), keep_best=2)
+  return workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
   """2N steps == N steps + restart + N steps, parameter for parameter."""
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  results = train.train_and_evaluate(tiny_config(data_dir, max_steps=4), straight)
-  train.train_and_evaluate(tiny_config(data_dir, max_steps=2), split)
-  train.train_and_evaluate(tiny_config(data_dir, max_steps=4), split)
+  (straight, results), split = straight_run, str(tmp_path / "split")
+  config = tiny_config(data_dir, max_steps=2, eval_epochs=(1, 2), keep_best=2)
+  train.train_and_evaluate(config, split)
+  config.train.max_steps = 4
+  train.train_and_evaluate(config, split)
   a, b = saved_state(straight, 4), saved_state(split, 4)
   leaves_a, leaves_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
   assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 100
@@ -65,13 +74,16 @@ def test_restart_resumes_exactly(data_dir, tmp_path):
     assert json.load(f)["train"]["max_steps"] == 4
 
 
-def test_resume_refuses_another_model(data_dir, tmp_path):
-  workdir = str(tmp_path / "run")
-  train.train_and_evaluate(tiny_config(data_dir, max_steps=1), workdir)
-  other = tiny_config(data_dir, max_steps=2)
+def test_resume_refuses_another_model(data_dir, straight_run):
+  workdir, _ = straight_run
+  with open(os.path.join(workdir, "config.json")) as f:
+    record = f.read()
+  other = tiny_config(data_dir, max_steps=6)
   other.model.level = 1
   with pytest.raises(ValueError, match=r"model.level: checkpoint 2, config 1"):
     train.train_and_evaluate(other, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == record  # the run's own record is untouched
 
 
 def test_non_finite_loss_names_the_step():
@@ -105,3 +117,138 @@ def test_command_line_rejects_an_unknown_key():
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "levle" in result.stderr and "level" in result.stderr
+
+
+def test_run_writes_the_report(straight_run):
+  workdir, results = straight_run
+  for picture in ("cmc.png", "ranked_list.png"):
+    with open(os.path.join(workdir, picture), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert results["protocol"]["distractors"] == "kept (standard)"
+  assert len(results["cmc"]) == 50 and results["cmc"][0] * 100 == pytest.approx(results["R1"])
+
+
+def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path):
+  workdir, results = straight_run
+  config = tiny_config(data_dir)
+  latest = train.evaluate_workdir(config, workdir)
+  assert latest["checkpoint_step"] == 4
+  assert latest["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+  config.eval.step = 2
+  assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == 2
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [json.loads(line) for line in f if '"eval"' in line]
+  best = max(evals, key=lambda r: r["mAP"])["step"]
+  config.eval.step, config.eval.use_best = -1, True
+  assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == best
+  config.eval.step = 3
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3.*\[2, 4\]"):
+    train.evaluate_workdir(config, workdir)
+  config.eval.step, config.eval.use_best = -1, False
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train.evaluate_workdir(config, str(tmp_path / "empty"))
+
+
+def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, tmp_path):
+  from flax import nnx
+  from apnet_jax import save_torch_weights
+
+  from apnet_jax import optim, train_step
+
+  workdir, results = straight_run
+  config = tiny_config(data_dir)
+  model = train.build_model(config.model, 8, rngs=nnx.Rngs(0))
+  graphdef, template = train_step.create_train_state(model, optim.make_optimizer(config, 2)[0])
+  state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
+                                   template, None)
+  save_torch_weights(nnx.merge(graphdef, state.params, state.rest), tmp_path / "official.pth")
+  config.eval.torch_checkpoint = str(tmp_path / "official.pth")
+  from_torch = train.evaluate_workdir(config, str(tmp_path / "report"))
+  assert from_torch["torch_checkpoint"].endswith("official.pth")
+  assert from_torch["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
+
+
+def test_features_are_image_plus_flip(data_dir, straight_run):
+  import jax.numpy as jnp
+  from flax import nnx
+  from apnet_jax.data import augment, pipeline, sources
+  from apnet_jax.evaluation.features import extract_features
+
+  config = tiny_config(data_dir)
+  model = train.build_model(config.model, 8, rngs=nnx.Rngs(3))
+  model.eval()
+  builder = train.open_dataset(config.data)
+  query = sources.load_split(builder, "query")
+  out = extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=16)
+  assert out["features"].shape == (len(query), model.feature_dim)  # padding dropped
+  batch = next(iter(pipeline.eval_batches(query, batch_size=4, height=64, width=32,
+                                          process_index=0, process_count=1)))
+  x = augment.normalize(jnp.asarray(batch["image"]))
+  expected = model(x)["feat"] + model(x[:, :, ::-1])["feat"]
+  np.testing.assert_allclose(out["features"][:4], expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(out["pid"][:4], batch["pid"])
+  with pytest.raises(ValueError, match="eval_feature"):
+    extract_features(model, query, eval_feature="pooled", input_size=(64, 32), batch_size=16)
+  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+    extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=12)
+
+
+def test_drop_distractors_switch(data_dir, straight_run):
+  from flax import nnx
+
+  config = tiny_config(data_dir)
+  builder = train.open_dataset(config.data)
+  model = train.build_model(config.model, 8, rngs=nnx.Rngs(0))
+  standard = train.extract_eval_features(model, builder, config)
+  config.eval.drop_distractors = True
+  dropped = train.extract_eval_features(model, builder, config)
+  assert (standard["gallery"]["pid"] == 0).sum() == 4  # the tiny config's distractors
+  assert (dropped["gallery"]["pid"] != 0).all()
+  assert len(dropped["gallery"]["pid"]) == len(standard["gallery"]["pid"]) - 4
+  assert train.evaluate_features(dropped, builder, config)["protocol"]["distractors"] == "dropped"
+
+
+def test_init_from_loads_a_torchvision_backbone(tmp_path):
+  from flax import nnx
+  from apnet_jax import torch_io, weights
+
+  config = get_config("tiny")
+  source = train.build_model(config.model, 8, rngs=nnx.Rngs(1))
+  torchvision = {k[len("base."):]: v for k, v in weights.torch_state_dict(source).items()
+                 if k.startswith("base.")}
+  torch_io.write_pth(torchvision, tmp_path / "resnet.pth")
+  model = train.build_model(config.model, 8, rngs=nnx.Rngs(2))
+  train.init_from_imagenet(model, str(tmp_path / "resnet.pth"))
+  np.testing.assert_array_equal(model.backbone.layer4[1].conv2.kernel[...],
+                                source.backbone.layer4[1].conv2.kernel[...])
+  # A whole official checkpoint is not an ImageNet backbone: refused by name.
+  torch_io.write_pth(weights.torch_state_dict(source), tmp_path / "apnet.pth")
+  with pytest.raises(ValueError, match=r"apnet.pth is a whole official APNet checkpoint"):
+    train.init_from_imagenet(model, str(tmp_path / "apnet.pth"))
+  del torchvision["layer2.0.conv1.weight"]
+  torch_io.write_pth(torchvision, tmp_path / "partial.pth")
+  with pytest.raises(ValueError, match=r"partial.pth lacks backbone keys: \['layer2.0.conv1"):
+    train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
+  import signal
+  import time
+
+  workdir = tmp_path / "preempted"
+  process = subprocess.Popen(
+      [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
+       "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+       "--config.train.epochs=1000", "--config.train.log_every_steps=1"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 240
+  metrics = workdir / "metrics.jsonl"
+  while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+    assert process.poll() is None, process.stdout.read().decode()[-2000:]
+    time.sleep(0.5)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0].decode()
+  assert process.returncode == 143, output[-2000:]
+  steps = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
+  logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+  assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved

@@ -2,6 +2,9 @@
 
   python run.py --config configs/synthetic.py --workdir /tmp/apnet-demo
   python run.py --config configs/market1501.py --workdir DIR --mode eval
+  python run.py --config configs/market1501.py --workdir DIR --mode extract \
+      --config.extract.input_dir=MY_CROPS [--config.extract.gallery_dir=GALLERY]
+  python run.py --config configs/market1501.py --workdir DIR --mode export
   python run.py --config configs/msmt17.py --mode prepare --config.data.manual_dir=DIR
   python run.py --config configs/common.py --mode summary
 
@@ -16,10 +19,11 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "prepare", "summary"],
+    "mode", "train", ["train", "eval", "extract", "export", "prepare", "summary"],
     "train: prepare the data if needed, train, evaluate. eval: evaluate a checkpoint of "
-    "--workdir. prepare: build the dataset only. summary: print the model's parameter "
-    "table, output shapes and FLOPs.")
+    "--workdir. extract: features (and rankings) of your own images. export: write the "
+    "feature extractor as a jax.export file. prepare: build the dataset only. summary: "
+    "print the model's parameter table, output shapes and FLOPs.")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -30,7 +34,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO.
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  if FLAGS.mode in ("train", "eval") and not FLAGS.workdir:
+  if FLAGS.mode in ("train", "eval", "extract", "export") and not FLAGS.workdir:
     raise app.UsageError(f"--mode {FLAGS.mode} needs --workdir")
   from apnet_jax import train  # after flag parsing: importing JAX takes a moment
 
@@ -38,6 +42,13 @@ def main(argv):
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "eval":
     train.evaluate_workdir(config, FLAGS.workdir)
+  elif FLAGS.mode in ("extract", "export"):
+    from apnet_jax import inference
+
+    if FLAGS.mode == "extract":
+      inference.extract_folder(config, FLAGS.workdir)
+    else:
+      inference.export_workdir(config, FLAGS.workdir)
   elif FLAGS.mode == "prepare":
     train.prepare_dataset(config.data)
   else:

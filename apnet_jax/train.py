@@ -337,16 +337,13 @@ def num_train_ids(data_config: ml_collections.ConfigDict) -> int:
   return int(builder.builder_config.num_train_ids)
 
 
-def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """``--mode eval``: evaluates a checkpoint of ``workdir`` and writes results.json.
+def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.Module, dict]:
+  """The model to evaluate, export or run, and where it came from.
 
-  The checkpoint is ``eval.step``, else the best by mAP when ``eval.use_best``,
-  else the latest; or, with ``eval.torch_checkpoint``, an official PyTorch
-  checkpoint instead of an Orbax one.
+  ``eval.torch_checkpoint`` (an official PyTorch checkpoint) if set; else the
+  Orbax checkpoint of ``workdir`` at ``eval.step``, or the best by mAP when
+  ``eval.use_best``, or the latest. The model is in eval mode.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  builder = open_dataset(config.data)
   if config.eval.torch_checkpoint:
     state_dict = read_state_dict(os.path.expanduser(config.eval.torch_checkpoint))
     if "classifier.weight" not in state_dict:
@@ -381,6 +378,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     state, _ = checkpointing.restore(manager, step, state, None)
     model = nnx.merge(graphdef, state.params, state.rest)
     source = {"checkpoint_step": int(step)}
+  model.eval()
+  return model, source
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  builder = open_dataset(config.data)
+  model, source = restore_model(config, workdir)
   features = extract_eval_features(model, builder, config, mesh=mesh)
   results = evaluate_features(features, builder, config)
   results.update(source, config=config.to_dict())

@@ -77,4 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ev.rerank_lambda = 0.3
   ev.max_rank = 50
 
+  config.extract = extract = ml_collections.ConfigDict()
+  extract.input_dir = ""  # --mode extract: images to describe (recursively).
+  extract.gallery_dir = ""  # Optionally rank each of them against these.
+  extract.top = 10  # Gallery images listed per image in ranking.json.
+  extract.num_pictures = 8  # Rows of ranked_list.png.
+
   return config

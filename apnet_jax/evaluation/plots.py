@@ -36,41 +36,53 @@ def plot_cmc(curves: dict[str, Sequence[float]], path: str, *, title: str = "") 
   plt.close(fig)
 
 
+def rank(query_features: np.ndarray, gallery_features: np.ndarray, *, top: int,
+         exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Top-``top`` gallery indices and distances per query (L2-normalized, euclidean).
+
+  ``exclude`` (Q, G) marks pairs left out of the ranking.
+  """
+  q = query_features / np.linalg.norm(query_features, axis=1, keepdims=True)
+  g = gallery_features / np.linalg.norm(gallery_features, axis=1, keepdims=True)
+  dist = np.sqrt(np.clip(2 - 2 * q @ g.T, 1e-12, None))
+  if exclude is not None:
+    dist[exclude] = np.inf
+  order = np.argsort(dist, axis=1, kind="stable")[:, :top]
+  return order, np.take_along_axis(dist, order, axis=1)
+
+
 def ranked_lists(query_features: np.ndarray, gallery_features: np.ndarray,
                  query_pids: np.ndarray, gallery_pids: np.ndarray,
                  query_camids: np.ndarray, gallery_camids: np.ndarray, *,
                  top: int = 10) -> tuple[np.ndarray, np.ndarray]:
-  """Top-``top`` gallery indices per query and whether each is a true match."""
-  q = query_features / np.linalg.norm(query_features, axis=1, keepdims=True)
-  g = gallery_features / np.linalg.norm(gallery_features, axis=1, keepdims=True)
-  dist = np.sqrt(np.clip(2 - 2 * q @ g.T, 1e-12, None))
+  """Top-``top`` gallery indices per query under the protocol, and which are true matches."""
   junk = (query_pids[:, None] == gallery_pids[None]) & (query_camids[:, None]
                                                         == gallery_camids[None])
-  dist[junk] = np.inf
-  order = np.argsort(dist, axis=1, kind="stable")[:, :top]
+  order, _ = rank(query_features, gallery_features, top=top, exclude=junk)
   return order, gallery_pids[order] == query_pids[:, None]
 
 
 def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequence[Sequence[Any]],
-                      matches: np.ndarray, path: str, *,
+                      matches: np.ndarray | None, path: str, *,
                       query_labels: Sequence[str] | None = None) -> None:
   """Each query beside its top gallery images: true matches framed green, others red.
 
   Args:
     query_images: N images (H, W, 3) uint8.
     gallery_images: N rows of ``top`` images each.
-    matches: (N, top) booleans.
+    matches: (N, top) booleans, or None when identities are unknown (grey frames).
     path: the PNG to write.
     query_labels: optional caption under each query.
   """
-  n, top = matches.shape
+  n, top = len(gallery_images), len(gallery_images[0])
   fig, axes = plt.subplots(n, top + 1, figsize=(0.9 * (top + 1), 1.9 * n), dpi=80,
                            squeeze=False)
   for i in range(n):
     _show(axes[i, 0], query_images[i], "#333333")
     axes[i, 0].set_title(query_labels[i] if query_labels else "query", fontsize=6)
     for j in range(top):
-      _show(axes[i, j + 1], gallery_images[i][j], "#1a9641" if matches[i, j] else "#d7191c")
+      color = "#888888" if matches is None else "#1a9641" if matches[i, j] else "#d7191c"
+      _show(axes[i, j + 1], gallery_images[i][j], color)
       if i == 0:
         axes[i, j + 1].set_title(str(j + 1), fontsize=7)
   fig.tight_layout(pad=0.3)

@@ -1,0 +1,120 @@
+"""A trained model on your own images: features, rankings, and an exported extractor.
+
+``extract_folder`` runs the evaluation feature extractor over every image of a
+folder (recursively) and, given a gallery folder, ranks each image against it.
+``export_workdir`` writes the extractor as a ``jax.export`` file that
+``apnet_jax.export.load`` turns back into a function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from apnet_jax import export, train
+from apnet_jax.evaluation import plots
+from apnet_jax.evaluation.features import extract_features
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files under ``folder`` (recursively), sorted by path."""
+  folder = os.path.expanduser(folder)
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder not found: {folder}")
+  files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  if not files:
+    raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+  return files
+
+
+class _FolderSource:
+  """Records of image files in the format the eval pipeline reads (no identities)."""
+
+  def __init__(self, files: list[str]):
+    self.files = files
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    with open(self.files[index], "rb") as f:
+      image = f.read()
+    return {"image": image, "pid": -1, "camid": -1, "label": -1,
+            "filename": self.files[index]}
+
+
+def folder_features(model, files: list[str], config: ml_collections.ConfigDict) -> np.ndarray:
+  """Evaluation features (image + flip) of image files, in order."""
+  out = extract_features(model, _FolderSource(files), eval_feature=config.model.eval_feature,
+                         input_size=tuple(config.model.input_size),
+                         batch_size=config.eval.batch_size)
+  return out["features"]
+
+
+def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``--mode extract``: features of ``extract.input_dir``, optionally ranked.
+
+  Writes to ``workdir/extract/``: ``features.npy`` (N, D) float32 and
+  ``files.txt`` (one path per row); with ``extract.gallery_dir`` also
+  ``gallery_features.npy``, ``gallery_files.txt``, ``ranking.json`` (each
+  image's ``extract.top`` nearest gallery images with distances) and
+  ``ranked_list.png`` (the first ``extract.num_pictures`` images).
+  """
+  if not config.extract.input_dir:
+    raise ValueError("--mode extract needs --config.extract.input_dir=FOLDER")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  model, source = train.restore_model(config, workdir)
+  out_dir = os.path.join(workdir, "extract")
+  os.makedirs(out_dir, exist_ok=True)
+  files = list_images(config.extract.input_dir)
+  features = folder_features(model, files, config)
+  np.save(os.path.join(out_dir, "features.npy"), features)
+  _write_lines(os.path.join(out_dir, "files.txt"), files)
+  result = {"num_images": len(files), "feature_dim": int(features.shape[1]), **source}
+  if config.extract.gallery_dir:
+    gallery_files = list_images(config.extract.gallery_dir)
+    gallery = folder_features(model, gallery_files, config)
+    np.save(os.path.join(out_dir, "gallery_features.npy"), gallery)
+    _write_lines(os.path.join(out_dir, "gallery_files.txt"), gallery_files)
+    top = min(config.extract.top, len(gallery_files))
+    order, dist = plots.rank(features, gallery, top=top)
+    ranking = {f: [{"file": gallery_files[j], "distance": float(d)}
+                   for j, d in zip(row, drow)] for f, row, drow in zip(files, order, dist)}
+    with open(os.path.join(out_dir, "ranking.json"), "w") as f:
+      json.dump(ranking, f, indent=1)
+    shown = range(min(config.extract.num_pictures, len(files)))
+    read = lambda path: plots.decode(open(path, "rb").read())  # noqa: E731
+    plots.plot_ranked_lists([read(files[i]) for i in shown],
+                            [[read(gallery_files[j]) for j in order[i]] for i in shown], None,
+                            os.path.join(out_dir, "ranked_list.png"),
+                            query_labels=[os.path.basename(files[i]) for i in shown])
+    result["num_gallery"] = len(gallery_files)
+  print(f"features of {len(files)} images -> {out_dir}")
+  return result
+
+
+def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``--mode export``: writes ``workdir/feature_extractor.jaxexport``; returns its path."""
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  model, _ = train.restore_model(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "feature_extractor.jaxexport")
+  export.export_feature_extractor(model, path, input_size=tuple(config.model.input_size),
+                                  eval_feature=config.model.eval_feature)
+  if jax.process_index() == 0:
+    print(f"exported the feature extractor (uint8 images of {tuple(config.model.input_size)}, "
+          f"any batch size) -> {path}")
+  return path
+
+
+def _write_lines(path: str, lines: list[str]) -> None:
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")

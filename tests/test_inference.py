@@ -1,0 +1,111 @@
+"""Your own images (--mode extract) and the exported feature extractor (--mode export)."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from apnet_jax import build_model, export, inference, save_torch_weights
+from apnet_jax.evaluation.features import make_embed_fn
+from configs.synthetic import get_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A config pointing at an official-layout checkpoint of a tiny model, and the model."""
+  root = tmp_path_factory.mktemp("inference")
+  config = get_config("tiny")
+  config.eval.batch_size = 8
+  model = build_model(config.model, 8, rngs=nnx.Rngs(5))
+  model.train()
+  model(jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 32, 3)), jnp.float32))
+  model.eval()
+  save_torch_weights(model, root / "apnet.pth")
+  config.eval.torch_checkpoint = str(root / "apnet.pth")
+  return root, config, model
+
+
+def write_images(folder, count, seed):
+  rng = np.random.default_rng(seed)
+  paths = []
+  for i in range(count):
+    sub = folder / f"cam{i % 2}"
+    sub.mkdir(parents=True, exist_ok=True)
+    path = sub / f"img_{i:02d}.png"
+    Image.fromarray(rng.integers(0, 255, (40 + i, 20, 3), dtype=np.uint8)).save(path)
+    paths.append(str(path))
+  (folder / "notes.txt").write_text("not an image")
+  return sorted(paths)
+
+
+def test_extract_writes_features_and_rankings(setup, tmp_path):
+  root, config, model = setup
+  queries = write_images(tmp_path / "mine", 5, seed=1)
+  gallery = write_images(tmp_path / "gallery", 7, seed=2)
+  # One query is also in the gallery: it must be its own nearest neighbour.
+  Image.open(queries[3]).save(tmp_path / "gallery" / "copy_of_query3.png")
+  config = config.copy_and_resolve_references()
+  config.extract.input_dir = str(tmp_path / "mine")
+  config.extract.gallery_dir = str(tmp_path / "gallery")
+  result = inference.extract_folder(config, str(tmp_path / "run"))
+  out = tmp_path / "run" / "extract"
+  features = np.load(out / "features.npy")
+  assert features.shape == (5, model.feature_dim) and result["num_gallery"] == 8
+  assert (out / "files.txt").read_text().split() == queries
+  # The features are the model's (image + flip) on the resized images.
+  from apnet_jax.data import pipeline
+
+  image = pipeline.decode_and_resize(open(queries[0], "rb").read(), height=64, width=32,
+                                     filename=queries[0])
+  graphdef, state = nnx.split(model)
+  expected = make_embed_fn(graphdef, "bn")(state, jnp.asarray(image[None]))
+  np.testing.assert_allclose(features[0], expected[0], rtol=1e-4, atol=1e-4)
+  ranking = json.loads((out / "ranking.json").read_text())
+  assert list(ranking) == queries
+  top = ranking[queries[3]]
+  assert top[0]["file"].endswith("copy_of_query3.png") and top[0]["distance"] < 1e-3
+  assert all(a["distance"] <= b["distance"] for a, b in zip(top, top[1:]))
+  assert len(top) == min(config.extract.top, 8)  # the gallery has 8 images
+  assert (out / "ranked_list.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_extract_bad_input_is_named(setup, tmp_path):
+  _, config, _ = setup
+  config = config.copy_and_resolve_references()
+  with pytest.raises(ValueError, match="needs --config.extract.input_dir"):
+    inference.extract_folder(config, str(tmp_path / "run"))
+  (tmp_path / "empty").mkdir()
+  config.extract.input_dir = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match=r"empty holds no images"):
+    inference.extract_folder(config, str(tmp_path / "run"))
+  config.extract.input_dir = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    inference.extract_folder(config, str(tmp_path / "run"))
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "crop.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+  config.extract.input_dir = str(tmp_path / "broken")
+  with pytest.raises(ValueError, match="crop.jpg"):
+    inference.extract_folder(config, str(tmp_path / "run"))
+
+
+def test_exported_extractor_equals_the_model(setup, tmp_path):
+  _, config, model = setup
+  path = inference.export_workdir(config, str(tmp_path / "run"))
+  extract = export.load(path)
+  graphdef, state = nnx.split(model)
+  embed = make_embed_fn(graphdef, "bn")
+  rng = np.random.default_rng(3)
+  for batch in (1, 5):  # any batch size
+    images = rng.integers(0, 255, (batch, 64, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(extract(images), embed(state, jnp.asarray(images)),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"takes uint8 images of shape \(B, 64, 32, 3\)"):
+    extract(np.zeros((2, 32, 32, 3), np.uint8))
+  bogus = tmp_path / "bogus.jaxexport"
+  bogus.write_bytes(b"something else")
+  with pytest.raises(ValueError, match="bogus.jaxexport is not a feature extractor"):
+    export.load(bogus)

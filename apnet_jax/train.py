@@ -213,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
   if config.model.init_from:
     init_from_imagenet(model, config.model.init_from)
-  tx, schedule = optim.make_optimizer(config, steps_per_epoch)
+  tx, _ = optim.make_optimizer(config, steps_per_epoch)
   graphdef, state = train_step.create_train_state(model, tx)
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   meta = {"seed": config.train.seed, "num_classes": num_classes,

@@ -181,6 +181,13 @@ def _define_train_flags(fv: flags.FlagValues) -> None:
                      lower_bound=0.0, flag_values=fv)
 
 
+
+def model_settings(config) -> dict[str, Any]:
+  """The model fields every benchmark report carries."""
+  return {"depth": int(config.model.depth), "width_multiplier": float(config.model.width),
+          "level": int(config.model.level), "kind": str(config.model.kind),
+          "dtype": str(config.model.dtype)}
+
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Runs the benchmark; returns (and prints, and optionally writes) its figures.
 
@@ -255,11 +262,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
       "benchmark": "train_step",
       "argv": list(argv),
       "config": config_flags.get_config_filename(fv["config"]),
-      "depth": int(config.model.depth),
-      "width_multiplier": float(config.model.width),
-      "level": int(config.model.level),
-      "kind": str(config.model.kind),
-      "dtype": str(config.model.dtype),
+      **model_settings(config),
       "batch_size": batch_size,
       "p": num_pids,
       "k": k,

@@ -8,6 +8,16 @@ what differs.
 import ml_collections
 
 
+def choose(arg: str | None, options: tuple[str, ...], config_file: str) -> str:
+  """The variant a config file's ``:arg`` picks; the first option by default."""
+  if arg is None or arg == "":
+    return options[0]
+  if arg not in options:
+    raise ValueError(f"{config_file} takes {' or '.join(repr(o) for o in options)}, "
+                     f"got {arg!r}")
+  return arg
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the official recipe. ``arg`` is unused (kept for a uniform API)."""
   del arg

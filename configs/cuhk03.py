@@ -7,9 +7,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  split = arg or "labeled"
-  if split not in ("labeled", "detected"):
-    raise ValueError(f"configs/cuhk03.py takes 'labeled' or 'detected', got {arg!r}")
+  split = common.choose(arg, ("labeled", "detected"), "configs/cuhk03.py")
   config = common.get_config()
   config.data.name = "cuhk03"
   config.data.config = split

@@ -9,9 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  feature = arg or "logits"
-  if feature not in ("logits", "bn"):
-    raise ValueError(f"configs/msmt17.py takes 'logits' or 'bn', got {arg!r}")
+  feature = common.choose(arg, ("logits", "bn"), "configs/msmt17.py")
   config = common.get_config()
   config.data.name = "msmt17"
   config.data.config = "train"  # list_train only; 'trainval' adds list_val.

@@ -9,9 +9,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  size = arg or "small"
-  if size not in ("small", "tiny"):
-    raise ValueError(f"configs/synthetic.py takes 'small' or 'tiny', got {arg!r}")
+  size = common.choose(arg, ("small", "tiny"), "configs/synthetic.py")
   config = common.get_config()
   config.data.name = "synthetic_reid"
   config.data.config = size

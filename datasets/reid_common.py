@@ -557,3 +557,9 @@ class MarketStyleBuilder(ManualReidBuilder, skip_registration=True):
         )
         for split, folder in self.FOLDERS.items()
     }
+
+
+def market_style_layout(root: str) -> Layout:
+  """The layout of a Market-1501-style release whose root folder is ``root``."""
+  return Layout(name=root, root_name=root,
+                markers=tuple(MarketStyleBuilder.FOLDERS.values()))

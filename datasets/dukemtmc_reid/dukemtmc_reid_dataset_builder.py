@@ -14,13 +14,7 @@ class Builder(reid_common.MarketStyleBuilder):
   """DukeMTMC-reID: 702 train ids, 1,110 gallery ids, 8 cameras."""
 
   NUM_CAMERAS = 8
-  LAYOUTS = (
-      reid_common.Layout(
-          name=_ROOT,
-          root_name=_ROOT,
-          markers=tuple(reid_common.MarketStyleBuilder.FOLDERS.values()),
-      ),
-  )
+  LAYOUTS = (reid_common.market_style_layout(_ROOT),)
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Place the archive {_ROOT}.zip, or the folder {_ROOT}/ extracted from it
   (holding bounding_box_train/, query/ and bounding_box_test/), in manual_dir.

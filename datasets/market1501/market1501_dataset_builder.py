@@ -13,13 +13,7 @@ class Builder(reid_common.MarketStyleBuilder):
   """Market-1501: 751 train ids, 750 test ids, 6 cameras."""
 
   NUM_CAMERAS = 6
-  LAYOUTS = (
-      reid_common.Layout(
-          name=_ROOT,
-          root_name=_ROOT,
-          markers=tuple(reid_common.MarketStyleBuilder.FOLDERS.values()),
-      ),
-  )
+  LAYOUTS = (reid_common.market_style_layout(_ROOT),)
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Place the official archive {_ROOT}.zip, or the folder {_ROOT}/ extracted
   from it (holding bounding_box_train/, query/ and bounding_box_test/), in

@@ -121,6 +121,48 @@ def test_batchnorm_matches_pytorch_formulas():
   np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_batchnorm_one_pass_statistics_survive_a_large_mean():
+  """The fused one-pass variance must not cancel when |mean| >> std (float32)."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(1000.0, 1.0, size=(8, 6, 5, 3)).astype(np.float32)
+  x[..., 1] -= 3000.0  # channels with different offsets
+  bn = layers.BatchNorm(3)
+  y = np.asarray(bn(jnp.asarray(x)))
+  flat = x.reshape(-1, 3).astype(np.float64)
+  # E[x^2] - E[x]^2 in float32 would be off by ~0.1 here (x^2 ~ 1e6, ulp 0.06).
+  np.testing.assert_allclose(bn.var[...], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-4)
+  expected = (x - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+  np.testing.assert_allclose(y, expected, atol=2e-3)
+
+
+def test_batchnorm_gradients_equal_the_two_pass_formula():
+  """Autodiff through the one-pass statistics equals the textbook BatchNorm's."""
+  rng = np.random.default_rng(4)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 5, 6, 7)))
+    w = jnp.asarray(rng.normal(size=(4, 5, 6, 7)))
+    # The layer keeps float32 parameters: use float32-representable values.
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, 7).astype(np.float32), jnp.float64)
+    bias = jnp.asarray(rng.normal(size=7).astype(np.float32), jnp.float64)
+
+    def ours(x, scale, bias):
+      bn = layers.BatchNorm(7)
+      bn.scale[...], bn.bias[...] = scale, bias
+      return jnp.sum(jnp.sin(bn(x)) * w)
+
+    def textbook(x, scale, bias):
+      mean = x.mean(axis=(0, 1, 2))
+      var = ((x - mean) ** 2).mean(axis=(0, 1, 2))
+      return jnp.sum(jnp.sin((x - mean) / jnp.sqrt(var + 1e-5) * scale + bias) * w)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+    want = jax.grad(textbook, argnums=(0, 1, 2))(x, scale, bias)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-10, atol=1e-12)
+    # The parameter gradients pass through the float32 variables.
+    for g, r in zip(got[1:], want[1:]):
+      np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+
+
 def test_sams_matches_a_numpy_reference():
   rng = np.random.default_rng(1)
   sams = attention.SAMS(8, 2, rngs=nnx.Rngs(0))

@@ -95,8 +95,7 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   feature = np.asarray(outputs[-1])
   if not np.all(np.isfinite(feature)):
     raise SystemExit("error: feature extraction produced non-finite features.")
-  flops_per_image = bench.per_image_flops(embed.lower(state, images).compile(), batch_size,
-                                          mesh.size)
+  flops_per_image = bench.per_image_flops(embed.lower(state, images), batch_size)
   result = {
       "benchmark": "extract",
       "argv": list(argv),

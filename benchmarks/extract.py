@@ -95,7 +95,10 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   feature = np.asarray(outputs[-1])
   if not np.all(np.isfinite(feature)):
     raise SystemExit("error: feature extraction produced non-finite features.")
-  flops_per_image = bench.per_image_flops(embed.lower(state, images), batch_size)
+  flops_per_image = bench.per_image_flops(
+      lambda cpu_mesh: jax.jit(features.make_embed_fn(graphdef, str(config.model.eval_feature)),
+                               in_shardings=NamedSharding(cpu_mesh, P())),
+      (state, images), batch_size)
   result = {
       "benchmark": "extract",
       "argv": list(argv),

@@ -15,8 +15,8 @@ Timing follows the training loop: the first call (tracing, compilation, one
 step) is reported as ``compile_seconds``; then ``--warmup`` steps, then
 ``--steps`` steps dispatched back to back with a single
 ``block_until_ready`` at the end. FLOPs come from XLA's cost analysis of the
-lowered step (the global computation, identical on every backend; see
-``per_image_flops``). ``mfu`` is
+same step lowered for one CPU device (the global computation, so the count
+is the same whatever the backend; see ``per_image_flops``). ``mfu`` is
 ``flops_per_image * img_per_s / (peak_tflops * 1e12 * devices)`` with
 ``--peak_tflops`` the peak of *one* device in the compute dtype, or null
 without it. ``compilations`` is the number of executables the jitted step
@@ -147,16 +147,26 @@ def run_environment() -> dict[str, Any]:
   }
 
 
-def per_image_flops(lowered: Any, batch_size: int) -> float | None:
-  """FLOPs per image of a lowered (not yet compiled) jitted function, or None.
+def per_image_flops(build: Callable[[Any], Any], args: Sequence[Any],
+                    batch_size: int) -> float | None:
+  """FLOPs per image of a jitted function, counted by XLA on a CPU lowering.
 
-  The count comes from XLA's cost analysis of the lowered module: the whole
-  global computation before SPMD partitioning, so it needs no device factor,
-  and it is the same on every backend. The compiled executable's analysis is
-  not: on GPU it skips the cuDNN convolutions (custom calls) and reported
-  1.0 GFLOP per image for a ResNet-50 step that does about 50.
+  ``build(mesh)`` returns the jitted function for a mesh; it is rebuilt on a
+  one-device CPU mesh and lowered (not compiled) for abstract ``args``, and
+  XLA's cost analysis of that module, the global computation, gives the
+  count. The accelerator's own analysis is no use: on GPU the compiled
+  executable's count skips the cuDNN convolutions (1.0 GFLOP per image for
+  a ResNet-50 step of about 50) and the lowered module's is None.
   """
-  cost = lowered.cost_analysis()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+
+  from apnet_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = Mesh(np.array(jax.devices("cpu")[:1]), (train_step_lib.DATA_AXIS,))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tuple(args))
+  cost = build(mesh).lower(*abstract).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
@@ -253,8 +263,11 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   seconds = time.perf_counter() - start
   compiles_in_timed_steps = compile_counter.count - compiles_before
 
-  # Lowering again only traces; nothing is compiled.
-  flops_per_image = per_image_flops(step_fn.jitted.lower(state, batch), batch_size)
+  flops_per_image = per_image_flops(
+      lambda cpu_mesh: train_step_lib.make_train_step(
+          graphdef, tx, num_classes=fv.num_classes, config=config, mesh=cpu_mesh,
+          seed=config.train.seed).jitted,
+      (state, batch), batch_size)
   img_per_s = fv.steps * batch_size / seconds
   mfu = None
   if fv.peak_tflops and flops_per_image is not None:

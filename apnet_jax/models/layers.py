@@ -9,6 +9,7 @@ on them.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -98,6 +99,57 @@ class BatchNorm(nnx.Module):
     return ((xf - mean) * mul + self.bias[...]).astype(dtype)
 
 
+_NHWC_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv1x1_as_matmul(x, kernel, strides, padding, precision):
+  """A 1x1 convolution as the matmul over channels that it is.
+
+  XLA:CPU runs the gradients of a 1x1 convolution as convolutions 3x (input)
+  and 5x (weights) slower than the forward pass of the same FLOPs; as a
+  matmul, autodiff gives matmuls for both (docs/benchmarks.md). Larger
+  kernels gained nothing from the same treatment and stay convolutions.
+  """
+  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))[:, ::strides[0], ::strides[1]]
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=precision)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, **kwargs):
+  """``jax.lax.conv_general_dilated``, with 1x1 kernels as matmuls on CPU.
+
+  Only the plain case our networks use is rewritten (NHWC/HWIO, 1x1 kernel,
+  explicit padding, no dilation, one group; see ``_conv1x1_as_matmul``). The
+  choice is made per platform when the function is lowered, so GPUs and TPUs
+  keep XLA's own convolutions.
+  """
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
+                           padding=padding, lhs_dilation=lhs_dilation,
+                           rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                           feature_group_count=feature_group_count, precision=precision,
+                           **kwargs)
+  plain = (
+      not isinstance(padding, str)
+      and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+      and feature_group_count == 1
+      and not kwargs.get("out_sharding")
+      and not kwargs.get("preferred_element_type")
+      and lhs.ndim == 4
+      and rhs.shape[:2] == (1, 1)
+      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
+                                                              _NHWC_DIMENSIONS)
+  )
+  if not plain:
+    return conv(lhs, rhs)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  strides = tuple(int(s) for s in window_strides)
+  return jax.lax.platform_dependent(
+      lhs, rhs,
+      cpu=lambda x, k: _conv1x1_as_matmul(x, k, strides, padding, precision),
+      default=conv)
+
+
 def conv(
     in_features: int,
     out_features: int,
@@ -121,6 +173,7 @@ def conv(
       kernel_init=kernel_init,
       dtype=dtype,
       param_dtype=jnp.float32,
+      conv_general_dilated=conv_general_dilated,
       rngs=rngs,
   )
 

@@ -7,10 +7,17 @@ The RNG needs no saving: every random draw is a function of (seed, step).
 
 Preservation keeps the latest checkpoint *and* the best ``keep_best`` by
 mAP: a best-only policy would delete the newest one and break resuming.
+
+A save is atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
+to ``<step>`` only when everything is written, and an older checkpoint is
+deleted only after that. A run killed mid-save therefore keeps its previous
+checkpoint; the next training run deletes the unfinished folder. A failed
+write (a full disk) raises `CheckpointSaveError` naming the step and folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -21,8 +28,20 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 
-def make_manager(workdir: str, *, keep_best: int) -> ocp.CheckpointManager:
-  """A manager of ``workdir/checkpoints`` with asynchronous saves."""
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed; the message names the step and the folder."""
+
+
+def make_manager(workdir: str, *, keep_best: int,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """A manager of ``workdir/checkpoints`` with asynchronous saves.
+
+  The training (writing) manager first deletes the temporary folders of saves
+  that a killed run left unfinished. A ``read_only`` manager (evaluation,
+  export; never given to `save`) creates and deletes nothing, so it may look
+  at a run that is still training. (Orbax's own read-only mode would log a
+  warning at every use.)
+  """
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,
@@ -32,22 +51,55 @@ def make_manager(workdir: str, *, keep_best: int) -> ocp.CheckpointManager:
   # ranking survives restarts); the policy above decides what is kept.
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=lambda metrics: metrics["mAP"], best_mode="max",
-      enable_async_checkpointing=True, create=True)
+      enable_async_checkpointing=True, create=not read_only,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          meta: dict[str, Any], *, metrics: dict[str, float] | None = None) -> None:
-  """Starts an asynchronous save of ``step`` (returns before it is written)."""
-  manager.save(
-      step,
-      args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iterator),
-          meta=ocp.args.JsonSave(meta)),
-      metrics=metrics,
-      force=True)
+  """Starts an asynchronous save of ``step`` (returns before it is written).
+
+  Waits for the previous save first. Raises `CheckpointSaveError` if that one
+  or this one cannot be written.
+  """
+  wait_until_finished(manager)
+  try:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+        force=True)
+  except Exception as e:
+    raise _save_error(manager, step, e) from e
+
+
+def wait_until_finished(manager: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; raises `CheckpointSaveError` if it failed."""
+  in_flight = manager.latest_step()  # the newest step is the one being written
+  try:
+    manager.wait_until_finished()
+  except Exception as e:
+    raise _save_error(manager, in_flight, e) from e
+
+
+def _save_error(manager: ocp.CheckpointManager, step: int | None,
+                error: Exception) -> CheckpointSaveError:
+  # Python writes raise OSError; TensorStore's array writes carry the text.
+  disk_full = (getattr(error, "errno", None) == errno.ENOSPC
+               or os.strerror(errno.ENOSPC) in str(error))
+  manager.reload()  # forget the failed step; list what is on disk
+  kept = list(manager.all_steps())
+  return CheckpointSaveError(
+      f"Could not write the checkpoint of step {step} to {manager.directory}"
+      f"{' (the disk is full)' if disk_full else ''}: {error}. "
+      + (f"The checkpoints written before are intact (steps {kept}); rerun the same "
+         f"command{' after freeing space' if disk_full else ''} to resume from step "
+         f"{kept[-1]}." if kept else "No earlier checkpoint exists to resume from."))
 
 
 def abstract_like(state: Any) -> Any:

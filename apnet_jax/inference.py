@@ -75,13 +75,18 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   out_dir = os.path.join(workdir, "extract")
   os.makedirs(out_dir, exist_ok=True)
   files = list_images(config.extract.input_dir)
+  # Every process takes part in the (sharded) extraction; process 0 writes.
   features = folder_features(model, files, config)
+  gallery_files = list_images(config.extract.gallery_dir) if config.extract.gallery_dir else []
+  gallery = folder_features(model, gallery_files, config) if gallery_files else None
+  result = {"num_images": len(files), "feature_dim": int(features.shape[1]), **source}
+  if gallery_files:
+    result["num_gallery"] = len(gallery_files)
+  if jax.process_index() != 0:
+    return result
   np.save(os.path.join(out_dir, "features.npy"), features)
   _write_lines(os.path.join(out_dir, "files.txt"), files)
-  result = {"num_images": len(files), "feature_dim": int(features.shape[1]), **source}
-  if config.extract.gallery_dir:
-    gallery_files = list_images(config.extract.gallery_dir)
-    gallery = folder_features(model, gallery_files, config)
+  if gallery_files:
     np.save(os.path.join(out_dir, "gallery_features.npy"), gallery)
     _write_lines(os.path.join(out_dir, "gallery_files.txt"), gallery_files)
     top = min(config.extract.top, len(gallery_files))
@@ -96,7 +101,6 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                             [[read(gallery_files[j]) for j in order[i]] for i in shown], None,
                             os.path.join(out_dir, "ranked_list.png"),
                             query_labels=[os.path.basename(files[i]) for i in shown])
-    result["num_gallery"] = len(gallery_files)
   print(f"features of {len(files)} images -> {out_dir}")
   return result
 
@@ -107,9 +111,9 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   model, _ = train.restore_model(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "feature_extractor.jaxexport")
-  export.export_feature_extractor(model, path, input_size=tuple(config.model.input_size),
-                                  eval_feature=config.model.eval_feature)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0:  # one file, written by one process
+    export.export_feature_extractor(model, path, input_size=tuple(config.model.input_size),
+                                    eval_feature=config.model.eval_feature)
     print(f"exported the feature extractor (uint8 images of {tuple(config.model.input_size)}, "
           f"any batch size) -> {path}")
   return path

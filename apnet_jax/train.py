@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from apnet_jax import checkpointing, optim, train_step
 from apnet_jax.data import pipeline, prepare, sources
@@ -43,8 +44,28 @@ def open_dataset(data_config: ml_collections.ConfigDict):
 
   A dataset is prepared here when ``data.manual_dir`` is set (or needs no
   download, like ``synthetic_reid``); otherwise a missing dataset is an
-  error that says how to prepare it.
+  error that says how to prepare it. With several JAX processes, process 0
+  opens (or prepares) it first and the others open it after: one writer for a
+  shared ``data.data_dir``.
   """
+  if jax.process_count() == 1:
+    return _open_or_prepare(data_config)
+  if jax.process_index() == 0:
+    builder = _open_or_prepare(data_config)
+  multihost_utils.sync_global_devices("apnet_jax: dataset ready")
+  if jax.process_index() != 0:
+    data_dir = os.path.expanduser(data_config.data_dir)
+    builder = sources.get_builder(data_config.name, data_dir=data_dir,
+                                  config=data_config.config or None)
+    if not builder.is_prepared():
+      raise FileNotFoundError(
+          f"{data_config.name}: process 0 has it, but process {jax.process_index()} finds "
+          f"nothing in {data_dir}. Give all processes one shared --config.data.data_dir, or "
+          "run --mode prepare on every host first.")
+  return builder
+
+
+def _open_or_prepare(data_config: ml_collections.ConfigDict):
   data_dir = os.path.expanduser(data_config.data_dir)
   builder = sources.get_builder(data_config.name, data_dir=data_dir,
                                 config=data_config.config or None)
@@ -82,7 +103,10 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
   if detect_layout(state) != "torchvision":
     raise ValueError(f"model.init_from: {path} is a whole official APNet checkpoint, not an "
                      "ImageNet backbone; evaluate it with --config.eval.torch_checkpoint.")
-  report = load_torch_weights(model, state)
+  try:
+    report = load_torch_weights(model, state)
+  except ValueError as e:  # it names the keys; add the file
+    raise ValueError(f"model.init_from: {path}: {e}") from e
   if report.missing:
     raise ValueError(f"model.init_from: {path} lacks backbone keys: {report.missing[:5]}")
   logging.info("Loaded %d ImageNet tensors from %s", len(report.loaded), path)
@@ -194,7 +218,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   logging.info("Config:\n%s", config)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = train_step.make_mesh()
 
   # Data: the train split and its identity-balanced sampler.
   builder = open_dataset(config.data)
@@ -247,6 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           {"image": batch["image"], "label": batch["label"]}, mesh))
       window.append(metrics)
       done = step + 1
+      preempted.poll(done)
       epoch_end = done % steps_per_epoch == 0
       epoch = done // steps_per_epoch
       last = done == total_steps
@@ -275,11 +300,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointing.save(manager, done, state, loader, dict(meta, epoch=epoch),
                            metrics=evaluated)
       if preempted.set:
-        manager.wait_until_finished()
+        checkpointing.wait_until_finished(manager)
         logging.warning("SIGTERM: saved step %d and stopped.", done)
         writer.close()
         raise SystemExit(143)
-  manager.wait_until_finished()
+  checkpointing.wait_until_finished(manager)
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
   features = final_features
@@ -308,14 +333,27 @@ def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, f
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks after each step."""
+  """Turns SIGTERM into a flag the loop checks after each step.
+
+  With several processes, JAX's preemption service takes SIGTERM instead (a
+  Python handler would hide it from the service) and names one step at which
+  every process sees the flag, so that all save that step together.
+  """
 
   def __init__(self):
     self.set = False
+    self._multihost = jax.process_count() > 1
+    if self._multihost:
+      return
     try:
       signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some notebook kernels)
       pass
+
+  def poll(self, step: int) -> None:
+    """Every process calls this after each step, from the same first step."""
+    if self._multihost and multihost_utils.reached_preemption_sync_point(step):
+      self.set = True
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -358,7 +396,8 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
                        f"{report.missing[:5]}")
     source = {"torch_checkpoint": os.path.abspath(config.eval.torch_checkpoint)}
   else:
-    manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+    manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
+                                         read_only=True)  # the run may still be training
     if config.eval.step >= 0:
       step = config.eval.step
     elif config.eval.use_best:
@@ -385,7 +424,7 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = train_step.make_mesh()
   builder = open_dataset(config.data)
   model, source = restore_model(config, workdir)
   features = extract_eval_features(model, builder, config, mesh=mesh)

@@ -19,7 +19,7 @@ no host synchronisation is needed.
 
 Typical use::
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  mesh = make_mesh()
   tx, _ = optim.make_optimizer(config, steps_per_epoch)
   graphdef, state = create_train_state(model, tx)
   state = jax.device_put(state, replicated_sharding(mesh))
@@ -50,6 +50,7 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "data_sharding",
+    "make_mesh",
     "make_train_step",
     "replicated_sharding",
     "shard_batch",
@@ -106,6 +107,19 @@ def create_train_state(
   return graphdef, state
 
 
+def make_mesh() -> Mesh:
+  """The training mesh: all devices on one ``'data'`` axis, grouped by process.
+
+  ``jax.make_mesh`` orders devices for the interconnect; regrouping them (a
+  stable sort, so nothing moves on one host) makes process ``i`` hold the
+  ``i``-th contiguous block of every global batch, the slice that
+  ``pipeline.train_loader`` and ``pipeline.eval_batches`` load for it.
+  """
+  mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+  devices = sorted(mesh.devices.flat, key=lambda device: device.process_index)
+  return Mesh(np.array(devices), (DATA_AXIS,), axis_types=mesh.axis_types)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of batch arrays: first axis split over the mesh's ``'data'`` axis."""
   return NamedSharding(mesh, P(DATA_AXIS))
@@ -120,7 +134,20 @@ def _check_mesh(mesh: Mesh) -> None:
   if DATA_AXIS not in mesh.axis_names:
     raise ValueError(
         f"the mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}; build it with "
-        f"jax.make_mesh((jax.device_count(),), ({DATA_AXIS!r},)).")
+        "train_step.make_mesh().")
+
+
+def _check_process_rows(sharding: NamedSharding) -> None:
+  # The pipelines load block i of each batch on process i; its devices must hold that block.
+  shards = sharding.mesh.shape[DATA_AXIS]
+  rows = sorted({index[0].start for index in
+                 sharding.addressable_devices_indices_map((shards,)).values()})
+  first = jax.process_index() * len(rows)
+  if rows != list(range(first, first + len(rows))):
+    raise ValueError(
+        f"shard_batch: process {jax.process_index()} loads block {jax.process_index()} of each "
+        f"batch, but its devices hold the mesh's shards {rows} of {shards}; build the mesh "
+        "with train_step.make_mesh(), which groups the devices by process.")
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -143,6 +170,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
   sharding = data_sharding(mesh)
   # Each process holds the rows of its own devices (the whole batch when single-process).
   local_shards = len(mesh.local_devices)
+  if jax.process_count() > 1:
+    _check_process_rows(sharding)
   out = {}
   for key, value in batch.items():
     array = np.asarray(value)
@@ -179,8 +208,7 @@ def make_train_step(
     config: the full config; reads ``config.loss.margin``,
       ``config.loss.label_smoothing`` and ``config.augment.{pad, flip_p,
       erase_p}``.
-    mesh: a mesh with a ``'data'`` axis, e.g.
-      ``jax.make_mesh((jax.device_count(),), ('data',))``.
+    mesh: a mesh with a ``'data'`` axis, e.g. :func:`make_mesh`.
     seed: the training seed; the augmentation key of step ``s`` is
       ``fold_in(key(seed), s)``.
 

@@ -5,7 +5,9 @@ the standard TFDS location (readable with `tfds.builder_from_directory` and
 `apnet_jax.data.sources.load_split`), showing TFDS's progress bars, and
 prints a table of ids / images / cameras per split. A second call reuses the
 built dataset. A failed build leaves nothing loadable behind: TFDS writes
-into a temporary folder and renames it only on success.
+into a temporary folder and renames it only on success. TFDS deletes that
+folder when the build raises; the folders of builds that were killed are
+deleted by the next successful `prepare` of the same dataset.
 
 `STANDARD_STATISTICS` holds the benchmarks' published statistics;
 `check_standard_statistics` compares a prepared dataset with them. To check
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -117,8 +120,23 @@ def prepare(
       else os.path.expanduser(os.fspath(manual_dir))
   )
   builder.download_and_prepare(download_config=download_config)
+  _remove_killed_builds(builder)
   print(format_statistics(split_statistics(builder), title=dataset_key(builder)))
   return builder
+
+
+def _remove_killed_builds(builder: tfds.core.DatasetBuilder) -> None:
+  """Deletes TFDS's temporary folders of this dataset version left by killed builds.
+
+  They sit next to the built version as ``incomplete.XXXXXX_<version>``; no
+  other file is touched. (A build of the same version still running elsewhere
+  could not finish anyway: its rename onto the built version would fail.)
+  """
+  unfinished = re.compile(re.escape(tfds.core.constants.INCOMPLETE_PREFIX) + r"[A-Z0-9]{6}_"
+                          + re.escape(str(builder.version)))
+  for path in builder.data_path.parent.iterdir():
+    if unfinished.fullmatch(path.name) and path.is_dir():
+      path.rmtree()
 
 
 def _check_same_config(builder: tfds.core.DatasetBuilder) -> None:

@@ -4,7 +4,9 @@ As the official code does, the evaluation feature of an image is the model's
 eval-mode feature of the image plus that of its horizontal flip; the
 evaluator L2-normalizes it. Batches have one fixed shape (the last one is
 padded and masked) so extraction compiles once, and are sharded over the
-mesh's ``data`` axis.
+mesh's ``data`` axis. With several JAX processes each one decodes only its
+share of every batch; the step gathers the features (and pids, camids, mask)
+of the whole batch onto every process.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from apnet_jax import train_step
 from apnet_jax.data import augment, pipeline
 
 EVAL_FEATURES = {"bn": "feat", "global": "global_feat", "logits": "logits"}
@@ -51,33 +53,42 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
     source: a random-access record source (see `apnet_jax.data.sources`).
     eval_feature: 'bn', 'global' or 'logits'.
     input_size: (height, width) the images are resized to.
-    batch_size: images per forward pass; a multiple of the mesh size.
-    mesh: a 1-D mesh with axis 'data'; all devices when None.
+    batch_size: images per forward pass (all processes together); a multiple
+      of the mesh size.
+    mesh: a 1-D mesh with axis 'data'; ``train_step.make_mesh()`` when None.
     num_workers: Grain worker processes for decoding.
 
   Returns:
-    ``{'features': (N, D) float32, 'pid': (N,), 'camid': (N,)}``.
+    ``{'features': (N, D) float32, 'pid': (N,), 'camid': (N,)}``, the same
+    on every process.
   """
   if mesh is None:
-    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    mesh = train_step.make_mesh()
   if batch_size % mesh.size:
     raise ValueError(f"eval.batch_size={batch_size} must be a multiple of the "
                      f"{mesh.size} devices")
   graphdef, state = nnx.split(model)
-  replicated = NamedSharding(mesh, P())
+  replicated = train_step.replicated_sharding(mesh)
+  if jax.process_count() > 1:
+    # JAX moves no array across hosts: one on this process's devices alone (a
+    # restored checkpoint) joins the global mesh from host memory.
+    state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x, state)
   state = jax.device_put(state, replicated)
-  embed = jax.jit(make_embed_fn(graphdef, eval_feature),
-                  in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                  out_shardings=replicated)
+  embed = make_embed_fn(graphdef, eval_feature)
+  # Replicated outputs: the whole batch's rows reach every process.
+  embed_and_gather = jax.jit(
+      lambda state, batch: (embed(state, batch["image"]), batch["pid"], batch["camid"],
+                            batch["mask"]),
+      in_shardings=(replicated, train_step.data_sharding(mesh)), out_shardings=replicated)
   height, width = input_size
   features, pids, camids = [], [], []
   for batch in pipeline.eval_batches(source, batch_size=batch_size, height=height,
-                                     width=width, num_workers=num_workers,
-                                     process_index=0, process_count=1):
-    mask = np.asarray(batch["mask"])
-    out = np.asarray(embed(state, batch["image"]))
+                                     width=width, num_workers=num_workers):
+    local = {key: batch[key] for key in ("image", "pid", "camid", "mask")}
+    out, pid, camid, mask = jax.device_get(
+        embed_and_gather(state, train_step.shard_batch(local, mesh)))
     features.append(out[mask])
-    pids.append(np.asarray(batch["pid"])[mask])
-    camids.append(np.asarray(batch["camid"])[mask])
+    pids.append(pid[mask])
+    camids.append(camid[mask])
   return {"features": np.concatenate(features), "pid": np.concatenate(pids),
           "camid": np.concatenate(camids)}

@@ -1,0 +1,309 @@
+"""A run survives being killed: determinism, exact resume, kills inside a save, a full disk.
+
+The training runs are real `run.py` processes on the tiny synthetic config at
+128x64 (8 steps, a checkpoint every 2). They share one XLA compilation cache,
+so only the first run compiles; every run is still its own process, with its
+own Python hash seed, data loader and restored state.
+"""
+
+import errno
+import hashlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from apnet_jax import checkpointing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # 4 epochs of 2 steps; a checkpoint at the end of each epoch
+TIMEOUT = 300  # seconds for one process; a hang fails instead of stalling CI
+TMP = ".orbax-checkpoint-tmp"
+
+# Run as `python -c KILL_IN_SAVE run.py-args`: run.py, except that the process
+# SIGKILLs itself when Orbax is about to commit checkpoint KILL_IN_SAVE_OF_STEP
+# (its data is written into <step>.orbax-checkpoint-tmp, not yet renamed).
+KILL_IN_SAVE = """
+import os, runpy, signal, sys
+from orbax.checkpoint._src.path import atomicity
+
+commit = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def commit_or_die(self):
+  if self.get_final().name == os.environ["KILL_IN_SAVE_OF_STEP"]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await commit(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = commit_or_die
+sys.argv = ["run.py"] + sys.argv[1:]
+runpy.run_path("run.py", run_name="__main__")
+"""
+
+
+class Runner:
+  """Starts `run.py` training processes in workdirs under one folder."""
+
+  def __init__(self, root):
+    self.root = root
+    self.data_dir = str(root / "tfds")
+    self.env = dict(
+        os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
+        JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+  def start(self, workdir, *, kill_in_save_of_step=None):
+    args = ["run.py", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
+            f"--config.data.data_dir={self.data_dir}", "--config.model.input_size=(128,64)",
+            f"--config.train.epochs={STEPS // 2}", "--config.train.eval_epochs=()",
+            "--config.train.log_every_steps=1"]
+    env = self.env
+    if kill_in_save_of_step is not None:
+      args = ["-c", KILL_IN_SAVE] + args[1:]
+      env = dict(env, KILL_IN_SAVE_OF_STEP=str(kill_in_save_of_step))
+    with open(log_path(workdir), "ab") as log:  # a file, not a pipe: a pipe could fill up
+      return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+
+  def finish(self, process, workdir, *, returncode=0):
+    try:
+      process.wait(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+    assert process.returncode == returncode, output_tail(workdir)
+
+  def train(self, workdir):
+    self.finish(self.start(workdir), workdir)
+    return workdir
+
+
+def log_path(workdir):
+  return workdir.parent / f"{workdir.name}.log"
+
+
+def output_tail(workdir):
+  return log_path(workdir).read_bytes()[-3000:].decode(errors="replace")
+
+
+def train_steps(workdir):
+  """The steps in metrics.jsonl's train records, in order (a half-written last line skipped)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return []
+  steps = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if record["kind"] == "train":
+      steps.append(record["step"])
+  return steps
+
+
+def finished_checkpoints(workdir):
+  folder = workdir / "checkpoints"
+  if not folder.exists():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def folder_digest(folder):
+  """{relative path: sha256} of every file under ``folder``."""
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def final_state(workdir):
+  """Every leaf of the saved train state at the last step, and the data iterator's state."""
+  manager = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
+  assert manager.latest_step() == STEPS
+  state = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  leaves = {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state["state"]).items()}
+  data = (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*.json")
+  return leaves, [p.read_text() for p in data]
+
+
+def assert_bitwise_equal(a, b):
+  (leaves_a, data_a), (leaves_b, data_b) = a, b
+  assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 100
+  for key in leaves_a:
+    np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=str(key), strict=True)
+  assert data_a == data_b and data_a  # the input pipeline stands at the same place
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+  return Runner(tmp_path_factory.mktemp("reliability"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(runner):
+  """The reference: 8 steps in one process."""
+  return final_state(runner.train(runner.root / "uninterrupted"))
+
+
+def test_same_seed_and_devices_give_bitwise_identical_runs(runner, uninterrupted):
+  again = final_state(runner.train(runner.root / "again"))
+  assert int(again[0][("step",)]) == STEPS
+  assert_bitwise_equal(uninterrupted, again)
+
+
+@pytest.fixture(scope="module")
+def interrupted(runner):
+  """One workdir killed twice, then finished.
+
+  1. SIGKILL at a random point: after a seeded random step (3-5) is logged
+     and at least one checkpoint is finished, whatever the process is doing.
+  2. Restarted; the process kills itself while its first checkpoint is being
+     saved asynchronously (written, not yet committed).
+  3. Restarted; runs to the end.
+  """
+  workdir = runner.root / "interrupted"
+  record = {"kill_after_step": random.Random(8).randint(3, 5)}
+
+  process = runner.start(workdir)
+  deadline = time.time() + TIMEOUT
+  while not (train_steps(workdir) and train_steps(workdir)[-1] >= record["kill_after_step"]
+             and finished_checkpoints(workdir)):
+    assert process.poll() is None, output_tail(workdir)
+    assert time.time() < deadline, output_tail(workdir)
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  runner.finish(process, workdir, returncode=-signal.SIGKILL)
+  record["after_sigkill"] = finished_checkpoints(workdir)
+  previous = record["after_sigkill"][-1]
+  assert previous < STEPS, "the run finished before it was killed"
+  record["previous"] = previous
+  record["previous_digest"] = folder_digest(workdir / "checkpoints" / str(previous))
+
+  record["killed_save"] = killed = previous + 2
+  runner.finish(runner.start(workdir, kill_in_save_of_step=killed), workdir,
+                returncode=-signal.SIGKILL)
+  record["after_kill_in_save"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  record["after_kill_in_save_digest"] = folder_digest(workdir / "checkpoints" / str(previous))
+  reader = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
+  record["steps_seen_after_kill_in_save"] = list(reader.all_steps())
+  record["meta_after_kill_in_save"] = checkpointing.restore_meta(reader, previous)
+
+  logged_before = len(train_steps(workdir))
+  runner.train(workdir)
+  record["steps_of_last_process"] = train_steps(workdir)[logged_before:]
+  record["at_end"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+  return workdir, record
+
+
+def test_sigkill_at_a_random_point_then_restart_ends_bitwise_identical(
+    uninterrupted, interrupted):
+  workdir, record = interrupted
+  assert record["after_sigkill"], record  # it was killed after a checkpoint existed
+  assert record["steps_of_last_process"][0] == record["previous"] + 1, record
+  assert record["steps_of_last_process"][-1] == STEPS
+  assert_bitwise_equal(uninterrupted, final_state(workdir))
+
+
+def test_kill_inside_an_async_save_keeps_the_previous_checkpoint(interrupted):
+  _, record = interrupted
+  previous, killed = record["previous"], record["killed_save"]
+  # The kill hit the save: its folder was written but never committed.
+  assert f"{killed}{TMP}" in record["after_kill_in_save"], record
+  assert str(killed) not in record["after_kill_in_save"], record
+  # The previous checkpoint is byte for byte what it was, and the only one seen.
+  assert record["after_kill_in_save_digest"] == record["previous_digest"]
+  assert any(name.startswith("state/") for name in record["previous_digest"])
+  assert record["steps_seen_after_kill_in_save"] == [previous]
+  assert record["meta_after_kill_in_save"]["epoch"] == previous // 2
+  # The restart resumed from it (step previous + 1 first) and removed the partial save.
+  assert record["steps_of_last_process"][0] == previous + 1
+  assert record["at_end"] == [str(STEPS)], record
+
+
+# --- A full disk while saving (simulated), checked on the checkpoint functions ----------
+
+
+@pytest.fixture
+def saved_once(tmp_path):
+  """A workdir with the user's files and a finished checkpoint at step 2."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "notes.txt").write_text("my notes")
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  state = {"w": jnp.arange(16.0).reshape(4, 4), "step": jnp.asarray(2)}
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  next(iterator)
+  checkpointing.save(manager, 2, state, iterator, {"epoch": 1})
+  checkpointing.wait_until_finished(manager)
+  return tmp_path, manager, state, iterator
+
+
+def fill_disk_for(monkeypatch, path):
+  """Python writes of the file ``path`` fail with ENOSPC."""
+  real_open = io.open
+
+  def open_(file, mode="r", *args, **kwargs):
+    if str(file) == str(path) and "w" in mode:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr(io, "open", open_)  # pathlib writes
+  monkeypatch.setattr("builtins.open", open_)
+
+
+@pytest.mark.parametrize("file_name, fails_in", [
+    # The last write of a save, by the background thread once all data is written.
+    (f"4{TMP}/commit_success.txt", "background"),
+    # The data iterator's state, written while save() blocks.
+    (f"4{TMP}/data{TMP}/process_0-of-1.json", "save"),
+])
+def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
+    saved_once, monkeypatch, file_name, fails_in):
+  workdir, manager, state, iterator = saved_once
+  fill_disk_for(monkeypatch, workdir / "checkpoints" / file_name)
+  expected = (rf"checkpoint of step 4 to {workdir}/checkpoints \(the disk is full\): "
+              rf"\[Errno 28\].*intact \(steps \[2\]\).*resume from step 2")
+  if fails_in == "background":
+    checkpointing.save(manager, 4, state, iterator, {"epoch": 2})  # returns; writes go on
+    with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
+      checkpointing.save(manager, 6, state, iterator, {"epoch": 3})  # waits for step 4 first
+  else:
+    with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
+      checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+  monkeypatch.undo()
+
+  assert (workdir / "notes.txt").read_text() == "my notes"
+  assert (workdir / "config.json").read_text() == "{}"
+  assert (workdir / "checkpoints" / f"4{TMP}").exists()  # left for the next run to delete
+  reader = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
+  assert reader.all_steps() == [2]
+  restored, meta = checkpointing.restore(reader, 2, state, None)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert meta == {"epoch": 1}
+
+
+def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
+  checkpoints = tmp_path / "checkpoints"
+  partial = checkpoints / f"6{TMP}" / "state"
+  partial.mkdir(parents=True)
+  (partial / "chunk").write_bytes(b"half")
+  (checkpoints / "README").write_text("the user's")
+  # Evaluation may watch a run that is saving right now: it must not touch the folder.
+  reader = checkpointing.make_manager(str(tmp_path), keep_best=1, read_only=True)
+  assert reader.all_steps() == [] and partial.exists()
+  assert not checkpointing.make_manager(str(tmp_path / "other"), keep_best=1,
+                                        read_only=True).all_steps()
+  assert not (tmp_path / "other").exists()  # a reader creates nothing
+  checkpointing.make_manager(str(tmp_path), keep_best=1)
+  deadline = time.time() + 30  # Orbax cleans up in a background thread
+  while partial.parent.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert sorted(p.name for p in checkpoints.iterdir()) == ["README"]

@@ -5,6 +5,7 @@
   python run.py --config configs/market1501.py --workdir DIR --mode extract \
       --config.extract.input_dir=MY_CROPS [--config.extract.gallery_dir=GALLERY]
   python run.py --config configs/market1501.py --workdir DIR --mode export
+  python run.py --config configs/market1501.py --workdir DIR --mode visualize
   python run.py --config configs/msmt17.py --mode prepare --config.data.manual_dir=DIR
   python run.py --config configs/common.py --mode summary
 
@@ -19,13 +20,26 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "extract", "export", "prepare", "summary"],
+    "mode", "train", ["train", "eval", "extract", "export", "visualize", "prepare", "summary"],
     "train: prepare the data if needed, train, evaluate. eval: evaluate a checkpoint of "
     "--workdir. extract: features (and rankings) of your own images. export: write the "
-    "feature extractor as a jax.export file. prepare: build the dataset only. summary: "
+    "feature extractor as a jax.export file. visualize: attention maps of query images "
+    "(attention.png). prepare: build the dataset only. summary: "
     "print the model's parameter table, output shapes and FLOPs.")
+flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-host (all modes but prepare and summary): HOST:PORT of process 0's coordinator, the "
+    "same on every process. Unset: JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU, "
+    "SLURM and Open MPI.")
+flags.DEFINE_integer("num_processes", None,
+                     "Multi-host: number of processes (unset: detected, as above).")
+flags.DEFINE_integer("process_id", None,
+                     "Multi-host: this process, 0..num_processes-1 (unset: detected).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
+
+# The modes that read or write a run directory, and run on every process.
+_WORKDIR_MODES = ("train", "eval", "extract", "export", "visualize")
 
 
 def main(argv):
@@ -34,8 +48,12 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO.
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  if FLAGS.mode in ("train", "eval", "extract", "export") and not FLAGS.workdir:
+  if FLAGS.mode in _WORKDIR_MODES and not FLAGS.workdir:
     raise app.UsageError(f"--mode {FLAGS.mode} needs --workdir")
+  if FLAGS.mode in _WORKDIR_MODES:
+    from apnet_jax import distributed  # before any JAX computation
+
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from apnet_jax import train  # after flag parsing: importing JAX takes a moment
 
   if FLAGS.mode == "train":
@@ -49,6 +67,10 @@ def main(argv):
       inference.extract_folder(config, FLAGS.workdir)
     else:
       inference.export_workdir(config, FLAGS.workdir)
+  elif FLAGS.mode == "visualize":
+    from apnet_jax import visualize
+
+    visualize.visualize_workdir(config, FLAGS.workdir)
   elif FLAGS.mode == "prepare":
     train.prepare_dataset(config.data)
   else:

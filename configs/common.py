@@ -93,4 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   extract.top = 10  # Gallery images listed per image in ranking.json.
   extract.num_pictures = 8  # Rows of ranked_list.png.
 
+  config.visualize = visualize = ml_collections.ConfigDict()
+  visualize.num_queries = 8  # --mode visualize: query images in attention.png.
+
   return config

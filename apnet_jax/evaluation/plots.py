@@ -78,11 +78,11 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
   fig, axes = plt.subplots(n, top + 1, figsize=(0.9 * (top + 1), 1.9 * n), dpi=80,
                            squeeze=False)
   for i in range(n):
-    _show(axes[i, 0], query_images[i], "#333333")
+    show_image(axes[i, 0], query_images[i], "#333333")
     axes[i, 0].set_title(query_labels[i] if query_labels else "query", fontsize=6)
     for j in range(top):
       color = "#888888" if matches is None else "#1a9641" if matches[i, j] else "#d7191c"
-      _show(axes[i, j + 1], gallery_images[i][j], color)
+      show_image(axes[i, j + 1], gallery_images[i][j], color)
       if i == 0:
         axes[i, j + 1].set_title(str(j + 1), fontsize=7)
   fig.tight_layout(pad=0.3)
@@ -90,8 +90,9 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
   plt.close(fig)
 
 
-def _show(ax, image, color):
-  ax.imshow(image)
+def show_image(ax, image, color: str, **imshow_kwargs) -> None:
+  """An image (or any array ``imshow`` takes) without ticks, framed in ``color``."""
+  ax.imshow(image, **imshow_kwargs)
   ax.set_xticks([])
   ax.set_yticks([])
   for spine in ax.spines.values():

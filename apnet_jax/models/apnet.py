@@ -8,6 +8,7 @@ classifier without bias gives ``logits``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -41,10 +42,11 @@ class APNet(nnx.Module):
   """APNet-C / APNet-S with the BNNeck re-ID head.
 
   Call it on NHWC float images; it returns a dict with ``global_feat``,
-  ``feat`` and ``logits`` (float32), and with ``stages`` (the five
-  attended stage outputs) when ``return_stages`` is set. ``model.train()``
-  and ``model.eval()`` switch every BatchNorm between batch and running
-  statistics.
+  ``feat`` and ``logits`` (float32), with ``stages`` (the five attended
+  stage outputs) when ``return_stages`` is set, and with ``attention`` (each
+  stage's pyramid weights, see `attention.AttentionPyramid`) when
+  ``return_attention`` is set. ``model.train()`` and ``model.eval()`` switch
+  every BatchNorm between batch and running statistics.
   """
 
   def __init__(
@@ -85,12 +87,31 @@ class APNet(nnx.Module):
   def feature_dim(self) -> int:
     return self.backbone.out_channels
 
-  def __call__(self, images: jax.Array, *, return_stages: bool = False) -> dict[str, Any]:
+  def __call__(self, images: jax.Array, *, return_stages: bool = False,
+               return_attention: bool = False,
+               stage_offsets: Sequence[jax.Array] | None = None) -> dict[str, Any]:
+    """The re-ID outputs of NHWC float images.
+
+    Args:
+      images: (B, H, W, 3) normalized images.
+      return_stages: also return ``stages``, the five attended stage outputs.
+      return_attention: also return ``attention``: per stage, the list of
+        its pyramid's attention weights in call order.
+      stage_offsets: five arrays added to the stage outputs. Pass zeros and
+        differentiate with respect to them to get gradients with respect to
+        the stage outputs (Grad-CAM, `apnet_jax.visualize`).
+
+    Returns:
+      ``global_feat``, ``feat``, ``logits`` and the outputs asked for.
+    """
     x = images.astype(self.compute_dtype)
-    stages = []
+    stages, attention_weights = [], []
     for i, pyramid in enumerate(self.pyramids):
-      x = pyramid(self.backbone.stage(i, x))
+      x, weights = pyramid(self.backbone.stage(i, x), return_weights=True)
+      if stage_offsets is not None:
+        x = x + stage_offsets[i]
       stages.append(x)
+      attention_weights.append(weights)
     global_feat = layers.global_avg_pool(x)
     feat = self.bottleneck(global_feat)
     out = {
@@ -100,6 +121,8 @@ class APNet(nnx.Module):
     }
     if return_stages:
       out["stages"] = stages
+    if return_attention:
+      out["attention"] = attention_weights
     return out
 
 

@@ -60,8 +60,11 @@ class SEGate(nnx.Module):
     """The gate, (B, C), in [0, 1]."""
     return nnx.sigmoid(self.fc2(nnx.relu(self.fc1(layers.global_avg_pool(x)))))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.weights(x)[:, None, None, :].astype(x.dtype)
+  def __call__(self, x: jax.Array, *, return_weights: bool = False):
+    """``x`` gated per channel; with ``return_weights``, ``(out, gate)``."""
+    gate = self.weights(x)
+    out = x * gate[:, None, None, :].astype(x.dtype)
+    return (out, gate) if return_weights else out
 
 
 class SAMS(nnx.Module):
@@ -92,11 +95,13 @@ class SAMS(nnx.Module):
     logits = layers.at_least_f32(self.fc2(hidden)).reshape(b, self.radix, c // self.radix)
     return jax.nn.softmax(logits, axis=1)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, return_weights: bool = False):
+    """The weighted groups, stacked; with ``return_weights``, ``(out, weights)``."""
     c = x.shape[-1]
     groups = x.reshape(*x.shape[:3], self.radix, c // self.radix)
-    att = self.weights(x)[:, None, None].astype(x.dtype)
-    return (groups * att).reshape(x.shape)
+    att = self.weights(x)
+    out = (groups * att[:, None, None].astype(x.dtype)).reshape(x.shape)
+    return (out, att) if return_weights else out
 
 
 class _PointwiseBN(nnx.Module):
@@ -186,8 +191,11 @@ class StripeAttention(nnx.Module):
     b, h, w, _ = x.shape
     return self.rga.weights(self._fold(x)).reshape(b, h, w, 1)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.weights(x).astype(x.dtype)
+  def __call__(self, x: jax.Array, *, return_weights: bool = False):
+    """``x`` gated per position; with ``return_weights``, ``(out, gate)``."""
+    gate = self.weights(x)
+    out = x * gate.astype(x.dtype)
+    return (out, gate) if return_weights else out
 
 
 def split_sizes(level: int) -> tuple[int, ...]:
@@ -205,6 +213,8 @@ class AttentionPyramid(nnx.Module):
     if kind not in ("channel", "spatial"):
       raise ValueError(f"model.kind must be 'channel' or 'spatial', got {kind!r}.")
     h, w = feature_hw
+    # Parts each attention splits the map into, in call order (1 = the whole map).
+    self.parts = split_sizes(level) + ((1,) if level else ())
     splits = []
     for parts in split_sizes(level):
       if kind == "channel":
@@ -222,9 +232,18 @@ class AttentionPyramid(nnx.Module):
     else:
       self.whole = StripeAttention(channels, h, w, 1, dtype=dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, return_weights: bool = False):
+    """The attended map; with ``return_weights``, also each attention's weights.
+
+    The weights come in call order (see ``parts``): SAMS ``(B, radix, C/radix)``
+    and SE ``(B, C)`` for APNet-C, spatial gates ``(B, H, W, 1)`` for APNet-S.
+    """
+    weights = []
     for attend, bn in zip(self.splits, self.split_bns):
-      x = bn(attend(x))
+      x, w = attend(x, return_weights=True)
+      x = bn(x)
+      weights.append(w)
     if self.whole is not None:
-      x = self.whole(x)
-    return x
+      x, w = self.whole(x, return_weights=True)
+      weights.append(w)
+    return (x, weights) if return_weights else x

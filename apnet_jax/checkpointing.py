@@ -19,13 +19,29 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
+
+
+class _DropNoMetricsWarning(logging.Filter):
+  """Drops Orbax's warning for a save without metrics.
+
+  Saves between evaluations carry no mAP by design (LatestN keeps them), but
+  Orbax warns at each one, in the middle of the progress bar.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+NO_METRICS_FILTER = _DropNoMetricsWarning()
 
 
 class CheckpointSaveError(RuntimeError):
@@ -42,6 +58,7 @@ def make_manager(workdir: str, *, keep_best: int,
   at a run that is still training. (Orbax's own read-only mode would log a
   warning at every use.)
   """
+  absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)  # once; re-adding is a no-op
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,

@@ -290,6 +290,35 @@ def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
   assert meta == {"epoch": 1}
 
 
+def test_saves_between_evaluations_do_not_warn(saved_once):
+  """Orbax warns at every save without metrics; our filter keeps that off the terminal."""
+  import logging  # pylint: disable=g-import-not-at-top
+
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
+  _, manager, state, iterator = saved_once
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  absl = absl_logging.get_absl_logger()
+  absl.addHandler(handler)
+  try:
+    absl.removeFilter(checkpointing.NO_METRICS_FILTER)  # Orbax does warn without it
+    checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+    assert any("did not provide metrics" in message for message in seen), seen
+    seen.clear()
+    checkpointing.make_manager(str(manager.directory.parent), keep_best=1, read_only=True)
+    checkpointing.save(manager, 6, state, iterator, {"epoch": 3})
+    checkpointing.wait_until_finished(manager)
+    assert not any("did not provide metrics" in message for message in seen), seen
+    checkpointing.save(manager, 8, state, iterator, {"epoch": 4}, metrics={"mAP": 0.5})
+    checkpointing.wait_until_finished(manager)
+  finally:
+    absl.removeHandler(handler)
+    absl.addFilter(checkpointing.NO_METRICS_FILTER)
+  assert manager.all_steps()[-1] == 8
+
+
 def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
   checkpoints = tmp_path / "checkpoints"
   partial = checkpoints / f"6{TMP}" / "state"

@@ -48,9 +48,9 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax and TFDS log every file at INFO.
     logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  if FLAGS.mode in _WORKDIR_MODES and not FLAGS.workdir:
-    raise app.UsageError(f"--mode {FLAGS.mode} needs --workdir")
   if FLAGS.mode in _WORKDIR_MODES:
+    if not FLAGS.workdir:
+      raise app.UsageError(f"--mode {FLAGS.mode} needs --workdir")
     from apnet_jax import distributed  # before any JAX computation
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

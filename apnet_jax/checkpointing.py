@@ -42,6 +42,7 @@ class _DropNoMetricsWarning(logging.Filter):
 
 
 NO_METRICS_FILTER = _DropNoMetricsWarning()
+absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)
 
 
 class CheckpointSaveError(RuntimeError):
@@ -58,7 +59,6 @@ def make_manager(workdir: str, *, keep_best: int,
   at a run that is still training. (Orbax's own read-only mode would log a
   warning at every use.)
   """
-  absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)  # once; re-adding is a no-op
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,
@@ -109,14 +109,23 @@ def _save_error(manager: ocp.CheckpointManager, step: int | None,
   # Python writes raise OSError; TensorStore's array writes carry the text.
   disk_full = (getattr(error, "errno", None) == errno.ENOSPC
                or os.strerror(errno.ENOSPC) in str(error))
-  manager.reload()  # forget the failed step; list what is on disk
-  kept = list(manager.all_steps())
-  return CheckpointSaveError(
-      f"Could not write the checkpoint of step {step} to {manager.directory}"
-      f"{' (the disk is full)' if disk_full else ''}: {error}. "
-      + (f"The checkpoints written before are intact (steps {kept}); rerun the same "
-         f"command{' after freeing space' if disk_full else ''} to resume from step "
-         f"{kept[-1]}." if kept else "No earlier checkpoint exists to resume from."))
+  try:
+    manager.reload()  # forget the failed step; list what is on disk
+    kept = list(manager.all_steps())
+  except Exception:  # pylint: disable=broad-except  (the save's error matters more)
+    kept = None
+  message = (f"Could not write the checkpoint of step {step} to {manager.directory}"
+             f"{' (the disk is full)' if disk_full else ''}: {str(error).rstrip('.')}.")
+  if kept:
+    message += f" The checkpoints written before are intact (steps {kept})"
+    # Rerunning helps when the disk failed, not when the state cannot be saved.
+    if disk_full or isinstance(error, OSError):
+      message += (f"; rerun the same command{' after freeing space' if disk_full else ''} "
+                  f"to resume from step {kept[-1]}")
+    message += "."
+  elif kept is not None:
+    message += " No earlier checkpoint exists to resume from."
+  return CheckpointSaveError(message)
 
 
 def abstract_like(state: Any) -> Any:

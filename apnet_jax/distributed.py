@@ -54,10 +54,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     return True
   explicit = (any(v is not None for v in (coordinator_address, num_processes, process_id))
               or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  if not explicit and _single_task_launch():
+    # JAX would still initialize here and then show this one process only the
+    # GPU of its local rank: `srun --ntasks=1 --gpus=8` would train on one GPU.
+    return False
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   except ValueError as e:
     # JAX found no cluster and nothing was given: a plain single-process run.
+    # (JAX says so only in its message, which names the missing setting.)
     if not explicit and "coordinator_address" in str(e):
       return False
     raise ValueError(
@@ -70,3 +75,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def _single_task_launch() -> bool:
+  """Whether SLURM or Open MPI launched this as the only task of its job step."""
+  for variable in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    if os.environ.get(variable) == "1":
+      return True
+  return False

@@ -73,7 +73,6 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, source = train.restore_model(config, workdir)
   out_dir = os.path.join(workdir, "extract")
-  os.makedirs(out_dir, exist_ok=True)
   files = list_images(config.extract.input_dir)
   # Every process takes part in the (sharded) extraction; process 0 writes.
   features = folder_features(model, files, config)
@@ -84,6 +83,7 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     result["num_gallery"] = len(gallery_files)
   if jax.process_index() != 0:
     return result
+  os.makedirs(out_dir, exist_ok=True)
   np.save(os.path.join(out_dir, "features.npy"), features)
   _write_lines(os.path.join(out_dir, "files.txt"), files)
   if gallery_files:

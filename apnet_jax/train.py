@@ -50,9 +50,22 @@ def open_dataset(data_config: ml_collections.ConfigDict):
   """
   if jax.process_count() == 1:
     return _open_or_prepare(data_config)
+  failure = None
   if jax.process_index() == 0:
-    builder = _open_or_prepare(data_config)
-  multihost_utils.sync_global_devices("apnet_jax: dataset ready")
+    try:
+      builder = _open_or_prepare(data_config)
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+      failure = e
+  # The barrier; it carries process 0's error, so that no process waits for a
+  # dataset that will not come.
+  text = f"{type(failure).__name__}: {failure}" if failure is not None else ""
+  sent = np.frombuffer(text.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES, b"\0"), np.uint8)
+  received = bytes(np.asarray(multihost_utils.broadcast_one_to_all(sent))).rstrip(b"\0")
+  if failure is not None:
+    raise failure
+  if received:
+    raise RuntimeError(f"{data_config.name}: process 0 could not open the dataset: "
+                       f"{received.decode(errors='replace')}")
   if jax.process_index() != 0:
     data_dir = os.path.expanduser(data_config.data_dir)
     builder = sources.get_builder(data_config.name, data_dir=data_dir,
@@ -63,6 +76,9 @@ def open_dataset(data_config: ml_collections.ConfigDict):
           f"nothing in {data_dir}. Give all processes one shared --config.data.data_dir, or "
           "run --mode prepare on every host first.")
   return builder
+
+
+_ERROR_BYTES = 4096  # of process 0's error message, sent to the other processes
 
 
 def _open_or_prepare(data_config: ml_collections.ConfigDict):
@@ -301,10 +317,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            metrics=evaluated)
       if preempted.set:
         checkpointing.wait_until_finished(manager)
+        manager.close()
         logging.warning("SIGTERM: saved step %d and stopped.", done)
         writer.close()
         raise SystemExit(143)
   checkpointing.wait_until_finished(manager)
+  manager.close()  # its threads would outlive the call (in a notebook, say)
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
   features = final_features
@@ -398,27 +416,36 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
   else:
     manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
                                          read_only=True)  # the run may still be training
-    if config.eval.step >= 0:
-      step = config.eval.step
-    elif config.eval.use_best:
-      step = checkpointing.best_step(manager)
-    else:
-      step = manager.latest_step()
-    if step is None or step not in manager.all_steps():
-      raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint "
-                              f"{'at step ' + str(step) if step is not None else 'to evaluate'}"
-                              f" (it has: {list(manager.all_steps())}).")
-    meta = checkpointing.restore_meta(manager, step)
-    checkpointing.check_compatible(meta, dict(meta, model=config.model.to_dict(),
-                                              data=config.data.to_dict()), workdir)
-    model = build_model(config.model, meta["num_classes"], rngs=nnx.Rngs(0))
-    tx, _ = optim.make_optimizer(config, 1)
-    graphdef, state = train_step.create_train_state(model, tx)
-    state, _ = checkpointing.restore(manager, step, state, None)
-    model = nnx.merge(graphdef, state.params, state.rest)
+    try:
+      model, step = _restore_checkpoint(manager, config, workdir)
+    finally:
+      manager.close()
     source = {"checkpoint_step": int(step)}
   model.eval()
   return model, source
+
+
+def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
+                        workdir: str) -> tuple[nnx.Module, int]:
+  """The model of the checkpoint ``config.eval`` picks, and its step."""
+  if config.eval.step >= 0:
+    step = config.eval.step
+  elif config.eval.use_best:
+    step = checkpointing.best_step(manager)
+  else:
+    step = manager.latest_step()
+  if step is None or step not in manager.all_steps():
+    raise FileNotFoundError(f"{workdir}/checkpoints has no checkpoint "
+                            f"{'at step ' + str(step) if step is not None else 'to evaluate'}"
+                            f" (it has: {list(manager.all_steps())}).")
+  meta = checkpointing.restore_meta(manager, step)
+  checkpointing.check_compatible(meta, dict(meta, model=config.model.to_dict(),
+                                            data=config.data.to_dict()), workdir)
+  model = build_model(config.model, meta["num_classes"], rngs=nnx.Rngs(0))
+  tx, _ = optim.make_optimizer(config, 1)
+  graphdef, state = train_step.create_train_state(model, tx)
+  state, _ = checkpointing.restore(manager, step, state, None)
+  return nnx.merge(graphdef, state.params, state.rest), step
 
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

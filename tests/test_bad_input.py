@@ -1,4 +1,4 @@
-"""Bad input not covered elsewhere: truncated .mat files, weights of another width, a killed prepare.
+"""Bad input not covered elsewhere: truncated .mat, weights of another width, killed prepare.
 
 The rest of the bad-input list lives next to what it tests: corrupt JPEGs,
 missing folders, unparsable names, an empty manual_dir and a failed build in

@@ -121,8 +121,8 @@ def test_batchnorm_matches_pytorch_formulas():
   np.testing.assert_allclose(bn(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_batchnorm_one_pass_statistics_survive_a_large_mean():
-  """The fused one-pass variance must not cancel when |mean| >> std (float32)."""
+def test_batchnorm_statistics_survive_a_large_mean():
+  """The batch variance must not cancel when |mean| >> std (float32)."""
   rng = np.random.default_rng(3)
   x = rng.normal(1000.0, 1.0, size=(8, 6, 5, 3)).astype(np.float32)
   x[..., 1] -= 3000.0  # channels with different offsets
@@ -136,7 +136,7 @@ def test_batchnorm_one_pass_statistics_survive_a_large_mean():
 
 
 def test_batchnorm_gradients_equal_the_two_pass_formula():
-  """Autodiff through the one-pass statistics equals the textbook BatchNorm's."""
+  """Autodiff through our BatchNorm equals the textbook formula's gradients."""
   rng = np.random.default_rng(4)
   with jax.enable_x64(True):
     x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 5, 6, 7)))

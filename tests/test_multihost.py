@@ -207,6 +207,15 @@ try:
 except ValueError as e:
   print("REFUSED:", e)
 
+# A dataset process 0 cannot open stops every process, with its message.
+from configs import market1501
+data_config = market1501.get_config().data
+data_config.data_dir = "/nonexistent/apnet-multihost-test"
+try:
+  train.open_dataset(data_config)
+except Exception as e:
+  print("DATASET:", type(e).__name__, str(e).splitlines()[0][:300])
+
 # SIGTERM to process 1 alone: both stop at one step (the train loop's flag).
 preempted = train._SigtermFlag()
 for step in range(1, 1000):
@@ -237,6 +246,8 @@ def test_slurm_processes_meet_share_batches_and_preemption(tmp_path):
   for i, out in enumerate(outputs):
     assert f"REFUSED: shard_batch: process {i} loads block {i}" in out, out[-2000:]
     assert "train_step.make_mesh()" in out
+    assert "DATASET:" in out and "market1501" in out, out[-2000:]
+  assert "process 0 could not open the dataset" in outputs[1]
   stops = [[line for line in out.splitlines() if line.startswith("STOPPED AT")]
            for out in outputs]
   assert len(stops[0]) == 1 and stops[0] == stops[1], stops
@@ -261,3 +272,20 @@ print("SINGLE")
   assert "SINGLE" in result.stdout
   assert "REFUSED: multi-host setup: coordinator_address should be defined" in result.stdout
   assert "--coordinator_address=HOST:PORT" in result.stdout
+
+
+def test_a_single_slurm_task_keeps_all_its_devices():
+  """`srun --ntasks=1` is a plain run (JAX's SLURM setup would keep one local GPU)."""
+  code = """
+from apnet_jax import distributed
+assert distributed.initialize() is False
+import jax
+assert not jax.distributed.is_initialized()
+print("DEVICES", jax.local_device_count())
+"""
+  env = dict(_env(4), SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1",
+             SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
+  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "DEVICES 4" in result.stdout

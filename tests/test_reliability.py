@@ -175,12 +175,14 @@ def interrupted(runner):
 
   process = runner.start(workdir)
   deadline = time.time() + TIMEOUT
-  while not (train_steps(workdir) and train_steps(workdir)[-1] >= record["kill_after_step"]
-             and finished_checkpoints(workdir)):
-    assert process.poll() is None, output_tail(workdir)
-    assert time.time() < deadline, output_tail(workdir)
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
+  try:
+    while not (train_steps(workdir) and train_steps(workdir)[-1] >= record["kill_after_step"]
+               and finished_checkpoints(workdir)):
+      assert process.poll() is None, output_tail(workdir)
+      assert time.time() < deadline, output_tail(workdir)
+      time.sleep(0.05)
+  finally:  # on a failed wait too: no training process may outlive the test
+    process.send_signal(signal.SIGKILL)
   runner.finish(process, workdir, returncode=-signal.SIGKILL)
   record["after_sigkill"] = finished_checkpoints(workdir)
   previous = record["after_sigkill"][-1]
@@ -290,6 +292,14 @@ def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
   assert meta == {"epoch": 1}
 
 
+def test_a_state_that_cannot_be_saved_is_not_called_a_disk_problem(saved_once):
+  _, manager, state, iterator = saved_once
+  with pytest.raises(checkpointing.CheckpointSaveError,
+                     match=r"checkpoint of step 4 .*intact \(steps \[2\]\)\.$") as caught:
+    checkpointing.save(manager, 4, dict(state, bad=object()), iterator, {"epoch": 2})
+  assert "rerun" not in str(caught.value) and ".." not in str(caught.value)
+
+
 def test_saves_between_evaluations_do_not_warn(saved_once):
   """Orbax warns at every save without metrics; our filter keeps that off the terminal."""
   import logging  # pylint: disable=g-import-not-at-top
@@ -307,7 +317,7 @@ def test_saves_between_evaluations_do_not_warn(saved_once):
     checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
     assert any("did not provide metrics" in message for message in seen), seen
     seen.clear()
-    checkpointing.make_manager(str(manager.directory.parent), keep_best=1, read_only=True)
+    absl.addFilter(checkpointing.NO_METRICS_FILTER)
     checkpointing.save(manager, 6, state, iterator, {"epoch": 3})
     checkpointing.wait_until_finished(manager)
     assert not any("did not provide metrics" in message for message in seen), seen

@@ -72,7 +72,9 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
   if jax.process_count() > 1:
     # JAX moves no array across hosts: one on this process's devices alone (a
     # restored checkpoint) joins the global mesh from host memory.
-    state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x, state)
+    state = jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
+        state)
   state = jax.device_put(state, replicated)
   embed = make_embed_fn(graphdef, eval_feature)
   # Replicated outputs: the whole batch's rows reach every process.

@@ -31,6 +31,7 @@ Typical use::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -137,6 +138,7 @@ def _check_mesh(mesh: Mesh) -> None:
         "train_step.make_mesh().")
 
 
+@functools.lru_cache(maxsize=8)  # called every step; a failing check is not cached
 def _check_process_rows(sharding: NamedSharding) -> None:
   # The pipelines load block i of each batch on process i; its devices must hold that block.
   shards = sharding.mesh.shape[DATA_AXIS]

@@ -46,11 +46,22 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# XLA:CPU sizes a process's thread pool by the core count, or by the device
+# count where that is larger, and its kernels split work by the pool: on 2
+# cores a step on one device of a 4-device process rounds differently from
+# the same step in a 2-device process (measured on an AMD EPYC: parameters
+# 1e-8 apart after one step; the pair and the reference then differ). One
+# pool size for every process (PJRT_NPROC, XLA's knob for it) makes the
+# rounding the same (as it would be on a machine of 4 cores or more).
+_POOL_SIZE = "4"
+
+
 def _env(num_devices: int) -> dict[str, str]:
   # No cluster variables (JAX would detect SLURM or Open MPI), no inherited XLA flags.
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(("SLURM_", "OMPI_", "JAX_", "XLA_", "TPU_"))}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices))
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices),
+             PJRT_NPROC=_POOL_SIZE)
   return env
 
 

@@ -43,7 +43,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from apnet_jax import losses, optim
+from apnet_jax import losses, optim, xla_cpu
 from apnet_jax.data import augment
 
 __all__ = [
@@ -223,7 +223,10 @@ def make_train_step(
     call. ``metrics`` are float32 device scalars: ``loss``, ``ce``,
     ``triplet``, ``acc``, ``lr``, ``grad_norm`` (of the loss gradient,
     before weight decay), ``param_norm`` (after the update), ``dist_ap``,
-    ``dist_an``. The jitted function is ``train_step.jitted``.
+    ``dist_an``. The jitted function is ``train_step.jitted``; on CPU it
+    carries compiler options (:mod:`apnet_jax.xla_cpu`), which JAX allows
+    only on a top-level jit, so trace ``train_step.step``, the plain
+    function, inside other transformations.
   """
   _check_mesh(mesh)
   margin = float(config.loss.margin)
@@ -271,6 +274,7 @@ def make_train_step(
       in_shardings=(replicated, data_sharding(mesh)),
       out_shardings=(replicated, replicated),
       donate_argnums=(0,),
+      compiler_options=xla_cpu.compiler_options(mesh),
   )
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
@@ -290,4 +294,5 @@ def make_train_step(
     return jitted(state, {"image": image, "label": label})
 
   train_step.jitted = jitted  # type: ignore[attr-defined]
+  train_step.step = step  # type: ignore[attr-defined]
   return train_step

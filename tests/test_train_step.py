@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from apnet_jax import build_model, optim
+from apnet_jax import build_model, optim, xla_cpu
 from apnet_jax import train_step as ts
 from configs.common import get_config
 
@@ -158,6 +158,23 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=3e-5 * scale)
 
 
+def test_the_step_is_jitted_with_the_cpu_options(harness, monkeypatch):
+  """make_train_step hands apnet_jax.xla_cpu's options to jax.jit (see test_xla_cpu.py)."""
+  expected = xla_cpu.compiler_options(harness.mesh("1"))  # probes the jaxlib before the spy
+  assert expected == xla_cpu.CPU_COMPILER_OPTIONS
+  seen = []
+  real_jit = jax.jit
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("compiler_options"))
+    return real_jit(*args, **kwargs)
+
+  monkeypatch.setattr(jax, "jit", spy)
+  ts.make_train_step(harness.graphdef, harness.tx, num_classes=NUM_IDS, config=harness.config,
+                     mesh=harness.mesh("1"), seed=SEED)
+  assert seen == [expected]
+
+
 def test_three_steps_compile_once(harness, caplog):
   step_fn = harness.step_fn("8-explicit")
   state, batch = harness.state("8-explicit"), harness.batch("8-explicit")
@@ -228,7 +245,7 @@ def test_bfloat16_compute_keeps_float32_state_and_loss():
   assert float_dtypes == {jnp.dtype(jnp.float32)}
   assert {m.dtype for m in metrics.values()} == {jnp.dtype(jnp.float32)}
   # ... while the convolutions run in bfloat16.
-  jaxpr = str(jax.make_jaxpr(step_fn.jitted)(state, batch))
+  jaxpr = str(jax.make_jaxpr(step_fn.step)(state, batch))
   conv_outputs = re.findall(r"(\w+)\[[^\]]*\] = conv_general_dilated", jaxpr)
   assert len(conv_outputs) > 40  # Forward and backward convolutions.
   assert set(conv_outputs) == {"bf16"}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apnet_jax import train_step
+from apnet_jax import train_step, xla_cpu
 from apnet_jax.data import augment, pipeline
 
 EVAL_FEATURES = {"bn": "feat", "global": "global_feat", "logits": "logits"}
@@ -81,7 +81,8 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
   embed_and_gather = jax.jit(
       lambda state, batch: (embed(state, batch["image"]), batch["pid"], batch["camid"],
                             batch["mask"]),
-      in_shardings=(replicated, train_step.data_sharding(mesh)), out_shardings=replicated)
+      in_shardings=(replicated, train_step.data_sharding(mesh)), out_shardings=replicated,
+      compiler_options=xla_cpu.compiler_options(mesh))
   height, width = input_size
   features, pids, camids = [], [], []
   for batch in pipeline.eval_batches(source, batch_size=batch_size, height=height,

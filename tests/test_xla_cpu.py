@@ -1,0 +1,116 @@
+"""XLA:CPU compiler options: convolutions leave YNNPACK, results stay the same.
+
+``apnet_jax.xla_cpu.compiler_options`` takes convolutions out of XLA:CPU's
+YNNPACK set for the jitted train step and extraction (docs/benchmarks.md,
+"CPU tuning"). These tests read the compiled HLO to check that the option
+reaches XLA (and that without it, this jaxlib does put convolutions in
+YNNPACK, so the check can fail), that values and gradients agree with a
+float64 reference, and that the option steps aside off the CPU, under a
+user's own ``XLA_FLAGS`` and on a jaxlib that refuses it.
+"""
+
+import collections
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from apnet_jax import xla_cpu
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def ynn_fused_opcodes(hlo: str) -> collections.Counter:
+  """Opcodes of the instructions inside YNNPACK fusions of a compiled module."""
+  called = re.findall(
+      r"kind=kCustom, calls=%([\w.\-]+),[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+  ops = collections.Counter()
+  for name in called:
+    body = re.search(r"^%" + re.escape(name) + r" .*?\{\n(.*?)\n\}", hlo, re.S | re.M)
+    assert body is not None, name
+    ops.update(re.findall(r"= \S+ ([a-z][\w\-]*)\(", body.group(1)))
+  return ops
+
+
+def top_level_opcodes(hlo: str) -> collections.Counter:
+  entry = hlo[hlo.index("\nENTRY"):]
+  entry = entry[:entry.index("\n}")]
+  return collections.Counter(re.findall(r"= \S+ ([a-z][\w\-]*)\(", entry))
+
+
+def conv_and_grads(x, w, v):
+  """A 3x3 convolution, a matmul, and the gradients of both (what training runs)."""
+  def loss(x, w, v):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN)
+    return jnp.sum(jnp.dot(y.reshape(-1, y.shape[-1]), v) ** 2)
+  return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, v)
+
+
+def _inputs(dtype=np.float32):
+  rng = np.random.default_rng(0)
+  # Channels as in ResNet's layer1: small ones do not go to YNNPACK at all.
+  return (rng.normal(size=(2, 16, 8, 64)).astype(dtype),
+          rng.normal(size=(3, 3, 64, 64)).astype(dtype) * 0.05,
+          rng.normal(size=(64, 24)).astype(dtype) * 0.1)
+
+
+def _cpu_mesh():
+  return jax.make_mesh((1,), ("data",), devices=jax.devices("cpu")[:1])
+
+
+def test_cpu_devices_get_the_options():
+  assert xla_cpu.compiler_options(_cpu_mesh()) == xla_cpu.CPU_COMPILER_OPTIONS
+  assert xla_cpu.compiler_options(jax.devices("cpu")) == xla_cpu.CPU_COMPILER_OPTIONS
+
+
+def test_the_options_keep_convolutions_out_of_ynnpack():
+  args = _inputs()
+  default = jax.jit(conv_and_grads).lower(*args).compile().as_text()
+  tuned = jax.jit(conv_and_grads, compiler_options=xla_cpu.compiler_options(_cpu_mesh())
+                  ).lower(*args).compile().as_text()
+  # This jaxlib's default runs the convolutions (forward, both gradients) in
+  # YNNPACK: the premise of the option.
+  assert ynn_fused_opcodes(default)["convolution"] == 3
+  assert ynn_fused_opcodes(tuned)["convolution"] == 0
+  assert top_level_opcodes(tuned)["convolution"] == 3
+  # Matmuls stay with YNNPACK.
+  assert ynn_fused_opcodes(tuned)["dot"] >= 1
+
+
+def test_the_options_do_not_change_values_or_gradients():
+  tuned = jax.jit(conv_and_grads, compiler_options=xla_cpu.compiler_options(_cpu_mesh()))
+  loss, grads = tuned(*_inputs())
+  with jax.enable_x64(True):
+    ref_loss, ref_grads = jax.jit(conv_and_grads)(*_inputs(np.float64))
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for got, want in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def _fake_devices(*platforms):
+  return [types.SimpleNamespace(platform=p) for p in platforms]
+
+
+@pytest.mark.parametrize("platforms", [("gpu",), ("tpu", "tpu"), ("cpu", "gpu"), ()])
+def test_no_options_off_the_cpu(platforms):
+  assert xla_cpu.compiler_options(_fake_devices(*platforms)) is None
+
+
+def test_a_users_xla_flags_win(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+  assert xla_cpu.compiler_options(_cpu_mesh()) is None
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+  assert xla_cpu.compiler_options(_cpu_mesh()) == xla_cpu.CPU_COMPILER_OPTIONS
+
+
+def test_an_option_this_jaxlib_refuses_gives_no_options(monkeypatch):
+  monkeypatch.setattr(xla_cpu, "CPU_COMPILER_OPTIONS",
+                      {xla_cpu.YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"})
+  xla_cpu._accepted.cache_clear()  # pylint: disable=protected-access
+  try:
+    assert xla_cpu.compiler_options(_cpu_mesh()) is None
+  finally:
+    xla_cpu._accepted.cache_clear()  # pylint: disable=protected-access

@@ -1,13 +1,14 @@
 """XLA:CPU compiler options for the train step and feature extraction.
 
-XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. On the
-2-core development machine YNNPACK's convolution *weight gradients* ran 8 to
-13 times slower than XLA's own (Eigen) convolutions of the same shapes
-(layer1's 3x3, 64 -> 64 channels on 64x32 maps, batch 16: 553 ms against
-41 ms; the stem's 7x7: 724 ms against 80 ms), and its forward passes were
-no faster. Dropping convolutions from the YNNPACK set, while keeping its
-matmuls and reductions, took the ResNet-50 train step from 12.2 to 8.3-8.8
-s (docs/benchmarks.md, "CPU tuning"). The options are passed per executable
+XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK by default. On a 2-core
+AMD EPYC, YNNPACK's convolution *weight gradients* ran 8 to 13 times slower
+than XLA's own (Eigen) convolutions of the same shapes (layer1's 3x3, 64 ->
+64 channels on 64x32 maps, batch 16: 553 ms against 41 ms; the stem's 7x7:
+724 ms against 80 ms), while the forward passes were close (45 against 33
+ms; 58 against 63 ms). Dropping convolutions from the YNNPACK set, while
+keeping its matmuls and reductions, took the ResNet-50 train step from 12.2
+to 13.2 s down to 7.4 to 8.8 s (docs/benchmarks.md, "CPU tuning,
+2026-12-01"). The options are passed per executable
 (``jax.jit(compiler_options=...)``), so they touch only the functions that
 ask for them, and only when they compile for the CPU.
 

@@ -98,8 +98,6 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-  parser.add_argument("--channels_last", action="store_true",
-                      help="NHWC memory format for the model and input")
   parser.add_argument("--json", default=None, help="also write the result here")
   args = parser.parse_args()
   if args.batch_size % 4:
@@ -109,9 +107,6 @@ def main() -> None:
   torch.set_num_threads(args.threads)
   model = Baseline(args.num_classes).train()
   images = torch.randn(args.batch_size, 3, args.height, args.width)
-  if args.channels_last:
-    model = model.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
   pids = torch.arange(args.batch_size // 4).repeat_interleave(4)
   optimizer = torch.optim.Adam(model.parameters(), lr=4e-4, weight_decay=1e-3)
 
@@ -134,7 +129,7 @@ def main() -> None:
   step_seconds = (time.perf_counter() - start) / args.steps
   result = {
       "benchmark": "torch_train_step", "torch_version": torch.__version__,
-      "threads": args.threads, "channels_last": args.channels_last,
+      "threads": args.threads,
       "batch_size": args.batch_size, "height": args.height, "width": args.width,
       "steps": args.steps, "warmup": args.warmup, "warmup_seconds": warmup_s,
       "step_seconds": step_seconds, "img_per_s": args.batch_size / step_seconds,

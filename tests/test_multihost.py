@@ -57,9 +57,11 @@ _POOL_SIZE = "4"
 
 
 def _env(num_devices: int) -> dict[str, str]:
-  # No cluster variables (JAX would detect SLURM or Open MPI), no inherited XLA flags.
+  # No cluster variables (JAX would detect SLURM or Open MPI), no inherited XLA
+  # flags; the suite's compilation cache is kept (tests/conftest.py).
   env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "JAX_", "XLA_", "TPU_"))}
+         if not k.startswith(("SLURM_", "OMPI_", "JAX_", "XLA_", "TPU_"))
+         or k.startswith(("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_"))}
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices),
              PJRT_NPROC=_POOL_SIZE)
   return env

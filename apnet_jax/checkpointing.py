@@ -17,6 +17,7 @@ write (a full disk) raises `CheckpointSaveError` naming the step and folder.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -49,6 +50,26 @@ class CheckpointSaveError(RuntimeError):
   """Writing a checkpoint failed; the message names the step and the folder."""
 
 
+def _save_replicas_whole_on_cpu() -> None:
+  """On CPU, lets Orbax write each replicated array whole from one device.
+
+  Off GPU, Orbax's default replica-parallel save cuts every replicated array
+  into one piece per device so that the devices share the device-to-host
+  transfer. CPU devices all sit in host memory, so there is nothing to share,
+  and each piece costs an eager slice: on 8 simulated CPU devices, 4 s of
+  every save of the tiny test model, 16 of a 55 s training run (2-core AMD
+  EPYC). Orbax makes the same choice on GPU. Other platforms, and a handler
+  the user registered, are left as they are.
+  """
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if (type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
+      and getattr(handler, "_use_replica_parallel", False)
+      and all(device.platform == "cpu" for device in jax.devices())):
+    whole = copy.copy(handler)  # the same settings and metadata store otherwise
+    whole._use_replica_parallel = False  # pylint: disable=protected-access
+    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+
+
 def make_manager(workdir: str, *, keep_best: int,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """A manager of ``workdir/checkpoints`` with asynchronous saves.
@@ -59,6 +80,7 @@ def make_manager(workdir: str, *, keep_best: int,
   at a run that is still training. (Orbax's own read-only mode would log a
   warning at every use.)
   """
+  _save_replicas_whole_on_cpu()
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,

@@ -1,9 +1,10 @@
 """A run survives being killed: determinism, exact resume, kills inside a save, a full disk.
 
 The training runs are real `run.py` processes on the tiny synthetic config at
-128x64 (8 steps, a checkpoint every 2). They share one XLA compilation cache,
-so only the first run compiles; every run is still its own process, with its
-own Python hash seed, data loader and restored state.
+128x64 (8 steps, a checkpoint every 2). They share the suite's XLA
+compilation cache (tests/conftest.py), so only the first run compiles; every
+run is still its own process, with its own Python hash seed, data loader and
+restored state.
 """
 
 import errno
@@ -18,6 +19,7 @@ import sys
 import time
 
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -56,11 +58,7 @@ class Runner:
   def __init__(self, root):
     self.root = root
     self.data_dir = str(root / "tfds")
-    self.env = dict(
-        os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
-        JAX_COMPILATION_CACHE_DIR=str(root / "xla_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    self.env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
 
   def start(self, workdir, *, kill_in_save_of_step=None):
     args = ["run.py", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
@@ -346,3 +344,46 @@ def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
   while partial.parent.exists() and time.time() < deadline:
     time.sleep(0.05)
   assert sorted(p.name for p in checkpoints.iterdir()) == ["README"]
+
+
+def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypatch):
+  """On CPU, no replica-parallel slicing (an eager slice per device and array)."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from apnet_jax import train_step
+  from orbax.checkpoint._src.serialization import replica_slices
+
+  seen = []
+  real = replica_slices.get_replica_slices
+
+  def spy(arr, replica_id, use_replica_parallel, *args, **kwargs):
+    seen.append(use_replica_parallel)
+    return real(arr, replica_id, use_replica_parallel, *args, **kwargs)
+
+  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
+  replicated = NamedSharding(train_step.make_mesh(), PartitionSpec())
+  assert len(replicated.device_set) == 8
+  state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  checkpointing.save(manager, 2, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
+                     {"epoch": 1})
+  checkpointing.wait_until_finished(manager)
+  assert seen and not any(seen)
+  restored, _ = checkpointing.restore(manager, 2, state, None)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert restored["w"].sharding == replicated
+
+
+def test_a_users_array_handler_is_left_alone(tmp_path):
+  original = ocp.type_handlers.get_type_handler(jax.Array)
+
+  class Mine(ocp.type_handlers.ArrayHandler):
+    pass
+
+  mine = Mine()
+  ocp.type_handlers.register_type_handler(jax.Array, mine, override=True)
+  try:
+    checkpointing.make_manager(str(tmp_path), keep_best=1)
+    assert ocp.type_handlers.get_type_handler(jax.Array) is mine
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, original, override=True)

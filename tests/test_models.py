@@ -25,30 +25,43 @@ def images(n=4, size=(64, 32), seed=0):
   return jax.random.normal(jax.random.key(seed), (n, *size, 3))
 
 
-@pytest.mark.parametrize("kind", ["channel", "spatial"])
-@pytest.mark.parametrize("level", [0, 1, 2, 3])
-def test_forward_backward_shapes(kind, level):
-  model = build_model(small_config(kind=kind, level=level), 7, rngs=nnx.Rngs(0))
-  x = images()
-  out = model(x, return_stages=True)
-  assert out["global_feat"].shape == out["feat"].shape == (4, 128)
-  assert out["logits"].shape == (4, 7)
-  expected = [(4, h, w, c) for (h, w), c in zip(stage_sizes((64, 32), 1), (16, 16, 32, 64, 128))]
-  assert [s.shape for s in out["stages"]] == expected
-
+def forward_backward(model, x):
+  """The model's outputs (with stages) and the gradient of a loss on them."""
   def loss(model):
     out = model(x)
     return jnp.mean(out["logits"] ** 2) + jnp.mean(out["global_feat"] ** 2)
 
-  grads = nnx.grad(loss)(model)
+  return model(x, return_stages=True), nnx.grad(loss)(model)
+
+
+@pytest.mark.parametrize("kind", ["channel", "spatial"])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_forward_backward_shapes(kind, level):
+  # Shapes only (abstract evaluation: seconds, where compiling takes ~30 s a case).
+  model = nnx.eval_shape(lambda: build_model(small_config(kind=kind, level=level), 7,
+                                             rngs=nnx.Rngs(0)))
+  out, grads = nnx.eval_shape(forward_backward, model, images())
+  assert out["global_feat"].shape == out["feat"].shape == (4, 128)
+  assert out["logits"].shape == (4, 7)
+  expected = [(4, h, w, c) for (h, w), c in zip(stage_sizes((64, 32), 1), (16, 16, 32, 64, 128))]
+  assert [s.shape for s in out["stages"]] == expected
+  params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  assert [(p, g.shape) for p, g in nnx.to_flat_state(grads)] == [
+      (p, v.shape) for p, v in params]
+  assert any(p[0] == "pyramids" for p, _ in params) == (level > 0)
+
+
+@pytest.mark.parametrize("kind", ["channel", "spatial"])
+def test_every_parameter_of_the_deepest_pyramid_gets_a_gradient(kind):
+  """Level 3 holds every kind of gate of levels 1 and 2: all are wired in."""
+  model = build_model(small_config(kind=kind, level=3), 7, rngs=nnx.Rngs(0))
+  _, grads = nnx.jit(forward_backward)(model, images())
   flat = nnx.to_flat_state(grads)
   assert all(bool(jnp.all(jnp.isfinite(g[...]))) for _, g in flat)
-  # Every attention module gets a gradient: the pyramid is wired in.
-  pyramid_grads = [g for path, g in flat if path[0] == "pyramids"]
-  if level > 0:
-    assert pyramid_grads and any(float(jnp.abs(g[...]).max()) > 0 for g in pyramid_grads)
-  else:
-    assert not pyramid_grads
+  pyramid = [(p, g) for p, g in flat if p[0] == "pyramids"]
+  assert pyramid
+  for path, g in pyramid:
+    assert float(jnp.abs(g[...]).max()) > 0, path
 
 
 def test_level_structure_matches_the_pyramid():

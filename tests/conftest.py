@@ -5,11 +5,12 @@ NamedSharding, global-batch reductions) are exercised on any machine. This
 must happen before JAX initialises its backends, hence at import time here.
 
 The suite shares one persistent XLA compilation cache, in
-``.pytest_cache/jax-compilation-cache`` (``pytest --cache-clear`` empties
+``.pytest_cache/d/jax-compilation-cache`` (``pytest --cache-clear`` empties
 it). Compiling dominates the suite on 2 cores: one compilation of the tiny
-train step takes 26 s on a 2-core AMD EPYC, loading it from the cache under
-1 s, and most tests build the same tiny model and step, in this process or in
-the `run.py` processes they start, which inherit the variables set here.
+train step takes 26 s on a 2-core AMD EPYC; its first step with the cache
+warm takes 6 s, most of it tracing. Most tests build the same tiny model
+and step, in this process or in the `run.py` processes they start, which
+inherit the variables set here.
 Every test still runs its programs; only identical XLA programs are reused
 (the cache key is the whole compiled module, its options and the devices).
 """
@@ -17,7 +18,9 @@ Every test still runs its programs; only identical XLA programs are reused
 import os
 import pathlib
 
-_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax-compilation-cache"
+# Under .pytest_cache/d, the folder pytest gives plugins: --cache-clear removes it.
+_CACHE = (pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "d"
+          / "jax-compilation-cache")
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

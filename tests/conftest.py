@@ -10,9 +10,9 @@ it). Compiling dominates the suite on 2 cores: one compilation of the tiny
 train step takes 26 s on a 2-core AMD EPYC; its first step with the cache
 warm takes 6 s, most of it tracing. Most tests build the same tiny model
 and step, in this process or in the `run.py` processes they start, which
-inherit the variables set here.
-Every test still runs its programs; only identical XLA programs are reused
-(the cache key is the whole compiled module, its options and the devices).
+inherit the variables set here. Every test still runs its programs; only
+identical XLA programs are reused (the cache key is the whole compiled
+module, its options and the devices).
 """
 
 import os

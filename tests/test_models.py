@@ -241,6 +241,39 @@ def test_initialisation_follows_the_official_code():
   np.testing.assert_allclose(fc1.std(), 1 / np.sqrt(3 * fc1.shape[0]), rtol=0.05)
 
 
+def test_initialisers_draw_on_the_host_from_the_key():
+  """Values are a function of the key alone, jitted or not, and cost no program per shape."""
+  shape = (3, 3, 8, 16)
+  first = layers.kaiming_fan_out(jax.random.key(1), shape)
+  assert first.dtype == jnp.float32 and first.shape == shape
+  np.testing.assert_array_equal(layers.kaiming_fan_out(jax.random.key(1), shape), first)
+  assert not np.array_equal(layers.kaiming_fan_out(jax.random.key(2), shape), first)
+  np.testing.assert_array_equal(
+      jax.jit(lambda key: layers.kaiming_fan_out(key, shape))(jax.random.key(1)), first)
+
+  # A whole model, at a width no other test builds (every shape is new here).
+  config = small_config(level=2, kind="channel", width=0.375)
+  lowered = []
+
+  def count(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+      lowered.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    eager = build_model(config, 7, rngs=nnx.Rngs(3))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  # A few key derivations at most; drawing with jax.random lowered ~100 programs.
+  assert len(lowered) <= 5, len(lowered)
+  jitted = nnx.jit(lambda: build_model(config, 7, rngs=nnx.Rngs(3)))()
+  flat_eager, flat_jitted = nnx.to_flat_state(nnx.state(eager)), nnx.to_flat_state(nnx.state(jitted))
+  assert [p for p, _ in flat_eager] == [p for p, _ in flat_jitted]
+  for (path, a), (_, b) in zip(flat_eager, flat_jitted):
+    np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+
+
 def test_bfloat16_compute_keeps_float32_parameters():
   model = build_model(small_config(dtype="bfloat16"), 5, rngs=nnx.Rngs(0))
   model.eval()

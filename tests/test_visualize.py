@@ -46,7 +46,9 @@ def random_images(n, seed=0):
 @pytest.fixture(scope="module")
 def channel():
   """APNet-C level 3 (SAMS 4, SAMS 2, SE) and its maps of 3 images, one with a label."""
-  config, model = small_model("channel", 3, seed=2)
+  # A seed whose untrained model has a live Grad-CAM in every stage of every
+  # image (checked below): at random init, about a third of the maps are 0.
+  config, model = small_model("channel", 3, seed=0)
   images = random_images(3)
   return config, model, images, visualize.attention_maps(model, images, labels=[5, -1, -1])
 

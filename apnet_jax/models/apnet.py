@@ -81,7 +81,7 @@ class APNet(nnx.Module):
     self.bottleneck = layers.BatchNorm(dim, frozen_bias=True)
     self.classifier = nnx.Linear(
         dim, num_classes, use_bias=False,
-        kernel_init=nnx.initializers.normal(stddev=0.001), rngs=rngs)
+        kernel_init=layers.normal_init(0.001), rngs=rngs)
 
   @property
   def feature_dim(self) -> int:

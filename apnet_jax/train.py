@@ -406,7 +406,8 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
       raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} has no "
                        "classifier.weight; is it an official APNet checkpoint?")
     num_classes = state_dict["classifier.weight"].shape[0]
-    model = build_model(config.model, num_classes, rngs=nnx.Rngs(0))
+    # Abstract: a complete checkpoint fills every variable (checked below).
+    model = nnx.eval_shape(lambda: build_model(config.model, num_classes, rngs=nnx.Rngs(0)))
     report = load_torch_weights(model, state_dict)
     if report.layout != "official" or report.missing:
       raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} is not a "
@@ -441,9 +442,13 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
   meta = checkpointing.restore_meta(manager, step)
   checkpointing.check_compatible(meta, dict(meta, model=config.model.to_dict(),
                                             data=config.data.to_dict()), workdir)
-  model = build_model(config.model, meta["num_classes"], rngs=nnx.Rngs(0))
   tx, _ = optim.make_optimizer(config, 1)
-  graphdef, state = train_step.create_train_state(model, tx)
+  # An abstract train state as the restore target: the checkpoint fills every array.
+  graphdef, state = nnx.eval_shape(lambda: train_step.create_train_state(
+      build_model(config.model, meta["num_classes"], rngs=nnx.Rngs(0)), tx))
+  on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
+                       state)
   state, _ = checkpointing.restore(manager, step, state, None)
   return nnx.merge(graphdef, state.params, state.rest), step
 

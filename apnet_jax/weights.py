@@ -24,7 +24,7 @@ import os
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
 
@@ -256,7 +256,9 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
     raise ValueError(f"{source if not isinstance(source, Mapping) else 'state dict'}: "
                      "shapes do not fit the model: " + "; ".join(mismatched))
   for variable, value in updates:
-    variable.set_value(jnp.asarray(value, dtype=variable.dtype))
+    # Converted by numpy, placed by device_put: jnp.asarray would compile a
+    # program per tensor shape.
+    variable.set_value(jax.device_put(np.asarray(value, np.dtype(variable.dtype))))
 
   counters = {k for k in state if k.endswith("num_batches_tracked")}
   loaded = [shown(k) for k in entries if k in state]

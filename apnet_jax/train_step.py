@@ -102,7 +102,8 @@ def create_train_state(
   state = TrainState(
       params=params,
       rest=rest,
-      opt_state=tx.init(params),
+      # Jitted: eagerly, each zero-filled moment would compile a program per shape.
+      opt_state=jax.jit(tx.init)(params),
       step=jnp.zeros((), jnp.int32),
   )
   return graphdef, state

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
@@ -34,6 +35,8 @@ from flax import nnx
 from apnet_jax import train
 from apnet_jax.data import augment, pipeline, sources
 from apnet_jax.evaluation import plots
+
+matplotlib.use("Agg")  # files only; no display needed (servers, CI, Colab)
 
 STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 

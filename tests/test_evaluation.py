@@ -254,3 +254,39 @@ def test_rejects_no_valid_query(small):
 def test_rejects_bad_arguments(small, kwargs, message):
   with pytest.raises(ValueError, match=message):
     _call(small, **kwargs)
+
+
+def test_ranked_list_picture_frames_each_verdict(tmp_path):
+  from PIL import Image
+
+  from apnet_jax.evaluation import plots
+
+  rng = np.random.default_rng(0)
+  colours = rng.integers(0, 256, (2, 4, 3)).astype(np.uint8)  # one flat colour per image
+  flat = lambda c, hw: np.broadcast_to(c, (*hw, 3))  # noqa: E731
+  queries = [flat(colours[i, 0], (128, 64)) for i in range(2)]
+  gallery = [[flat(colours[i, j], (40 + 10 * j, 20)) for j in range(1, 4)] for i in range(2)]
+  matches = np.array([[True, False, True], [False, False, True]])
+  plots.plot_ranked_lists(queries, gallery, matches, str(tmp_path / "ranked.png"),
+                          query_labels=["pid 1", "a very long file name.jpg"])
+  picture = np.asarray(Image.open(tmp_path / "ranked.png").convert("RGB"))
+  plots.plot_ranked_lists(queries, gallery, None, str(tmp_path / "unknown.png"))
+  unknown = np.asarray(Image.open(tmp_path / "unknown.png").convert("RGB"))
+
+  cell_h, cell_w = plots._CELL_HW
+  framed_w, framed_h = cell_w + 2 * plots._FRAME, cell_h + 2 * plots._FRAME
+  hex_rgb = lambda h: [int(h[k:k + 2], 16) for k in (1, 3, 5)]  # noqa: E731
+  assert picture.shape == (plots._GAP + 2 * (plots._TEXT + framed_h + plots._GAP),
+                           plots._GAP + plots._QUERY_GAP + 4 * (framed_w + plots._GAP), 3)
+  for i in range(2):
+    for column in range(4):
+      x = plots._GAP + column * (framed_w + plots._GAP) + (plots._QUERY_GAP if column else 0)
+      y = plots._GAP + i * (plots._TEXT + framed_h + plots._GAP) + plots._TEXT
+      frame = (plots._QUERY if column == 0 else
+               plots._MATCH if matches[i, column - 1] else plots._MISMATCH)
+      assert picture[y + 1, x + 1].tolist() == hex_rgb(frame), (i, column)
+      assert picture[y + framed_h // 2, x + framed_w // 2].tolist() == colours[i, column].tolist()
+      if column:
+        assert unknown[y + 1, x + 1].tolist() == hex_rgb(plots._UNKNOWN)
+  # Captions are written (dark pixels in the text band above the first row).
+  assert (picture[plots._GAP:plots._GAP + plots._TEXT] < 100).any()

@@ -255,6 +255,11 @@ def test_initialisers_draw_on_the_host_from_the_key():
   assert not np.array_equal(layers.kaiming_fan_out(jax.random.key(2), shape), first)
   np.testing.assert_array_equal(
       jax.jit(lambda key: layers.kaiming_fan_out(key, shape))(jax.random.key(1)), first)
+  np.testing.assert_array_equal(layers.kaiming_fan_out(jax.random.PRNGKey(1), shape), first)
+  keys = jax.random.split(jax.random.key(4), 2)
+  np.testing.assert_array_equal(
+      jax.vmap(lambda key: layers.kaiming_fan_out(key, shape))(keys),
+      np.stack([layers.kaiming_fan_out(key, shape) for key in keys]))
 
   # A whole model, at a width no other test builds (every shape is new here).
   config = small_config(level=2, kind="channel", width=0.375)

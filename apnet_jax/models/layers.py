@@ -42,9 +42,12 @@ def host_initializer(draw: Callable[[np.random.Generator, tuple[int, ...]], np.n
       rng = np.random.default_rng([int(w) for w in np.asarray(words).ravel()])
       return np.asarray(draw(rng, shape), dtype)
 
-    words = jax.random.key_data(key)
+    # A typed key (jax.random.key, nnx.Rngs) or a raw uint32 one (PRNGKey).
+    is_typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    words = jax.random.key_data(key) if is_typed else key
     if isinstance(words, jax.core.Tracer):
-      return jax.pure_callback(values, jax.ShapeDtypeStruct(shape, dtype), words)
+      return jax.pure_callback(values, jax.ShapeDtypeStruct(shape, dtype), words,
+                               vmap_method="sequential")
     return jax.device_put(values(words))
 
   return init

@@ -235,20 +235,26 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   import signal
   import time
 
-  workdir = tmp_path / "preempted"
-  process = subprocess.Popen(
-      [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
-       "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-       "--config.train.epochs=1000", "--config.train.log_every_steps=1"],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  workdir, log = tmp_path / "preempted", tmp_path / "preempted.log"
+  with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the run
+    process = subprocess.Popen(
+        [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
+         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+         "--config.train.epochs=1000", "--config.train.log_every_steps=1"],
+        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
   deadline = time.time() + 240
   metrics = workdir / "metrics.jsonl"
   while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
-    assert process.poll() is None, process.stdout.read().decode()[-2000:]
+    assert process.poll() is None, log.read_text(errors="replace")[-2000:]
     time.sleep(0.5)
   process.send_signal(signal.SIGTERM)
-  output = process.communicate(timeout=120)[0].decode()
-  assert process.returncode == 143, output[-2000:]
+  try:
+    process.wait(timeout=120)
+  finally:  # a hang fails the test; no training process outlives it
+    if process.poll() is None:
+      process.kill()
+      process.wait()
+  assert process.returncode == 143, log.read_text(errors="replace")[-2000:]
   steps = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved

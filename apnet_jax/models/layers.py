@@ -30,9 +30,9 @@ def host_initializer(draw: Callable[[np.random.Generator, tuple[int, ...]], np.n
   Why not ``jax.random``: run eagerly, it compiles one XLA program per
   parameter shape, and building ResNet-50 took 15 s on a 2-core CPU, 12.7 s
   of it compiling (docs/benchmarks.md); numpy and ``device_put`` compile
-  nothing. Under a
-  trace (``nnx.eval_shape``, a jitted constructor) the same draw runs as a
-  host callback, so a jitted build gives the same values as an eager one.
+  nothing. Under a trace (``nnx.eval_shape``, a jitted constructor, ``vmap``)
+  the same draw runs as a host callback, so a jitted build gives the same
+  values as an eager one.
   """
 
   def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
@@ -67,6 +67,7 @@ def normal_init(stddev: float):
 # Kaiming normal, fan_out: torchvision's ResNet init for convolutions.
 kaiming_fan_out = host_initializer(
     lambda rng, shape: math.sqrt(2.0 / _fans(shape)[1]) * rng.standard_normal(shape))
+
 # PyTorch's default init for Conv2d/Linear weights is kaiming_uniform(a=sqrt(5)),
 # i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official code keeps it for the
 # attention layers.

@@ -258,3 +258,23 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   steps = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved
+
+
+def test_eval_refuses_an_incomplete_official_checkpoint(tmp_path):
+  """The model is restored abstractly: a checkpoint must fill all of it, or be refused."""
+  from flax import nnx
+  from apnet_jax import torch_io, weights
+
+  config = get_config("tiny")
+  state = weights.torch_state_dict(train.build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  del state["bottleneck.running_var"]  # the BNNeck's: no alias stands in for it
+  torch_io.write_pth(state, tmp_path / "partial.pth")
+  config.eval.torch_checkpoint = str(tmp_path / "partial.pth")
+  with pytest.raises(ValueError, match=r"partial\.pth is not a complete official APNet "
+                     r"checkpoint.*bottleneck\.running_var"):
+    train.restore_model(config, str(tmp_path))
+  del state["classifier.weight"]
+  torch_io.write_pth(state, tmp_path / "headless.pth")
+  config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
+  with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
+    train.restore_model(config, str(tmp_path))

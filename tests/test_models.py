@@ -1,5 +1,7 @@
 """The network: shapes, variants, BatchNorm semantics, attention blocks, init."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,14 +191,13 @@ def test_sams_matches_a_numpy_reference():
   w1, b1 = np.asarray(sams.fc1.kernel[...]), np.asarray(sams.fc1.bias[...])
   w2, b2 = np.asarray(sams.fc2.kernel[...]), np.asarray(sams.fc2.bias[...])
   # PyTorch semantics: split channels into radix groups, sum, pool, MLP,
-  # view (B, radix, C/radix), softmax over radix, weight each group.
-  groups = [x[..., :4], x[..., 4:]]
-  pooled = sum(groups).mean(axis=(1, 2))
+  # view (B, radix, C/radix), softmax over radix.
+  pooled = (x[..., :4] + x[..., 4:]).mean(axis=(1, 2))
   hidden = np.maximum((pooled @ w1 + b1) / np.sqrt(1 + 1e-5), 0)
   logits = (hidden @ w2 + b2).reshape(3, 2, 4)
   att = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-  expected = np.concatenate([g * att[:, j][:, None, None] for j, g in enumerate(groups)], -1)
-  np.testing.assert_allclose(sams(jnp.asarray(x)), expected, rtol=1e-5, atol=1e-6)
+  got = sams.weights(jnp.asarray(x.mean(axis=(1, 2))))
+  np.testing.assert_allclose(got, att, rtol=1e-5, atol=1e-6)
 
 
 def test_se_gate_matches_a_numpy_reference():
@@ -206,7 +207,93 @@ def test_se_gate_matches_a_numpy_reference():
   x = rng.normal(size=(2, 3, 3, 16)).astype(np.float32)
   hidden = np.maximum(x.mean(axis=(1, 2)) @ np.asarray(se.fc1.kernel[...]), 0)
   gate = 1 / (1 + np.exp(-(hidden @ np.asarray(se.fc2.kernel[...]))))
-  np.testing.assert_allclose(se(jnp.asarray(x)), x * gate[:, None, None], rtol=1e-5, atol=1e-6)
+  got = se.weights(jnp.asarray(x.mean(axis=(1, 2))))
+  np.testing.assert_allclose(got, gate, rtol=1e-5, atol=1e-6)
+
+
+def _composed_channel_pyramid(pyramid, x):
+  """APNet-C's pyramid as the official code composes it, written out in jnp.
+
+  Each step on the whole map: split the channels, weigh the groups, BatchNorm
+  over (B, H, W) (biased variance; running statistics updated with the
+  unbiased one), then the SE gate. Returns the map, the weights and the new
+  running statistics, to compare with `AttentionPyramid`'s affine form.
+  """
+  def dense(layer, v):
+    out = v @ layer.kernel[...]
+    return out + layer.bias[...] if layer.bias is not None else out
+
+  def batch_norm(bn, v, axes):
+    if not bn.use_running_average:
+      mean, var = v.mean(axis=axes), v.var(axis=axes)
+      n = v.size // v.shape[-1]
+      stats = (0.9 * bn.mean[...] + 0.1 * mean, 0.9 * bn.var[...] + 0.1 * var * n / (n - 1))
+    else:
+      mean, var = bn.mean[...], bn.var[...]
+      stats = (mean, var)
+    return (v - mean) / jnp.sqrt(var + 1e-5) * bn.scale[...] + bn.bias[...], stats
+
+  weights, stats = [], []
+  for sams, bn in zip(pyramid.splits, pyramid.split_bns):
+    groups = jnp.split(x, sams.radix, axis=-1)
+    hidden, _ = batch_norm(sams.bn1, dense(sams.fc1, sum(groups).mean(axis=(1, 2))), 0)
+    logits = dense(sams.fc2, jax.nn.relu(hidden)).reshape(len(x), sams.radix, -1)
+    att = jax.nn.softmax(logits, axis=1)
+    x = jnp.concatenate([g * att[:, j, None, None] for j, g in enumerate(groups)], -1)
+    x, bn_stats = batch_norm(bn, x, (0, 1, 2))
+    weights.append(att)
+    stats.append(bn_stats)
+  se = pyramid.whole
+  gate = jax.nn.sigmoid(jax.nn.relu(x.mean(axis=(1, 2)) @ se.fc1.kernel[...]) @ se.fc2.kernel[...])
+  return x * gate[:, None, None], weights + [gate], stats
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_channel_pyramid_equals_the_official_composition(level, training):
+  """The affine form of APNet-C's pyramid: same map, weights, statistics, gradients."""
+  with jax.enable_x64(True):
+    pyramid = attention.AttentionPyramid(8, level, "channel", (6, 4), rngs=nnx.Rngs(3))
+    rng = np.random.default_rng(level)
+    for bn in pyramid.split_bns:  # away from the initial values
+      bn.mean.set_value(jnp.asarray(rng.normal(size=8)))
+      bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2, size=8)))
+      bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 2, size=8)))
+    pyramid.set_attributes(use_running_average=not training, raise_if_not_found=False)
+    for sams in pyramid.splits:
+      sams.bn1.use_running_average = True  # a BatchNorm of B pooled vectors, not under test
+    graphdef, params, rest = nnx.split(pyramid, nnx.Param, ...)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+    rest = jax.tree.map(lambda p: p.astype(jnp.float64), rest)
+    # Post-ReLU-like activations whose channel means are far from zero.
+    x = jnp.asarray(np.abs(rng.normal(3.0, 2.0, size=(5, 6, 4, 8))))
+
+    def ours(module, x):
+      out, weights = module(x, return_weights=True)
+      return out, weights, [(bn.mean[...], bn.var[...]) for bn in module.split_bns]
+
+    def loss(fn, params, x):
+      out, weights, stats = fn(nnx.merge(graphdef, params, rest, copy=True), x)
+      value = jnp.sum(jnp.sin(out)) + sum(jnp.sum(jnp.cos(w)) for w in weights)
+      return value, (out, weights, stats)
+
+    got_grads, (got, got_w, got_stats) = jax.grad(
+        functools.partial(loss, ours), argnums=(0, 1), has_aux=True)(params, x)
+    want_grads, (want, want_w, want_stats) = jax.grad(
+        functools.partial(loss, _composed_channel_pyramid), argnums=(0, 1), has_aux=True)(params, x)
+
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+    assert len(got_w) == len(want_w) == level
+    for g, w in zip(got_w, want_w):
+      np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-12)
+    assert len(got_stats) == len(want_stats) == level - 1
+    for (gm, gv), (wm, wv) in zip(got_stats, want_stats):
+      np.testing.assert_allclose(gm, wm, rtol=1e-10)
+      np.testing.assert_allclose(gv, wv, rtol=1e-10)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-10)
+    assert float(jnp.abs(got_grads[1]).max()) > 0
 
 
 def test_stripe_attention_attends_each_stripe_on_its_own():

@@ -131,17 +131,23 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(_filled(num_features, 0.0))
     self.var = nnx.BatchStat(_filled(num_features, 1.0))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    dtype = self.dtype or x.dtype
-    xf = at_least_f32(x)
+  def normalizer(self, batch_mean: jax.Array | None = None, batch_var: jax.Array | None = None,
+                 count: int = 0) -> tuple[jax.Array, jax.Array]:
+    """``(mean, mul)`` such that this layer maps x to ``(x - mean) * mul + bias``.
+
+    In training mode it takes the batch's per-channel mean and biased
+    variance over ``count`` values each, and updates the running statistics
+    from them; with running averages it uses those and needs no arguments.
+    Callers that know the batch moments without reducing over the input
+    (`attention.AttentionPyramid`) use this instead of calling the layer.
+    """
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)
-      n = x.size // x.shape[-1]
-      unbiased = var * (n / max(n - 1, 1))
+      if batch_mean is None or batch_var is None:
+        raise ValueError("BatchNorm in training mode needs the batch's mean and variance.")
+      mean, var = batch_mean, batch_var
+      unbiased = var * (count / max(count - 1, 1))
       m = self.momentum
       # set_value, not `[...] =`: under a trace, flax's indexed assignment asks
       # each tracer for its `sharding`, and JAX answers with an error message
@@ -149,7 +155,18 @@ class BatchNorm(nnx.Module):
       # 42 s that a ResNet-18 level-3 train-mode gradient took to trace.
       self.mean.set_value((1.0 - m) * self.mean[...] + m * mean)
       self.var.set_value((1.0 - m) * self.var[...] + m * unbiased)
-    mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+    return mean, self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    xf = at_least_f32(x)
+    if self.use_running_average:
+      mean, mul = self.normalizer()
+    else:
+      axes = tuple(range(x.ndim - 1))
+      batch_mean = jnp.mean(xf, axis=axes)
+      batch_var = jnp.mean(jnp.square(xf - batch_mean), axis=axes)
+      mean, mul = self.normalizer(batch_mean, batch_var, x.size // x.shape[-1])
     return ((xf - mean) * mul + self.bias[...]).astype(dtype)
 
 

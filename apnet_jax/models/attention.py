@@ -258,10 +258,10 @@ class AttentionPyramid(nnx.Module):
     batch moments, which follow from ``mean`` and x's per-(image, channel)
     variance by the law of total variance. So the whole pyramid reads x for
     two reductions and writes its output once, instead of a pass over the
-    map for every pooling, statistic and product (level 2 made the
-    ResNet-50 train step 1.24 to 1.38 times slower than level 0 on a 2-core
-    CPU; docs/benchmarks.md). The values are the official composition's,
-    up to rounding.
+    map for every pooling, statistic and product. On a 2-core CPU this took
+    the level-2 ResNet-50 train step from 1.16-1.40 to 1.02-1.04 times the
+    level-0 step (docs/benchmarks.md). The values are the official
+    composition's, up to rounding.
     """
     b, h, w, c = x.shape
     xf = layers.at_least_f32(x)

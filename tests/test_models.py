@@ -398,13 +398,16 @@ def test_frozen_biases_are_not_parameters():
   assert len(frozen) == 1 + 5  # BNNeck + the BatchNorm after each SAMS
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [(1, 1, 0), (1, 2, 0), (1, 1, 1), (3, 2, 1)])
-def test_cpu_convolution_rewrite_equals_lax(kernel, stride, padding):
+@pytest.mark.parametrize("kernel, stride, padding, features", [
+    (1, 1, 0, (6, 5)), (1, 2, 0, (6, 5)), (1, 1, 1, (6, 5)), (3, 2, 1, (6, 5)),
+    # Fewer input than output channels: the other form of the kernel's gradient.
+    (1, 1, 0, (5, 9)), (1, 2, 0, (5, 9))])
+def test_cpu_convolution_rewrite_equals_lax(kernel, stride, padding, features):
   """The 1x1-as-matmul path (taken on CPU) gives lax's values and gradients."""
   rng = np.random.default_rng(5)
   with jax.enable_x64(True):
-    x = jnp.asarray(rng.normal(size=(2, 9, 7, 6)))
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, 6, 5)))
+    x = jnp.asarray(rng.normal(size=(2, 9, 7, features[0])))
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, *features)))
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
     args = ((stride, stride), ((padding, padding), (padding, padding)))
 

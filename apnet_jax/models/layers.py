@@ -173,16 +173,54 @@ class BatchNorm(nnx.Module):
 _NHWC_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _pointwise_matmul(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+  """``x @ kernel`` over the channel axis of an NHWC map, with a chosen gradient.
+
+  The kernel's gradient contracts the pixels of ``x`` and ``dy``, and
+  XLA:CPU feeds its dot one of the two transposed in memory. Autodiff's form
+  gets ``dy`` transposed, and the BatchNorm-backward fusion that produces
+  ``dy`` is then computed a second time in that layout: in ResNet-50's train
+  step these 36 ``copy_bitcast_fusion`` ops took about a fifth of the step.
+  Where ``x`` has fewer channels than ``dy``, the gradient is stated so that
+  XLA transposes ``x`` instead (docs/benchmarks.md).
+  """
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel, precision=precision)
+
+
+def _pointwise_matmul_fwd(x, kernel, precision):
+  return _pointwise_matmul(x, kernel, precision), (x, kernel)
+
+
+def _pointwise_matmul_bwd(precision, residuals, dy):
+  x, kernel = residuals
+  dx = jnp.einsum("bhwd,cd->bhwc", dy, kernel, precision=precision)
+  # The pixels may be sharded over an explicit mesh axis; the kernel's
+  # gradient is then summed over it and replicated, as autodiff's is.
+  mesh = jax.typeof(x).sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.P()) if mesh.explicit_axes else None
+  if x.shape[-1] < dy.shape[-1]:
+    dkernel = jnp.einsum("bhwc,bhwd->cd", x, dy, precision=precision,
+                         out_sharding=replicated)
+  else:  # autodiff's own form
+    dkernel = jnp.einsum("bhwd,bhwc->dc", dy, x, precision=precision,
+                         out_sharding=replicated).T
+  return dx, dkernel
+
+
+_pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
+
+
 def _conv1x1_as_matmul(x, kernel, strides, padding, precision):
   """A 1x1 convolution as the matmul over channels that it is.
 
   XLA:CPU runs the gradients of a 1x1 convolution as convolutions 3x (input)
   and 5x (weights) slower than the forward pass of the same FLOPs; as a
-  matmul, autodiff gives matmuls for both (docs/benchmarks.md). Larger
+  matmul, both gradients are matmuls too (docs/benchmarks.md). Larger
   kernels gained nothing from the same treatment and stay convolutions.
   """
   x = jnp.pad(x, ((0, 0), *padding, (0, 0)))[:, ::strides[0], ::strides[1]]
-  return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0], precision=precision)
+  return _pointwise_matmul(x, kernel[0, 0], precision)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -296,6 +296,42 @@ def test_channel_pyramid_equals_the_official_composition(level, training):
     assert float(jnp.abs(got_grads[1]).max()) > 0
 
 
+def test_channel_pyramid_keeps_float32_precision_under_a_large_mean():
+  """The batch variance from per-image moments must not cancel when |mean| >> std."""
+  def build():
+    pyramid = attention.AttentionPyramid(8, 3, "channel", (6, 4), rngs=nnx.Rngs(4))
+    # Attention that ignores its input (zero last layers): the weights are then
+    # the same in float32 and float64, and only the statistics are compared.
+    for gate in (*pyramid.splits, pyramid.whole):
+      gate.fc2.kernel.set_value(jnp.zeros_like(gate.fc2.kernel[...]))
+    return pyramid
+
+  rng = np.random.default_rng(4)
+  x = rng.normal(1000.0, 1.0, size=(5, 6, 4, 8))
+  x[..., 1::2] -= 3000.0  # channels with different offsets
+  pyramid = build()
+  got = nnx.jit(lambda m, x: m(x))(pyramid, jnp.asarray(x, jnp.float32))
+  got_var = [np.asarray(bn.var[...]) for bn in pyramid.split_bns]
+  with jax.enable_x64(True):
+    graphdef, state = nnx.split(build())
+    reference = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.float64), state))
+    want, _, want_stats = _composed_channel_pyramid(reference, jnp.asarray(x))
+  # E[x^2] - E[x]^2 in float32 would be off by ~0.06 here (x^2 ~ 1e7, ulp ~1).
+  np.testing.assert_allclose(got, want, atol=2e-3)
+  for g, (_, w) in zip(got_var, want_stats):
+    np.testing.assert_allclose(g, w, rtol=1e-5)
+
+
+def test_batchnorm_normalizer_needs_the_batch_moments_in_training():
+  bn = layers.BatchNorm(3)
+  with pytest.raises(ValueError, match="training mode needs the batch's mean and variance"):
+    bn.normalizer()
+  bn.use_running_average = True
+  mean, mul = bn.normalizer()
+  np.testing.assert_allclose(mean, 0.0)
+  np.testing.assert_allclose(mul, 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
 def test_stripe_attention_attends_each_stripe_on_its_own():
   rng = np.random.default_rng(3)
   stripes = attention.StripeAttention(8, 8, 4, 2, rngs=nnx.Rngs(0))

@@ -232,6 +232,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   explicit padding, no dilation, one group; see ``_conv1x1_as_matmul``). The
   choice is made per platform when the function is lowered, so GPUs and TPUs
   keep XLA's own convolutions.
+
+  Differentiate it in reverse mode (``jax.grad``, ``jax.vjp``): the matmul's
+  gradient is a custom VJP (``_pointwise_matmul``), and JAX cannot apply
+  forward mode (``jax.jvp``, ``jax.jacfwd``, forward-over-reverse
+  Hessian-vector products) to one. Every platform traces the CPU branch, so
+  forward mode through a 1x1 convolution raises a ``TypeError`` everywhere.
   """
   conv = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
                            padding=padding, lhs_dilation=lhs_dilation,

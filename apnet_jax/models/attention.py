@@ -259,7 +259,7 @@ class AttentionPyramid(nnx.Module):
     variance by the law of total variance. So the whole pyramid reads x for
     two reductions and writes its output once, instead of a pass over the
     map for every pooling, statistic and product. On a 2-core CPU this took
-    the level-2 ResNet-50 train step from 1.16-1.40 to 1.02-1.18 times the
+    the level-2 ResNet-50 train step from 1.16-1.40 to 0.98-1.18 times the
     level-0 step (docs/benchmarks.md). The values are the official
     composition's, up to rounding.
     """

@@ -434,43 +434,6 @@ def test_frozen_biases_are_not_parameters():
   assert len(frozen) == 1 + 5  # BNNeck + the BatchNorm after each SAMS
 
 
-def _pytorch_max_pool_grad(x, dy):
-  """MaxPool2d(3, 2, 1)'s input gradient by PyTorch's rule, in loops: each
-  window's gradient goes to its first maximum in row-major order."""
-  dx = np.zeros_like(x)
-  for b, oh, ow, c in np.ndindex(*dy.shape):
-    best, where = -np.inf, None
-    for i, j in np.ndindex(3, 3):
-      r, q = 2 * oh - 1 + i, 2 * ow - 1 + j
-      if 0 <= r < x.shape[1] and 0 <= q < x.shape[2] and x[b, r, q, c] > best:
-        best, where = x[b, r, q, c], (r, q)
-    dx[b, where[0], where[1], c] += dy[b, oh, ow, c]
-  return dx
-
-
-@pytest.mark.parametrize("shape", [(2, 9, 7, 3), (2, 8, 6, 2), (1, 5, 4, 1)])
-def test_cpu_max_pool_gradient_equals_lax_and_pytorch_rule(shape):
-  """The max-pool's stated CPU gradient: lax's on distinct values, PyTorch's on ties."""
-  rng = np.random.default_rng(6)
-  with jax.enable_x64(True):
-    pool_grad = jax.jit(lambda x, dy: jax.vjp(layers.max_pool_3x3_s2, x)[1](dy)[0])
-    x = rng.normal(size=shape)
-    y, lax_vjp = jax.vjp(layers._max_pool, jnp.asarray(x))  # JAX's own gradient
-    np.testing.assert_array_equal(layers.max_pool_3x3_s2(jnp.asarray(x)), y)
-    dy = rng.normal(size=y.shape)
-    got = np.asarray(pool_grad(jnp.asarray(x), jnp.asarray(dy)))
-    np.testing.assert_allclose(got, lax_vjp(jnp.asarray(dy))[0], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(got, _pytorch_max_pool_grad(x, dy), rtol=1e-12, atol=1e-12)
-    # Ties everywhere (post-ReLU zeros): the first maximum of each window gets it.
-    ties = rng.integers(0, 2, size=shape).astype(np.float64)
-    got = np.asarray(pool_grad(jnp.asarray(ties), jnp.asarray(dy)))
-    np.testing.assert_allclose(got, _pytorch_max_pool_grad(ties, dy), rtol=1e-12, atol=1e-12)
-  hlo = jax.jit(jax.grad(lambda x: layers.max_pool_3x3_s2(x).sum())).lower(
-      jnp.zeros(shape, jnp.float32)).as_text()
-  # JAX's own gradient is a select-and-scatter, which XLA:CPU runs over iotas.
-  assert "select_and_scatter" not in hlo
-
-
 @pytest.mark.parametrize("kernel, stride, padding, features", [
     (1, 1, 0, (6, 5)), (1, 2, 0, (6, 5)), (1, 1, 1, (6, 5)), (3, 2, 1, (6, 5)),
     # Fewer input than output channels: the other form of the kernel's gradient.

@@ -173,20 +173,6 @@ class BatchNorm(nnx.Module):
 _NHWC_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def _stated_sharding(x: jax.Array, *, keep_batch: bool):
-  """The output sharding to state for an op JAX cannot shard by itself.
-
-  On a mesh with explicit axes, a contraction over the sharded batch or a
-  reshape that splits two axes must say how its output is sharded: like
-  ``x``'s batch (``keep_batch``) or replicated. Elsewhere: None.
-  """
-  sharding = jax.typeof(x).sharding
-  if not sharding.mesh.explicit_axes:
-    return None
-  spec = jax.P(sharding.spec[0]) if keep_batch and len(sharding.spec) else jax.P()
-  return jax.sharding.NamedSharding(sharding.mesh, spec)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _pointwise_matmul(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
   """``x @ kernel`` over the channel axis of an NHWC map, with a chosen gradient.
@@ -209,8 +195,10 @@ def _pointwise_matmul_fwd(x, kernel, precision):
 def _pointwise_matmul_bwd(precision, residuals, dy):
   x, kernel = residuals
   dx = jnp.einsum("bhwd,cd->bhwc", dy, kernel, precision=precision)
-  # Summed over the (maybe sharded) pixels and replicated, as autodiff's is.
-  replicated = _stated_sharding(x, keep_batch=False)
+  # The pixels may be sharded over an explicit mesh axis; the kernel's
+  # gradient is then summed over it and replicated, as autodiff's is.
+  mesh = jax.typeof(x).sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.P()) if mesh.explicit_axes else None
   if x.shape[-1] < dy.shape[-1]:
     dkernel = jnp.einsum("bhwc,bhwd->cd", x, dy, precision=precision,
                          out_sharding=replicated)
@@ -305,7 +293,8 @@ def conv(
   )
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """``nn.MaxPool2d(3, stride=2, padding=1)``: pads with -inf, not zeros."""
   # A Python -inf lets JAX recognise the max monoid (differentiable under jit).
   return jax.lax.reduce_window(
       x,
@@ -315,67 +304,6 @@ def _max_pool(x: jax.Array) -> jax.Array:
       window_strides=(1, 2, 2, 1),
       padding=((0, 0), (1, 1), (1, 1), (0, 0)),
   )
-
-
-@jax.custom_vjp
-def _max_pool_planes_grad(x: jax.Array) -> jax.Array:
-  """``_max_pool`` whose gradient is routed plane by plane, for XLA:CPU.
-
-  JAX differentiates the max-pool with a select-and-gather that XLA:CPU runs
-  over index arrays of the padded input (four ``s32`` iotas of its size);
-  in ResNet-50's CPU train step that took about 160 ms of 3.4 s, and about a
-  tenth of the synthetic demo's step (docs/benchmarks.md). The stated
-  gradient gives each output's gradient to the first maximum of its window
-  in row-major order, as PyTorch's max-pool does, and writes it by the
-  parity of the padded input's rows and columns: with stride 2 and window
-  3, each of the four parity planes receives from one to four window
-  offsets, each a shifted copy of the output grid, so the gradient is built
-  from dense output-sized arrays and one interleaving reshape.
-  """
-  return _max_pool(x)
-
-
-def _max_pool_planes_grad_fwd(x):
-  y = _max_pool(x)
-  return y, (x, y)
-
-
-def _max_pool_planes_grad_bwd(residuals, dy):
-  x, y = residuals
-  b, h, w, c = x.shape
-  ho, wo = y.shape[1], y.shape[2]
-  # The padded input's row 2*o + i is window offset i of output row o. Pad to
-  # 2*(ho+1) x 2*(wo+1) so that rows and columns split into (index, parity).
-  hp, wp = 2 * (ho + 1), 2 * (wo + 1)
-  xp = jnp.pad(x, ((0, 0), (1, hp - h - 1), (1, wp - w - 1), (0, 0)), constant_values=-jnp.inf)
-  batch_sharded = _stated_sharding(x, keep_batch=True)
-  xp = jnp.reshape(xp, (b, ho + 1, 2, wo + 1, 2, c), out_sharding=batch_sharded)
-  planes = {}
-  taken = jnp.zeros(y.shape, bool)
-  for i in range(3):
-    for j in range(3):
-      (di, pi), (dj, pj) = divmod(i, 2), divmod(j, 2)
-      window_value = xp[:, di:di + ho, pi, dj:dj + wo, pj]
-      first = (window_value == y) & ~taken  # the first maximum wins, as in PyTorch
-      taken = taken | first
-      contribution = jnp.pad(jnp.where(first, dy, jnp.zeros((), dy.dtype)),
-                             ((0, 0), (di, 1 - di), (dj, 1 - dj), (0, 0)))
-      planes[pi, pj] = planes[pi, pj] + contribution if (pi, pj) in planes else contribution
-  rows = [jnp.stack([planes[pi, 0], planes[pi, 1]], axis=3) for pi in (0, 1)]
-  dx = jnp.reshape(jnp.stack(rows, axis=2), (b, hp, wp, c), out_sharding=batch_sharded)
-  return (dx[:, 1:h + 1, 1:w + 1],)
-
-
-_max_pool_planes_grad.defvjp(_max_pool_planes_grad_fwd, _max_pool_planes_grad_bwd)
-
-
-def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
-  """``nn.MaxPool2d(3, stride=2, padding=1)``: pads with -inf, not zeros.
-
-  On CPU its gradient is ``_max_pool_planes_grad``'s; GPUs and TPUs keep
-  JAX's own. Both give each window's gradient to its first maximum.
-  """
-  return jax.lax.platform_dependent(x, cpu=_max_pool_planes_grad, default=_max_pool)
 
 
 def at_least_f32(x: jax.Array) -> jax.Array:

@@ -99,3 +99,84 @@ def test_train_step_benchmark_bad_flags(argv, message):
 def test_extract_benchmark_bad_batch():
   with pytest.raises(SystemExit, match="divisible by the 8 devices"):
     bench_extract.main(["--config", CONFIG, "--batch_size", "12"])
+
+
+# benchmarks/table.py: the table's commands, its summary and its failures.
+
+from benchmarks import table  # noqa: E402
+
+
+@pytest.mark.parametrize("machine", sorted(table.CASES))
+def test_table_cases_are_valid_benchmark_commands(machine, monkeypatch):
+  # The config paths are relative to the repository root, where table.py runs them.
+  monkeypatch.chdir(REPO_ROOT)
+  for case in table.CASES[machine]:
+    assert (REPO_ROOT / "benchmarks" / case.script).is_file(), case
+    if case.is_torch:
+      continue  # torch is not a dependency; its flags are checked by running it (docs)
+    extra = bench_train_step._define_train_flags if case.script == "train_step.py" else None
+    config, fv = bench_train_step.parse_flags(list(case.args), extra)
+    assert config.model.init_from == ""  # random init: no checkpoint needed
+    batch_size = fv.batch_size or config.data.p * config.data.k
+    assert fv.steps >= 3 and batch_size % config.data.k == 0, case
+
+
+def _fake(step_seconds, batch_size=16, flops=2e10, compile_seconds=10.0, **extra):
+  return {"step_seconds": step_seconds, "batch_size": batch_size, "flops_per_image": flops,
+          "compile_seconds": compile_seconds, "device_count": 1, **extra}
+
+
+def test_table_markdown_medians_ratios_and_failures():
+  cases = [c for c in table.CASES["cpu"] if c.name in ("train_level2", "train_level0",
+                                                       "torch_level0", "demo_float32")]
+  results = {
+      "train_level2": {1: _fake(4.0), 2: _fake(5.0), 3: _fake(6.0)},
+      "train_level0": {1: _fake(4.0), 3: _fake(3.0)},  # round 2 failed
+      "torch_level0": {1: {"step_seconds": 2.0, "batch_size": 16},
+                       2: {"step_seconds": 4.0, "batch_size": 16}},
+  }
+  text = table.markdown_table(results, cases, peak_tflops=0.4)
+  rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+          if line.startswith("| ") and "case" not in line}
+  level2 = rows[cases[0].description]
+  # Median 5.0 s over three rounds: 3.2 img/s; MFU 2e10 * 3.2 / 0.4e12 = 16%.
+  assert "| 3.2 | 5000.0 (4000.0, 5000.0, 6000.0) | 20.00 | 16.0% | 10.0 |" in level2
+  assert "| 4.6 | 3500.0 (4000.0, 3000.0) |" in rows[cases[1].description]
+  # The PyTorch reference has no FLOP count or compile time.
+  torch_row = rows[cases[2].description]
+  assert torch_row.endswith("| 5.3 | 3000.0 (2000.0, 4000.0) | n/a | n/a | n/a |")
+  assert "| failed |" in rows["train step, demo network (ResNet-18 x0.5, 128x64, batch 64), float32"]
+  # Ratios of the medians, and per round only where both ran (rounds 1 and 3).
+  assert "step time train_level2 / train_level0: 1.43 (rounds: 1.00, 2.00)" in text
+  assert "step time train_level0 / torch_level0: 1.17 (rounds: 2.00)" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--machine", "cpu", "--only", "no_such_case"], "no case no_such_case in the cpu table"),
+    (["--machine", "cpu", "--rounds", "0"], "--rounds must be at least 1"),
+    (["--machine", "cpu", "--only", "torch_level0"], "need --torch_python"),
+    (["--machine", "tpu"], "invalid choice"),
+])
+def test_table_bad_flags(argv, message, tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    table.main([*argv, "--out", str(tmp_path)])
+  assert message in capsys.readouterr().err
+
+
+def test_table_runs_a_case_and_reports_a_failed_one(tmp_path, capsys, monkeypatch):
+  # The real rows take minutes; the tiny network of the tests above runs the same way.
+  # --level 1 as in test_train_step_benchmark_report: the compilation cache has its program.
+  tiny = table.Case("tiny", "train_step.py", (*TINY, "--level", "1"), "train step, tiny network")
+  broken = table.Case("broken", "train_step.py", ("--config", "configs/no_such_config.py"),
+                      "a case whose config does not exist")
+  monkeypatch.setitem(table.CASES, "cpu", [tiny, broken])
+  rc = table.main(["--machine", "cpu", "--out", str(tmp_path)])
+  out, err = capsys.readouterr()
+  assert rc == 1
+  assert "failed runs (see their output above): broken (round 1)" in err
+  assert "| a case whose config does not exist | failed |" in out
+  result = json.loads((tmp_path / "tiny_round1.json").read_text())
+  assert result["compilations"] == 1 and result["batch_size"] == 16
+  row = next(line for line in out.splitlines() if line.startswith("| train step, tiny network"))
+  img_per_s = float(row.split(" | ")[1].replace(",", ""))
+  assert img_per_s == pytest.approx(result["img_per_s"], rel=1e-3)

@@ -27,6 +27,8 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from typing import Any
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["CASES", "Case", "main", "markdown_table"]
+__all__ = ["CASES", "RATIOS", "Case", "main", "markdown_table"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Case:
 
   @property
   def is_torch(self) -> bool:
+    """Whether this is the PyTorch reference, run by ``--torch_python``."""
     return self.script == "torch_train_step.py"
 
 
@@ -83,7 +86,8 @@ def _cpu_cases() -> list[Case]:
 
 
 def _gpu_cases() -> list[Case]:
-  def train(level, height, width, dtype="bfloat16", steps="30"):
+  def train(level: int, height: int, width: int, dtype: str = "bfloat16",
+            steps: str = "30") -> tuple[str, ...]:
     return (*_MARKET, "--level", str(level), "--dtype", dtype, "--batch_size", "80",
             "--height", str(height), "--width", str(width), "--steps", steps, "--warmup", "3")
 
@@ -108,19 +112,19 @@ def _gpu_cases() -> list[Case]:
 
 CASES = {"cpu": _cpu_cases(), "gpu": _gpu_cases()}
 
-# (numerator, denominator) rows whose step-time ratio the table reports.
-RATIOS = (
+# (numerator, denominator) cases whose step-time ratio the table reports.
+RATIOS: tuple[tuple[str, str], ...] = (
     ("train_level2", "train_level0"),
     ("train_level0", "torch_level0"),
     ("train_level2_384", "train_level0_384"),
     ("train_level2_256", "train_level0_256"),
 )
 
-
 def _machine_header() -> list[str]:
   """Lines that say what ran: host CPU, GPUs, load, the commit."""
   lines = [f"date (UTC): {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}",
-           f"python {platform.python_version()}, {os.cpu_count()} CPUs, {platform.machine()}"]
+           f"python {platform.python_version()}, {len(os.sched_getaffinity(0))} usable CPUs, "
+           f"{platform.machine()}"]
   try:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:30] if ":" in line)
@@ -131,7 +135,8 @@ def _machine_header() -> list[str]:
   except OSError:
     pass
   for command in (["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
-                   "--format=csv,noheader"], ["git", "-C", str(_REPO_ROOT), "rev-parse", "HEAD"]):
+                   "--format=csv,noheader"],
+                  ["git", "-C", str(_REPO_ROOT), "describe", "--always", "--dirty"]):
     try:
       out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
       lines.append(f"{command[0]}: {out.stdout.strip()}")
@@ -140,19 +145,38 @@ def _machine_header() -> list[str]:
   return lines
 
 
-def _run(case: Case, json_path: Path, torch_python: str | None) -> dict[str, Any] | None:
+def _run(case: Case, json_path: Path, torch_python: str | None,
+         timeout_s: float | None) -> dict[str, Any] | None:
   """Runs one case in its own process; its JSON result, or None if it failed."""
   python = torch_python if case.is_torch else sys.executable
   command = [python, f"benchmarks/{case.script}", *case.args, "--json", str(json_path)]
-  print(f"$ {' '.join(command[1:])}    # {case.name}, load "
-        f"{os.getloadavg()[0]:.2f}, {time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
-  if subprocess.run(command, cwd=_REPO_ROOT, check=False).returncode != 0:
+  # A result left by an earlier run must not pass for this one's.
+  json_path.unlink(missing_ok=True)
+  print(f"$ {shlex.join(command)}    # {case.name}, load {os.getloadavg()[0]:.2f}, "
+        f"{time.strftime('%H:%M:%S', time.gmtime())} UTC", flush=True)
+  try:
+    returncode = subprocess.run(command, cwd=_REPO_ROOT, check=False,
+                                timeout=timeout_s).returncode
+  except subprocess.TimeoutExpired:
+    print(f"error: {case.name} ran past --timeout_s {timeout_s:g} and was stopped",
+          file=sys.stderr)
+    return None
+  except OSError as e:
+    print(f"error: cannot start {case.name}: {e}", file=sys.stderr)
+    return None
+  if returncode != 0:
     return None
   try:
-    return json.loads(json_path.read_text())
+    result = json.loads(json_path.read_text())
   except (OSError, ValueError) as e:
     print(f"error: {case.name} wrote no readable result to {json_path}: {e}", file=sys.stderr)
     return None
+  if not (isinstance(result, dict) and "batch_size" in result
+          and ("step_seconds" in result or "batch_seconds" in result)):
+    print(f"error: {json_path} of {case.name} is not a benchmark result (it needs batch_size "
+          "and step_seconds or batch_seconds)", file=sys.stderr)
+    return None
+  return result
 
 
 def _step_seconds(result: dict[str, Any]) -> float:
@@ -160,70 +184,103 @@ def _step_seconds(result: dict[str, Any]) -> float:
 
 
 def markdown_table(results: dict[str, dict[int, dict[str, Any]]], cases: Sequence[Case],
-                   peak_tflops: float | None) -> str:
-  """A markdown table of the median step time of each case over its rounds.
+                   rounds: int, peak_tflops: float | None = None,
+                   peak_dtype: str = "bfloat16") -> str:
+  """A markdown table of each case's median step time over its rounds.
 
   Args:
-    results: case name -> round -> the JSON result of that run.
+    results: case name -> round (1-based) -> the JSON result of that run.
     cases: the rows, in order; a case without results reads "failed".
-    peak_tflops: one device's peak, for MFU; None leaves MFU out.
+    rounds: how many rounds ran; a round a case has no result for reads
+      "failed" in its row.
+    peak_tflops: one device's peak TFLOP/s in ``peak_dtype``, for the MFU of
+      the rows computed in that dtype; None leaves MFU out.
+    peak_dtype: the compute dtype ``peak_tflops`` is the peak of.
 
   Returns:
-    The table, then one line per ratio of ``RATIOS`` whose two cases ran,
-    with the ratio of the medians and that of each round both ran in.
+    The table, then one line per ratio of ``RATIOS`` whose two cases have
+    results: the ratio of their medians over the rounds both ran in, and
+    that of each such round.
   """
-  rows = ["| case | img/s | ms per step or batch: median (each round) | GFLOP/img | MFU "
+  rows = ["| case | img/s | ms per step or batch: median (round 1, 2, ...) | GFLOP/img | MFU "
           "| compile (s) |",
           "|---|---|---|---|---|---|"]
-  medians = {}
   for case in cases:
-    runs = [results[case.name][r] for r in sorted(results.get(case.name, {}))]
+    runs = results.get(case.name, {})
     if not runs:
       rows.append(f"| {case.description} | failed | | | | |")
       continue
-    seconds = statistics.median(_step_seconds(r) for r in runs)
-    medians[case.name] = seconds
-    img_per_s = runs[0]["batch_size"] / seconds
-    flops = runs[0].get("flops_per_image")
+    first = runs[min(runs)]
+    seconds = statistics.median(_step_seconds(r) for r in runs.values())
+    img_per_s = first["batch_size"] / seconds
+    flops = first.get("flops_per_image")
     gflops = f"{flops / 1e9:.2f}" if flops else "n/a"
     mfu = "n/a"
-    if flops and peak_tflops:
-      devices = runs[0].get("device_count", 1)
+    if flops and peak_tflops and first.get("dtype") == peak_dtype:
+      devices = first.get("device_count", 1)
       mfu = f"{flops * img_per_s / (peak_tflops * 1e12 * devices):.1%}"
     compile_s = "n/a"
-    if "compile_seconds" in runs[0]:
-      compile_s = f"{statistics.median(r['compile_seconds'] for r in runs):.1f}"
-    each = ", ".join(f"{_step_seconds(r) * 1e3:.1f}" for r in runs)
+    if "compile_seconds" in first:
+      compile_s = f"{statistics.median(r['compile_seconds'] for r in runs.values()):.1f}"
+    each = ", ".join(f"{_step_seconds(runs[r]) * 1e3:.1f}" if r in runs else "failed"
+                     for r in range(1, rounds + 1))
     rows.append(f"| {case.description} | {img_per_s:,.1f} | {seconds * 1e3:.1f} ({each}) | "
                 f"{gflops} | {mfu} | {compile_s} |")
   lines = ["\n".join(rows)]
   for top, bottom in RATIOS:
-    if top in medians and bottom in medians:
-      both = sorted(set(results[top]) & set(results[bottom]))
-      per_round = [_step_seconds(results[top][r]) / _step_seconds(results[bottom][r])
-                   for r in both]
-      lines.append(f"step time {top} / {bottom}: {medians[top] / medians[bottom]:.2f} "
-                   f"(rounds: {', '.join(f'{x:.2f}' for x in per_round) or 'none in common'})")
+    both = sorted(set(results.get(top, {})) & set(results.get(bottom, {})))
+    if not both:
+      continue
+    per_round = [_step_seconds(results[top][r]) / _step_seconds(results[bottom][r]) for r in both]
+    ratio = (statistics.median(_step_seconds(results[top][r]) for r in both)
+             / statistics.median(_step_seconds(results[bottom][r]) for r in both))
+    lines.append(f"step time {top} / {bottom}: {ratio:.2f} (rounds "
+                 f"{', '.join(f'{r}: {x:.2f}' for r, x in zip(both, per_round))})")
   return "\n\n".join(lines)
 
 
+def _python(path: str) -> str:
+  """An interpreter path made absolute (the runs start in the repository root).
+
+  Not resolved: a venv's ``python`` is a link, and following it would leave
+  the venv.
+  """
+  path = os.path.expanduser(path)
+  return os.path.abspath(path) if os.sep in path else (shutil.which(path) or path)
+
+
 def main(argv: Sequence[str]) -> int:
-  """Runs the table; returns 0, or 1 if any run failed."""
+  """Runs the machine's table and prints its summary.
+
+  Args:
+    argv: command-line arguments without the program name (see ``--help``).
+
+  Returns:
+    0, or 1 if any run failed (the others are still summarised).
+  """
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--machine", choices=sorted(CASES), required=True,
                       help="which table: its cases and settings")
-  parser.add_argument("--out", required=True, help="folder for each run's JSON file")
+  parser.add_argument("--out", required=True,
+                      help="folder for each run's JSON file and the summary, table.md")
   parser.add_argument("--rounds", type=int, default=1, help="runs of each case, alternated")
   parser.add_argument("--only", nargs="+", default=None, metavar="CASE",
                       help="run only these cases of the machine's table")
   parser.add_argument("--peak_tflops", type=float, default=None,
-                      help="one device's peak TFLOP/s in the compute dtype, for MFU")
+                      help="one device's peak TFLOP/s in --peak_dtype, for the MFU of the "
+                           "rows in that dtype")
+  parser.add_argument("--peak_dtype", choices=("bfloat16", "float32"), default="bfloat16")
   parser.add_argument("--torch_python", default=None,
                       help="a Python with torch installed, for the PyTorch reference row "
                            "(left out without it)")
+  parser.add_argument("--timeout_s", type=float, default=None,
+                      help="stop a run after this many seconds and count it as failed")
   args = parser.parse_args(argv)
   if args.rounds < 1:
     parser.error(f"--rounds must be at least 1, got {args.rounds}")
+  for flag in ("peak_tflops", "timeout_s"):
+    if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+      parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
   cases = CASES[args.machine]
   names = [c.name for c in cases]
   if args.only:
@@ -232,25 +289,35 @@ def main(argv: Sequence[str]) -> int:
       parser.error(f"--only: no case {', '.join(unknown)} in the {args.machine} table "
                    f"(its cases: {', '.join(names)})")
     cases = [c for c in cases if c.name in args.only]
-  if not args.torch_python:
+  torch_python = None
+  if args.torch_python:
+    torch_python = _python(args.torch_python)
+    if not os.access(torch_python, os.X_OK):
+      parser.error(f"--torch_python {args.torch_python}: no executable file there")
+  elif any(c.is_torch for c in cases):
+    print(f"note: {', '.join(c.name for c in cases if c.is_torch)} left out: no --torch_python",
+          file=sys.stderr)
     cases = [c for c in cases if not c.is_torch]
   if not cases:
     parser.error("nothing to run: the only cases asked for need --torch_python")
-  out = Path(args.out).expanduser()
+  out = Path(os.path.abspath(os.path.expanduser(args.out)))
   out.mkdir(parents=True, exist_ok=True)
 
-  print("\n".join(_machine_header()), flush=True)
+  header = _machine_header()
+  print("\n".join(header), flush=True)
   results: dict[str, dict[int, dict[str, Any]]] = {}
   failed = []
   for round_number in range(1, args.rounds + 1):
     for case in (cases if round_number % 2 else cases[::-1]):
-      result = _run(case, out / f"{case.name}_round{round_number}.json", args.torch_python)
+      result = _run(case, out / f"{case.name}_round{round_number}.json", torch_python,
+                    args.timeout_s)
       if result is None:
         failed.append(f"{case.name} (round {round_number})")
       else:
         results.setdefault(case.name, {})[round_number] = result
-  print()
-  print(markdown_table(results, cases, args.peak_tflops))
+  summary = markdown_table(results, cases, args.rounds, args.peak_tflops, args.peak_dtype)
+  (out / "table.md").write_text("\n".join([*header, "", summary, ""]))
+  print(f"\n{summary}\n\n(also in {out / 'table.md'})")
   if failed:
     print(f"\nfailed runs (see their output above): {', '.join(failed)}", file=sys.stderr)
     return 1

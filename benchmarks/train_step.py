@@ -194,12 +194,12 @@ def _define_train_flags(fv: flags.FlagValues) -> None:
                      lower_bound=0.0, flag_values=fv)
 
 
-
 def model_settings(config) -> dict[str, Any]:
   """The model fields every benchmark report carries."""
   return {"depth": int(config.model.depth), "width_multiplier": float(config.model.width),
           "level": int(config.model.level), "kind": str(config.model.kind),
           "dtype": str(config.model.dtype)}
+
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
   """Runs the benchmark; returns (and prints, and optionally writes) its figures.

@@ -103,6 +103,8 @@ def test_extract_benchmark_bad_batch():
 
 # benchmarks/table.py: the table's commands, its summary and its failures.
 
+import re  # noqa: E402
+
 from benchmarks import table  # noqa: E402
 
 
@@ -110,10 +112,17 @@ from benchmarks import table  # noqa: E402
 def test_table_cases_are_valid_benchmark_commands(machine, monkeypatch):
   # The config paths are relative to the repository root, where table.py runs them.
   monkeypatch.chdir(REPO_ROOT)
+  names = [case.name for case in table.CASES[machine]]
+  assert len(set(names)) == len(names)  # names key the results and the JSON files
   for case in table.CASES[machine]:
-    assert (REPO_ROOT / "benchmarks" / case.script).is_file(), case
+    script = REPO_ROOT / "benchmarks" / case.script
+    assert script.is_file(), case
     if case.is_torch:
-      continue  # torch is not a dependency; its flags are checked by running it (docs)
+      # torch is not a dependency of the project: check the flags against the parser.
+      defined = set(re.findall(r'add_argument\("(--\w+)"', script.read_text()))
+      used = {arg for arg in case.args if arg.startswith("--")}
+      assert used and used <= defined, (used - defined, case)
+      continue
     extra = bench_train_step._define_train_flags if case.script == "train_step.py" else None
     config, fv = bench_train_step.parse_flags(list(case.args), extra)
     assert config.model.init_from == ""  # random init: no checkpoint needed
@@ -121,9 +130,21 @@ def test_table_cases_are_valid_benchmark_commands(machine, monkeypatch):
     assert fv.steps >= 3 and batch_size % config.data.k == 0, case
 
 
-def _fake(step_seconds, batch_size=16, flops=2e10, compile_seconds=10.0, **extra):
+def test_table_ratios_name_cases():
+  names = {case.name for cases in table.CASES.values() for case in cases}
+  for top, bottom in table.RATIOS:
+    assert {top, bottom} <= names, (top, bottom)
+
+
+def _fake(step_seconds, batch_size=16, flops=2e10, compile_seconds=10.0, dtype="float32",
+          **extra):
   return {"step_seconds": step_seconds, "batch_size": batch_size, "flops_per_image": flops,
-          "compile_seconds": compile_seconds, "device_count": 1, **extra}
+          "compile_seconds": compile_seconds, "device_count": 1, "dtype": dtype, **extra}
+
+
+def _rows(text):
+  return {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
+          if line.startswith("| ") and not line.startswith("| case |")}
 
 
 def test_table_markdown_medians_ratios_and_failures():
@@ -135,32 +156,73 @@ def test_table_markdown_medians_ratios_and_failures():
       "torch_level0": {1: {"step_seconds": 2.0, "batch_size": 16},
                        2: {"step_seconds": 4.0, "batch_size": 16}},
   }
-  text = table.markdown_table(results, cases, peak_tflops=0.4)
-  rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()
-          if line.startswith("| ") and "case" not in line}
-  level2 = rows[cases[0].description]
+  text = table.markdown_table(results, cases, rounds=3, peak_tflops=0.4, peak_dtype="float32")
+  rows = _rows(text)
   # Median 5.0 s over three rounds: 3.2 img/s; MFU 2e10 * 3.2 / 0.4e12 = 16%.
-  assert "| 3.2 | 5000.0 (4000.0, 5000.0, 6000.0) | 20.00 | 16.0% | 10.0 |" in level2
-  assert "| 4.6 | 3500.0 (4000.0, 3000.0) |" in rows[cases[1].description]
-  # The PyTorch reference has no FLOP count or compile time.
-  torch_row = rows[cases[2].description]
-  assert torch_row.endswith("| 5.3 | 3000.0 (2000.0, 4000.0) | n/a | n/a | n/a |")
-  assert "| failed |" in rows["train step, demo network (ResNet-18 x0.5, 128x64, batch 64), float32"]
-  # Ratios of the medians, and per round only where both ran (rounds 1 and 3).
-  assert "step time train_level2 / train_level0: 1.43 (rounds: 1.00, 2.00)" in text
-  assert "step time train_level0 / torch_level0: 1.17 (rounds: 2.00)" in text
+  assert "| 3.2 | 5000.0 (4000.0, 5000.0, 6000.0) | 20.00 | 16.0% | 10.0 |" in rows[
+      cases[0].description]
+  assert "| 4.6 | 3500.0 (4000.0, failed, 3000.0) |" in rows[cases[1].description]
+  # The PyTorch reference has no FLOP count, dtype or compile time.
+  assert rows[cases[2].description].endswith(
+      "| 5.3 | 3000.0 (2000.0, 4000.0, failed) | n/a | n/a | n/a |")
+  assert "| failed |" in rows[cases[3].description]
+  # Ratios over the rounds both cases ran in: level 2 / level 0 in rounds 1
+  # and 3 (medians 5.0 / 3.5), level 0 / torch in round 1 only.
+  assert "step time train_level2 / train_level0: 1.43 (rounds 1: 1.00, 3: 2.00)" in text
+  assert "step time train_level0 / torch_level0: 2.00 (rounds 1: 2.00)" in text
+
+
+def test_table_mfu_only_in_the_peak_dtype_and_per_device():
+  cases = [c for c in table.CASES["gpu"] if c.name in ("train_level2_384",
+                                                       "train_level2_384_float32")]
+  results = {
+      "train_level2_384": {1: _fake(0.02, batch_size=80, flops=5e10, dtype="bfloat16",
+                                    device_count=2)},
+      "train_level2_384_float32": {1: _fake(0.05, batch_size=80, flops=5e10)},
+  }
+  rows = _rows(table.markdown_table(results, cases, rounds=1, peak_tflops=1000.0))
+  # 4,000 img/s * 50 GFLOP over 2 devices of 1,000 TFLOP/s.
+  assert "| 4,000.0 | 20.0 (20.0) | 50.00 | 10.0% |" in rows[cases[0].description]
+  assert "| 1,600.0 | 50.0 (50.0) | 50.00 | n/a |" in rows[cases[1].description]
+
+
+def test_table_alternates_the_order_of_the_rounds(tmp_path, monkeypatch, capsys):
+  calls = []
+
+  def fake_run(case, json_path, torch_python, timeout_s):
+    del torch_python, timeout_s
+    calls.append((case.name, json_path.name))
+    return _fake(1.0)
+
+  monkeypatch.setattr(table, "_run", fake_run)
+  assert table.main(["--machine", "gpu", "--only", "train_level2_256", "train_level0_256",
+                     "--rounds", "3", "--out", str(tmp_path)]) == 0
+  assert calls == [("train_level2_256", "train_level2_256_round1.json"),
+                   ("train_level0_256", "train_level0_256_round1.json"),
+                   ("train_level0_256", "train_level0_256_round2.json"),
+                   ("train_level2_256", "train_level2_256_round2.json"),
+                   ("train_level2_256", "train_level2_256_round3.json"),
+                   ("train_level0_256", "train_level0_256_round3.json")]
+  summary = (tmp_path / "table.md").read_text()
+  assert "step time train_level2_256 / train_level0_256: 1.00 (rounds 1: 1.00, 2: 1.00, 3: 1.00)" \
+      in summary
+  assert summary.split("\n\n", 1)[1].strip() in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--machine", "cpu", "--only", "no_such_case"], "no case no_such_case in the cpu table"),
     (["--machine", "cpu", "--rounds", "0"], "--rounds must be at least 1"),
+    (["--machine", "gpu", "--peak_tflops", "0"], "--peak_tflops must be positive"),
     (["--machine", "cpu", "--only", "torch_level0"], "need --torch_python"),
+    (["--machine", "cpu", "--torch_python", "/no/such/python"], "no executable file there"),
     (["--machine", "tpu"], "invalid choice"),
 ])
 def test_table_bad_flags(argv, message, tmp_path, capsys):
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as excinfo:
     table.main([*argv, "--out", str(tmp_path)])
+  assert excinfo.value.code == 2
   assert message in capsys.readouterr().err
+  assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
 def test_table_runs_a_case_and_reports_a_failed_one(tmp_path, capsys, monkeypatch):
@@ -170,13 +232,19 @@ def test_table_runs_a_case_and_reports_a_failed_one(tmp_path, capsys, monkeypatc
   broken = table.Case("broken", "train_step.py", ("--config", "configs/no_such_config.py"),
                       "a case whose config does not exist")
   monkeypatch.setitem(table.CASES, "cpu", [tiny, broken])
-  rc = table.main(["--machine", "cpu", "--out", str(tmp_path)])
+  # A relative --out, from another folder than the repository (where the runs start).
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "broken_round1.json").write_text(json.dumps(_fake(1.0)))  # stale
+  rc = table.main(["--machine", "cpu", "--out", "out"])
   out, err = capsys.readouterr()
   assert rc == 1
   assert "failed runs (see their output above): broken (round 1)" in err
   assert "| a case whose config does not exist | failed |" in out
-  result = json.loads((tmp_path / "tiny_round1.json").read_text())
+  assert not (tmp_path / "out" / "broken_round1.json").exists()  # the stale result went
+  result = json.loads((tmp_path / "out" / "tiny_round1.json").read_text())
   assert result["compilations"] == 1 and result["batch_size"] == 16
-  row = next(line for line in out.splitlines() if line.startswith("| train step, tiny network"))
+  row = _rows(out)["train step, tiny network"]
   img_per_s = float(row.split(" | ")[1].replace(",", ""))
-  assert img_per_s == pytest.approx(result["img_per_s"], rel=1e-3)
+  assert img_per_s == pytest.approx(round(result["img_per_s"], 1), abs=0.051)
+  assert row in (tmp_path / "out" / "table.md").read_text()

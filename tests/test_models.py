@@ -334,6 +334,20 @@ def test_batchnorm_normalizer_needs_the_batch_moments_in_training():
   np.testing.assert_allclose(mul, 1 / np.sqrt(1 + 1e-5), rtol=1e-6)
 
 
+def test_training_on_one_image_is_refused():
+  # One value per channel (the SAMS BatchNorms and the BNNeck see one pooled
+  # row per image): the batch variance is 0 and every output would be the bias.
+  model = build_model(small_config(level=2), 10, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="more than one value per channel, got 1"):
+    model(images(1))
+  bn = layers.BatchNorm(3)
+  with pytest.raises(ValueError, match="got 1"):
+    bn(jnp.ones((1, 3)))
+  assert bn(jnp.ones((2, 3))).shape == (2, 3)
+  model.eval()  # running statistics: one image is fine
+  assert model(images(1))["feat"].shape == (1, 128)
+
+
 def test_stripe_attention_attends_each_stripe_on_its_own():
   rng = np.random.default_rng(3)
   stripes = attention.StripeAttention(8, 8, 4, 2, rngs=nnx.Rngs(0))

@@ -146,8 +146,14 @@ class BatchNorm(nnx.Module):
     else:
       if batch_mean is None or batch_var is None:
         raise ValueError("BatchNorm in training mode needs the batch's mean and variance.")
+      if count <= 1:
+        # One value per channel has no variance: every output would be the
+        # bias. PyTorch refuses this too.
+        raise ValueError(f"BatchNorm in training mode needs more than one value per channel, "
+                         f"got {count}: train with batches of at least 2 images, or call "
+                         "model.eval() first.")
       mean, var = batch_mean, batch_var
-      unbiased = var * (count / max(count - 1, 1))
+      unbiased = var * (count / (count - 1))
       m = self.momentum
       # set_value, not `[...] =`: under a trace, flax's indexed assignment asks
       # each tracer for its `sharding`, and JAX answers with an error message

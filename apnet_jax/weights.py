@@ -228,12 +228,16 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
       ``base_k`` alias disagrees with its canonical key; nothing is loaded
       then.
   """
+  name = "state dict" if isinstance(source, Mapping) else os.fspath(source)
   state = read_state_dict(source)
-  layout = detect_layout(state)
+  try:
+    layout = detect_layout(state)
+    if layout == "official":
+      state = _resolve_aliases(state)
+  except ValueError as e:
+    raise ValueError(f"{name}: {e}") from e
   entries = _entries(model)
-  if layout == "official":
-    state = _resolve_aliases(state)
-  else:  # torchvision: the backbone only, without the 'base.' prefix
+  if layout != "official":  # torchvision: the backbone only, without the 'base.' prefix
     state = {f"base.{k}": v for k, v in state.items() if not k.startswith("fc.")}
     entries = {k: e for k, e in entries.items() if k.startswith("base.")}
 
@@ -253,8 +257,7 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
     else:
       updates.append((entry.variable, _from_torch(state[key], entry.kind)))
   if mismatched:
-    raise ValueError(f"{source if not isinstance(source, Mapping) else 'state dict'}: "
-                     "shapes do not fit the model: " + "; ".join(mismatched))
+    raise ValueError(f"{name}: shapes do not fit the model: " + "; ".join(mismatched))
   for variable, value in updates:
     # Converted by numpy, placed by device_put: jnp.asarray would compile a
     # program per tensor shape.

@@ -6,6 +6,7 @@ import json
 import pathlib
 import pickle
 import pickletools
+import re
 import zipfile
 
 import jax
@@ -216,6 +217,18 @@ def test_disagreeing_alias_is_named():
   with pytest.raises(ValueError, match=r"base_3.0.1.bn2.running_mean \(alias of "
                      r"base.layer2.1.bn2.running_mean\)"):
     load_torch_weights(small_model(seed=2), state)
+
+
+def test_layout_and_alias_errors_name_the_file(tmp_path):
+  state = weights.torch_state_dict(small_model(seed=1))
+  state["base_3.0.1.bn2.running_mean"] = state["base_3.0.1.bn2.running_mean"] + 1
+  path = tmp_path / "official.pth"
+  torch_io.write_pth(state, path)
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: aliases disagree"):
+    load_torch_weights(small_model(seed=2), path)
+  torch_io.write_pth({"encoder.weight": np.zeros(3, np.float32)}, path)
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a torchvision ResNet"):
+    load_torch_weights(small_model(), path)
 
 
 def test_aliases_alone_are_enough():

@@ -290,3 +290,19 @@ def test_ranked_list_picture_frames_each_verdict(tmp_path):
         assert unknown[y + 1, x + 1].tolist() == hex_rgb(plots._UNKNOWN)
   # Captions are written (dark pixels in the text band above the first row).
   assert (picture[plots._GAP:plots._GAP + plots._TEXT] < 100).any()
+
+
+def test_rank_orders_by_normalized_distance_and_survives_zero_features():
+  from apnet_jax.evaluation import plots
+
+  query = np.array([[1.0, 0.0], [0.0, 0.0]])
+  gallery = np.array([[0.0, 5.0], [3.0, 0.1], [0.0, 0.0], [-2.0, 0.0]])
+  order, dist = plots.rank(query, gallery, top=4, exclude=np.array([[0, 0, 0, 1], [0] * 4]) > 0)
+  # Query 0 against unit directions: (3, 0.1) nearest, then the zero feature
+  # and (0, 5) both at sqrt(2) (ties by index), (-2, 0) left out.
+  assert order[0].tolist() == [1, 0, 2, 3]
+  np.testing.assert_allclose(dist[0, :3], [np.sqrt(2 - 2 * 3 / np.hypot(3, 0.1)),
+                                           np.sqrt(2), np.sqrt(2)], rtol=1e-6)
+  assert dist[0, 3] == np.inf
+  # A zero query is at sqrt(2) from everything, not NaN.
+  np.testing.assert_allclose(dist[1], np.sqrt(2))

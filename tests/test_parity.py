@@ -128,7 +128,7 @@ def test_eval_float32_highest_precision(case):
   model, images = golden_model(case, jnp.float32)
   model.eval()
   with jax.default_matmul_precision("highest"):
-    check_case(model, images, case["eval"], tol=1e-4)
+    check_case(model, images, case["eval"], tol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -50,7 +50,7 @@ _SLOT_ROUNDING = 256
 # official code does.
 _MIN_SQUARED_DISTANCE = 1e-12
 # torch.nn.functional.normalize's epsilon: a zero feature stays zero.
-_NORM_EPS = 1e-12
+NORM_EPS = 1e-12
 
 
 class _GalleryFeatures(NamedTuple):
@@ -80,7 +80,7 @@ class _QueryChunk(NamedTuple):
 
 def _l2_normalize(features: jax.Array) -> jax.Array:
   norms = jnp.linalg.norm(features, axis=1, keepdims=True)
-  return features / jnp.maximum(norms, _NORM_EPS)
+  return features / jnp.maximum(norms, NORM_EPS)
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "padded_size"))

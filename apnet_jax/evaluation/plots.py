@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from apnet_jax.evaluation import metrics
+
 
 def plot_cmc(curves: dict[str, Sequence[float]], path: str, *, title: str = "") -> None:
   """CMC curves (rank-k accuracy in %, k = 1..len) of one or more runs, to a PNG."""
@@ -42,8 +44,11 @@ def rank(query_features: np.ndarray, gallery_features: np.ndarray, *, top: int,
 
   ``exclude`` (Q, G) marks pairs left out of the ranking.
   """
-  q = query_features / np.linalg.norm(query_features, axis=1, keepdims=True)
-  g = gallery_features / np.linalg.norm(gallery_features, axis=1, keepdims=True)
+  # The evaluator's epsilon: an all-zero feature ranks at distance sqrt(2), not NaN.
+  q = query_features / np.maximum(np.linalg.norm(query_features, axis=1, keepdims=True),
+                                  metrics.NORM_EPS)
+  g = gallery_features / np.maximum(np.linalg.norm(gallery_features, axis=1, keepdims=True),
+                                    metrics.NORM_EPS)
   dist = np.sqrt(np.clip(2 - 2 * q @ g.T, 1e-12, None))
   if exclude is not None:
     dist[exclude] = np.inf

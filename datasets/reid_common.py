@@ -300,6 +300,33 @@ class ReidImage:
 _MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
 
 
+@dataclasses.dataclass(frozen=True)
+class NameStyle:
+  """How one benchmark names its image files, to recognise it by them.
+
+  Attributes:
+    dataset: the benchmark, e.g. 'Market-1501' (messages only).
+    pattern: matches the start of each of its file names (junk included).
+    example: one of its file names (messages only).
+  """
+
+  dataset: str
+  pattern: re.Pattern[str]
+  example: str
+
+
+# Market-1501 and DukeMTMC-reID share their folder layout, and Duke's 8
+# cameras cover Market's 6: only the file names tell them apart. Market's
+# camera is followed by its video sequence ('c1s1', junk and distractors
+# too); Duke's names end in a frame number ('_f0046182').
+MARKET1501_NAMES = NameStyle(
+    "Market-1501", re.compile(r"-?\d+_c\d+s\d+_"), "0002_c1s1_000451_03.jpg"
+)
+DUKEMTMC_REID_NAMES = NameStyle(
+    "DukeMTMC-reID", re.compile(r"-?\d+_c\d+_f\d+"), "0001_c2_f0046182.jpg"
+)
+
+
 def is_image_name(name: str) -> bool:
   """Whether a file is an image to read; hidden files (._x.jpg) are not."""
   return not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
@@ -331,7 +358,13 @@ def check_camid(camid: int, num_cameras: int, location: str) -> None:
 
 
 def read_market_style_folder(
-    tree: ManualTree, folder: str, *, root: str, num_cameras: int
+    tree: ManualTree,
+    folder: str,
+    *,
+    root: str,
+    num_cameras: int,
+    dataset: str = "",
+    foreign_names: Sequence[NameStyle] = (),
 ) -> list[ReidImage]:
   """Reads a Market-style folder (bounding_box_train, query, ...).
 
@@ -343,19 +376,35 @@ def read_market_style_folder(
     folder: the folder, relative to the dataset root.
     root: the dataset root, relative to the manual dir.
     num_cameras: the benchmark's number of cameras (camera ids are checked).
+    dataset: the benchmark being read, e.g. 'market1501' (messages only).
+    foreign_names: name styles of look-alike benchmarks to refuse.
 
   Returns:
     The folder's images.
+
+  Raises:
+    ValueError: naming the file, for a name that cannot be parsed, a camera
+      out of range or a name in one of ``foreign_names``; naming the folder,
+      when it yields no image.
   """
   images = []
+  junk = 0
   for name in tree.list_files(_join(root, folder)):
     if not is_image_name(name):
       continue
     rel = _join(root, folder, name)
     location = tree.where(rel)
+    for style in foreign_names:
+      if style.pattern.match(name):
+        raise ValueError(
+            f"{location} is named like a {style.dataset} image (e.g."
+            f" {style.example}), not a {dataset or 'dataset'} one: the folder"
+            f" {tree.where(_join(root, folder))} seems to hold {style.dataset}."
+        )
     pid, camera = parse_market_name(name, location)
     check_camid(camera - 1, num_cameras, location)
     if pid == -1:
+      junk += 1
       continue  # junk: not a person, excluded by every protocol
     images.append(
         ReidImage(
@@ -365,6 +414,13 @@ def read_market_style_folder(
             location=location,
             read=functools.partial(tree.read_bytes, rel),
         )
+    )
+  if not images:
+    what = (f"only junk images ({junk}, pid -1)" if junk
+            else f"no images ({', '.join(IMAGE_SUFFIXES)} files)")
+    raise ValueError(
+        f"{tree.where(_join(root, folder))} holds {what}: the split read from"
+        " it would be empty."
     )
   return images
 
@@ -541,6 +597,8 @@ class MarketStyleBuilder(ManualReidBuilder, skip_registration=True):
   """Market-1501-style folders: bounding_box_train, query, bounding_box_test."""
 
   NUM_CAMERAS: int
+  # File names of look-alike benchmarks to refuse (see MARKET1501_NAMES).
+  FOREIGN_NAMES: Sequence[NameStyle] = ()
   # Split -> folder below the root, for every layout of the benchmark.
   FOLDERS = {
       "train": "bounding_box_train",
@@ -553,7 +611,8 @@ class MarketStyleBuilder(ManualReidBuilder, skip_registration=True):
   ) -> dict[str, list[ReidImage]]:
     return {
         split: read_market_style_folder(
-            tree, folder, root=root, num_cameras=self.NUM_CAMERAS
+            tree, folder, root=root, num_cameras=self.NUM_CAMERAS,
+            dataset=self.name, foreign_names=self.FOREIGN_NAMES,
         )
         for split, folder in self.FOLDERS.items()
     }

@@ -68,6 +68,40 @@ def test_camera_out_of_range_is_named(tmp_path):
     fx.build("market1501", manual, tmp_path / "data")
 
 
+def test_market_folder_is_refused_by_the_duke_builder(tmp_path):
+  # Duke's 8 cameras cover Market's 6: only the names tell them apart.
+  manual = fx.copy_dummy("market1501", tmp_path / "manual")
+  with pytest.raises(ValueError, match=r"bounding_box_train/0002_c1s1_000451_03\.jpg is named"
+                     r" like a Market-1501 image .* not a dukemtmc_reid one"):
+    fx.build("dukemtmc_reid", manual, tmp_path / "data")
+  assert not sources.get_builder("dukemtmc_reid", data_dir=tmp_path / "data").is_prepared()
+
+
+def test_duke_folder_is_refused_by_the_market_builder(tmp_path):
+  manual = tmp_path / "manual"
+  fx.zip_folder(fx.dummy_data("dukemtmc_reid") / "DukeMTMC-reID", manual / "DukeMTMC-reID.zip")
+  with pytest.raises(ValueError, match=r"DukeMTMC-reID\.zip:DukeMTMC-reID/bounding_box_train/"
+                     r"0001_c2_f0046182\.jpg is named like a DukeMTMC-reID image"):
+    fx.build("market1501", manual, tmp_path / "data")
+
+
+def test_empty_split_folder_is_named(tmp_path):
+  manual, root = _market_copy(tmp_path)
+  for f in (root / "bounding_box_train").iterdir():
+    f.unlink()
+  with pytest.raises(ValueError, match=re.escape(f"{root / 'bounding_box_train'} holds no images")):
+    fx.build("market1501", manual, tmp_path / "data")
+
+
+def test_split_folder_of_junk_only_is_named(tmp_path):
+  manual, root = _market_copy(tmp_path)
+  for f in (root / "query").iterdir():
+    f.unlink()
+  (root / "query" / "-1_c1s1_000401_03.jpg").write_bytes(fx.jpeg_bytes(0))
+  with pytest.raises(ValueError, match=re.escape(f"{root / 'query'} holds only junk images")):
+    fx.build("market1501", manual, tmp_path / "data")
+
+
 def test_non_jpeg_png_image_is_named(tmp_path):
   manual, root = _market_copy(tmp_path)
   gif = root / "query" / "0003_c1s1_000999_00.jpg"
@@ -140,6 +174,22 @@ def test_msmt17_malformed_line_is_named(tmp_path):
   )
   with pytest.raises(ValueError, match=r"list_train\.txt, line 1: expected"):
     fx.build("msmt17", manual, tmp_path / "data")
+
+
+def test_msmt17_empty_list_is_named(tmp_path):
+  manual = fx.copy_dummy("msmt17", tmp_path / "manual")
+  (manual / "MSMT17_V1" / "list_query.txt").write_text("\n")
+  with pytest.raises(ValueError, match=r"list_query\.txt lists no image: the query split"):
+    fx.build("msmt17", manual, tmp_path / "data")
+
+
+def test_cuhk03_protocol_empty_split_is_named(tmp_path):
+  manual = fx.write_cuhk03_release(tmp_path / "manual")
+  fx.write_cuhk03_protocol(
+      manual / "cuhk03_new_protocol_config_labeled.mat", train_idx=np.zeros((0, 1))
+  )
+  with pytest.raises(ValueError, match=r"labeled\.mat: train_idx is empty: the train split"):
+    fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
 
 def test_cuhk03_protocol_missing_field_is_named(tmp_path):

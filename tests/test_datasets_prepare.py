@@ -2,6 +2,7 @@
 
 import dataclasses
 import pathlib
+import warnings
 
 import pytest
 import tensorflow_datasets as tfds
@@ -37,9 +38,7 @@ def test_standard_statistics_cover_every_real_config():
 
 
 def test_prepare_prints_statistics_and_reuses(tmp_path, capsys):
-  builder = prepare.prepare(
-      "market1501", manual_dir=fx.dummy_data("market1501"), data_dir=tmp_path
-  )
+  builder = fx.build("market1501", fx.dummy_data("market1501"), tmp_path)
   out = capsys.readouterr().out
   assert "market1501" in out
   assert "gallery        4        6        5" in out
@@ -48,8 +47,24 @@ def test_prepare_prints_statistics_and_reuses(tmp_path, capsys):
   # A second call reuses the built dataset (nothing to read from manual_dir).
   info = pathlib.Path(builder.data_path) / "dataset_info.json"
   mtime = info.stat().st_mtime_ns
-  prepare.prepare("market1501", manual_dir=tmp_path / "anything", data_dir=tmp_path)
+  fx.build("market1501", tmp_path / "anything", tmp_path)
   assert info.stat().st_mtime_ns == mtime
+
+
+def test_prepare_warns_where_statistics_differ_from_the_published(tmp_path, monkeypatch):
+  with pytest.warns(prepare.StatisticsWarning) as caught:
+    prepare.prepare("market1501", manual_dir=fx.dummy_data("market1501"), data_dir=tmp_path)
+  [warning] = caught
+  message = str(warning.message)
+  assert message.startswith(f"market1501 at {tmp_path / 'market1501' / '1.0.0'} differs")
+  for split, stats in MARKET_DUMMY.items():
+    published = prepare.STANDARD_STATISTICS["market1501"][split]
+    assert f"{split}: {stats}, expected {published}" in message
+  # Matching statistics: no warning (nor on reuse).
+  monkeypatch.setitem(prepare.STANDARD_STATISTICS, "market1501", MARKET_DUMMY)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", prepare.StatisticsWarning)
+    prepare.prepare("market1501", manual_dir=tmp_path / "anything", data_dir=tmp_path)
 
 
 def test_check_statistics_passes_on_match_and_names_mismatches(tmp_path, capsys):

@@ -9,9 +9,12 @@ into a temporary folder and renames it only on success. TFDS deletes that
 folder when the build raises; the folders of builds that were killed are
 deleted by the next successful `prepare` of the same dataset.
 
-`STANDARD_STATISTICS` holds the benchmarks' published statistics;
-`check_standard_statistics` compares a prepared dataset with them. To check
-real data after preparing it::
+`STANDARD_STATISTICS` holds the benchmarks' published statistics. `prepare`
+compares every benchmark it prepares with them and warns
+(`StatisticsWarning`, naming the dataset, each split and both counts) where
+they differ: expected for partial or dummy copies, a sign of the wrong or an
+incomplete folder otherwise. `check_standard_statistics` makes the comparison
+an error. To check real data after preparing it::
 
     python -c "from apnet_jax.data import prepare; \
 prepare.check_standard_statistics('market1501', data_dir='~/tensorflow_datasets')"
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +49,10 @@ class SplitStatistics:
 
 
 Statistics = Mapping[str, SplitStatistics]
+
+
+class StatisticsWarning(UserWarning):
+  """A prepared benchmark's statistics differ from the published ones."""
 
 
 def _table(train: tuple[int, int, int], query: tuple[int, int, int],
@@ -85,6 +93,9 @@ def prepare(
 ) -> tfds.core.DatasetBuilder:
   """Builds dataset ``name`` (if not built yet) and prints its statistics.
 
+  A benchmark whose statistics differ from `STANDARD_STATISTICS` gets a
+  `StatisticsWarning`, not an error: partial and dummy copies are legitimate.
+
   Args:
     name: a dataset of `apnet_jax.data.sources.BUILDERS`, e.g. 'market1501'.
     manual_dir: the folder holding the downloaded archive or its extracted
@@ -121,7 +132,18 @@ def prepare(
   )
   builder.download_and_prepare(download_config=download_config)
   _remove_killed_builds(builder)
-  print(format_statistics(split_statistics(builder), title=dataset_key(builder)))
+  stats = split_statistics(builder)
+  key = dataset_key(builder)
+  print(format_statistics(stats, title=key))
+  if key in STANDARD_STATISTICS:
+    problems = statistics_mismatches(stats, STANDARD_STATISTICS[key])
+    if problems:
+      warnings.warn(
+          f"{key} at {builder.data_path} differs from the published statistics"
+          " (fine for a partial or dummy copy; otherwise check that manual_dir"
+          " holds the complete, right benchmark):\n  " + "\n  ".join(problems),
+          StatisticsWarning, stacklevel=2,
+      )
   return builder
 
 

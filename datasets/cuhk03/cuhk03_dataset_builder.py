@@ -141,7 +141,9 @@ def _read_protocol(
   indices = {}
   for split, key in _PROTOCOL_KEYS.items():
     index = np.ravel(protocol[key]).astype(np.int64) - 1  # MATLAB: 1-based
-    if index.size and (index.min() < 0 or index.max() >= len(filelist)):
+    if not index.size:
+      raise ValueError(f"{location}: {key} is empty: the {split} split would have no images.")
+    if index.min() < 0 or index.max() >= len(filelist):
       raise ValueError(
           f"{location}: {key} holds indices outside 1..{len(filelist)}."
       )

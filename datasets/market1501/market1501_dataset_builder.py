@@ -2,6 +2,8 @@
 
 Standard protocol: junk images (pid -1) are dropped; distractors (pid 0) stay
 in the gallery (dropping them is an evaluation switch, not a data change).
+DukeMTMC-reID-style names (``0001_c2_f0046182.jpg``) are refused: the two
+benchmarks share their folder layout.
 """
 
 from .. import reid_common
@@ -14,6 +16,7 @@ class Builder(reid_common.MarketStyleBuilder):
 
   NUM_CAMERAS = 6
   LAYOUTS = (reid_common.market_style_layout(_ROOT),)
+  FOREIGN_NAMES = (reid_common.DUKEMTMC_REID_NAMES,)
   MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
   Place the official archive {_ROOT}.zip, or the folder {_ROOT}/ extracted
   from it (holding bounding_box_train/, query/ and bounding_box_test/), in

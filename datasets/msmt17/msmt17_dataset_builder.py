@@ -71,11 +71,20 @@ class Builder(reid_common.ManualReidBuilder):
     if self.builder_config.name == "trainval":
       train_lists.append("list_val.txt")
     read = functools.partial(_read_list, tree, root)
-    return {
-        "train": [im for lst in train_lists for im in read(lst, train_dir)],
-        "query": read("list_query.txt", test_dir),
-        "gallery": read("list_gallery.txt", test_dir),
+    lists = {
+        "train": train_lists,
+        "query": ["list_query.txt"],
+        "gallery": ["list_gallery.txt"],
     }
+    splits = {}
+    for split, names in lists.items():
+      image_dir = train_dir if split == "train" else test_dir
+      splits[split] = [im for name in names for im in read(name, image_dir)]
+      if not splits[split]:
+        listed = " and ".join(tree.where(f"{root}/{n}" if root else n) for n in names)
+        verb = "lists" if len(names) == 1 else "list"
+        raise ValueError(f"{listed} {verb} no image: the {split} split would be empty.")
+    return splits
 
 
 def _read_list(

@@ -12,7 +12,8 @@ A save is atomic: Orbax writes ``<step>.orbax-checkpoint-tmp`` and renames it
 to ``<step>`` only when everything is written, and an older checkpoint is
 deleted only after that. A run killed mid-save therefore keeps its previous
 checkpoint; the next training run deletes the unfinished folder. A failed
-write (a full disk) raises `CheckpointSaveError` naming the step and folder.
+write (a full disk) raises `CheckpointSaveError` naming the step and folder;
+an unreadable checkpoint raises `CheckpointReadError`, and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)
 
 class CheckpointSaveError(RuntimeError):
   """Writing a checkpoint failed; the message names the step and the folder."""
+
+
+class CheckpointReadError(RuntimeError):
+  """Reading a checkpoint failed; the message names the step, the folder, what to do."""
 
 
 def _save_replicas_whole_on_cpu() -> None:
@@ -157,18 +162,53 @@ def abstract_like(state: Any) -> Any:
 
 def restore(manager: ocp.CheckpointManager, step: int, state: Any,
             data_iterator: Any | None) -> tuple[Any, dict[str, Any]]:
-  """Restores ``step`` into the structure of ``state`` (and the iterator in place)."""
+  """Restores ``step`` into the structure of ``state`` (and the iterator in place).
+
+  Raises `CheckpointReadError` naming the step and folder if it cannot be read.
+  """
   items = dict(state=ocp.args.StandardRestore(abstract_like(state)),
                meta=ocp.args.JsonRestore())
   if data_iterator is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:
+    raise _read_error(manager, step, e) from e
   return restored["state"], restored["meta"]
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The JSON record of ``step`` alone (cheap; checked before the arrays)."""
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  try:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as e:
+    raise _read_error(manager, step, e) from e
+
+
+def _read_error(manager: ocp.CheckpointManager, step: int,
+                error: Exception) -> CheckpointReadError:
+  # Orbax's errors (a missing item, broken JSON, a truncated array) name
+  # neither the step nor the folder, nor what the user can do about them.
+  folder = os.path.join(str(manager.directory), str(step))
+  # KeyError's str() is the repr of its text, quotes and escapes included;
+  # TensorStore appends its whole JSON spec, which names nothing new.
+  text = str(error.args[0] if isinstance(error, KeyError) and error.args else error)
+  text = text.split(" [tensorstore_spec", 1)[0]
+  try:
+    others = [s for s in manager.all_steps() if s != step]
+  except Exception:  # pylint: disable=broad-except  (the read's error matters more)
+    others = None
+  message = (f"Cannot read the checkpoint of step {step} in {folder} "
+             f"({type(error).__name__}: {text.rstrip('.')}). Nothing was deleted. "
+             f"If it is damaged, move {folder} out of {manager.directory} and rerun")
+  if others:
+    message += (f": the run then uses step {max(others)}, the latest of the other kept "
+                f"steps {others}.")
+  elif others is not None:
+    message += "; no other step is kept, so training would start over from step 0."
+  else:
+    message += "."
+  return CheckpointReadError(message)
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -187,7 +227,7 @@ _STATE_KEYS = {
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
-  """Refuses to resume a checkpoint of another model or dataset, naming the keys."""
+  """Refuses to resume a checkpoint of another model, dataset or seed, naming the keys."""
   current = json.loads(json.dumps(current))  # tuples -> lists, as saved
   diffs = []
   for section, keys in _STATE_KEYS.items():
@@ -198,6 +238,28 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: st
   if saved.get("num_classes") != current.get("num_classes"):
     diffs.append(f"num_classes: checkpoint {saved.get('num_classes')}, "
                  f"dataset {current.get('num_classes')}")
+  # Every random draw is a function of (seed, step): another seed would splice
+  # two runs together. A record without it is let through.
+  if "seed" in saved and saved["seed"] != current.get("seed"):
+    diffs.append(f"train.seed: checkpoint {saved.get('seed')!r}, config {current.get('seed')!r}")
   if diffs:
     raise ValueError(f"{workdir}/checkpoints belongs to another run: " + "; ".join(diffs)
-                     + ". Use another --workdir.")
+                     + ". Use another --workdir, or set these back to the checkpoint's values.")
+
+
+def check_loader_compatible(saved: dict[str, Any], num_workers: int, *, step: int,
+                            directory: str) -> None:
+  """Refuses to restore the input pipeline's position into another number of workers.
+
+  Grain's saved iterator state holds one entry per worker process, so it fits
+  only a loader with as many workers (restoring it elsewhere fails inside
+  Grain with a bare KeyError). A record without the setting is let through.
+  """
+  old = saved.get("data", {}).get("num_workers")
+  if old is not None and old != num_workers:
+    raise ValueError(
+        f"config.data.num_workers is {num_workers}, but the checkpoint of step {step} in "
+        f"{os.path.join(directory, str(step))} was saved with num_workers={old}, and the "
+        "input pipeline's saved position fits only a loader with as many workers. Resume "
+        f"with --config.data.num_workers={old}; the batches do not depend on it, so a new "
+        "run (another --workdir) may use any number.")

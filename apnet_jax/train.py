@@ -131,9 +131,25 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
 # --- Evaluation ------------------------------------------------------------------
 
 
+# Datasets whose gallery marks distractors with pid 0: Market-1501, and the
+# synthetic benchmark that follows its conventions. Elsewhere (MSMT17) pid 0 is
+# a real person, and dropping it would quietly change the benchmark.
+_DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid")
+
+
+def check_drop_distractors(config: ml_collections.ConfigDict, dataset: str) -> None:
+  """Refuses ``eval.drop_distractors`` for a dataset without pid-0 distractors."""
+  if config.eval.drop_distractors and dataset not in _DATASETS_WITH_DISTRACTORS:
+    raise ValueError(
+        f"config.eval.drop_distractors is set, but {dataset} has no distractors: only "
+        f"{' and '.join(_DATASETS_WITH_DISTRACTORS)} mark them with pid 0, and on {dataset} "
+        "pid 0 is a real person. Leave it False.")
+
+
 def extract_eval_features(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
                           mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, Any]]:
   """Query and gallery features (image + flip, summed), pids and camids."""
+  check_drop_distractors(config, builder.name)
   features = {}
   for split in ("query", "gallery"):
     features[split] = extract_features(
@@ -223,12 +239,51 @@ def format_results(results: dict[str, Any]) -> str:
 # --- Training --------------------------------------------------------------------
 
 
+def check_train_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses ``config.train`` settings that would fail mid-run; warns of skipped evaluations.
+
+  Raises:
+    ValueError: naming ``config.train.<key>`` and its value.
+  """
+  train = config.train
+  for key in ("epochs", "log_every_steps", "checkpoint_every_epochs"):
+    if not _is_count(train[key]) or train[key] < 1:
+      raise ValueError(f"config.train.{key} is {train[key]!r}; it must be a whole number >= 1.")
+  invalid = [e for e in train.eval_epochs if not _is_count(e) or e < 1]
+  if invalid:
+    raise ValueError(f"config.train.eval_epochs is {tuple(train.eval_epochs)!r}: {invalid} "
+                     "are not epochs (whole numbers >= 1).")
+  # A shortened run (--config.train.epochs=40 with the recipe's (120, 160))
+  # never reaches them; its final evaluation still runs, so say it, not fail.
+  past_end = [e for e in train.eval_epochs if e > train.epochs]
+  if past_end:
+    logging.warning("config.train.eval_epochs %s lie past config.train.epochs=%d and are "
+                    "skipped; the run is evaluated at its end.", past_end, train.epochs)
+
+
+def _is_count(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains APNet as ``config`` says, resuming from ``workdir``; returns the results.
 
   Writes ``workdir/config.json``, ``metrics.jsonl``, TensorBoard events,
   ``checkpoints/`` and, at the end, ``results.json``.
+
+  A workdir whose latest checkpoint lies past this config's last step (a rerun
+  with fewer epochs or a smaller ``max_steps``) is refused rather than reported
+  as a run of these settings; one exactly at the last step is evaluated again.
+
+  Raises:
+    ValueError: an invalid ``config.train`` or ``config.eval`` setting (before
+      anything is computed or written), or a ``workdir`` checkpoint of another
+      run, seed, ``data.num_workers`` or of a longer run (before any compute).
+    checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
+  check_train_config(config)
+  check_drop_distractors(config, config.data.name)
+
   # Setup: workdir, resolved config, mesh.
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -236,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Config:\n%s", config)
   mesh = train_step.make_mesh()
 
-  # Data: the train split and its identity-balanced sampler.
+  # Data: the train split's size, in identities and steps.
   builder = open_dataset(config.data)
   train_labels = sources.split_annotations(builder, "train").label
   num_classes = int(len(np.unique(train_labels)))
@@ -244,27 +299,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = config.train.epochs * steps_per_epoch
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
+
+  # The latest checkpoint, if any: its record is checked before any compute.
+  meta = {"seed": config.train.seed, "num_classes": num_classes,
+          "model": config.model.to_dict(), "data": config.data.to_dict()}
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    _check_resumable(manager, start_step, meta, config, total_steps=total_steps,
+                     steps_per_epoch=steps_per_epoch, workdir=workdir)
+
+  # The identity-balanced loader, model, optimizer and train state (resumed).
   loader = pipeline.train_loader(
       sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
       height=config.model.input_size[0], width=config.model.input_size[1],
       seed=config.train.seed, num_workers=config.data.num_workers)
-
-  # Model, optimizer and train state.
   model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
   if config.model.init_from:
     init_from_imagenet(model, config.model.init_from)
   tx, _ = optim.make_optimizer(config, steps_per_epoch)
   graphdef, state = train_step.create_train_state(model, tx)
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  meta = {"seed": config.train.seed, "num_classes": num_classes,
-          "model": config.model.to_dict(), "data": config.data.to_dict()}
-
-  # Resume from the latest checkpoint, if any.
-  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
-  start_step = manager.latest_step() or 0
   if start_step:
-    checkpointing.check_compatible(checkpointing.restore_meta(manager, start_step), meta,
-                                   workdir)
     state, _ = checkpointing.restore(manager, start_step, state, loader)
     logging.info("Resumed from step %d", start_step)
   if is_main:  # after the check above: never overwrite another run's record
@@ -275,12 +331,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
                                        mesh=mesh, seed=config.train.seed)
   writer = MetricWriter(workdir, enabled=is_main)
-  preempted = _SigtermFlag()
   results: dict[str, Any] | None = None
   final_features = None  # set when the last step was an evaluation epoch
   window, window_start, tick = [], start_step, time.time()
-  with tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main,
-                 desc="train", unit="step") as bar:
+  with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
+        tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
+                  unit="step") as bar):
     for step in range(start_step, total_steps):
       batch = next(loader)
       state, metrics = step_fn(state, train_step.shard_batch(
@@ -338,6 +394,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return results
 
 
+def _check_resumable(manager, step: int, meta: dict[str, Any],
+                     config: ml_collections.ConfigDict, *, total_steps: int,
+                     steps_per_epoch: int, workdir: str) -> None:
+  """Refuses checkpoint ``step`` of another run, loader setting or a longer schedule."""
+  try:
+    saved = checkpointing.restore_meta(manager, step)
+    checkpointing.check_compatible(saved, meta, workdir)
+    checkpointing.check_loader_compatible(saved, config.data.num_workers, step=step,
+                                          directory=str(manager.directory))
+    if step > total_steps:
+      # The loop would not run, and the results would carry this config's
+      # schedule for a model that trained longer.
+      if 0 < config.train.max_steps < config.train.epochs * steps_per_epoch:
+        limit, fix = (f"config.train.max_steps={config.train.max_steps}",
+                      f"config.train.max_steps to at least {step}")
+      else:
+        limit = (f"config.train.epochs={config.train.epochs} x {steps_per_epoch} steps per "
+                 "epoch")
+        fix = f"config.train.epochs to at least {-(-step // steps_per_epoch)}"
+      raise ValueError(
+          f"{workdir}/checkpoints holds step {step}, past this config's last step "
+          f"{total_steps} ({limit}); nothing was changed. To continue that run, set {fix}; "
+          "to score its checkpoint, use --mode eval; to train with these settings, use "
+          "another --workdir.")
+  except Exception:
+    manager.close()  # its threads would outlive the refusal (in a notebook, say)
+    raise
+
+
 def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, float]:
   """Means of the window's metrics; a non-finite loss names its step."""
   host = jax.device_get(window)
@@ -351,22 +436,36 @@ def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, f
 
 
 class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks after each step.
+  """Turns SIGTERM into a flag the loop checks after each step (a context manager).
 
   With several processes, JAX's preemption service takes SIGTERM instead (a
   Python handler would hide it from the service) and names one step at which
-  every process sees the flag, so that all save that step together.
+  every process sees the flag, so that all save that step together. On exit
+  the previous handler is back: after training returns (in a notebook, say),
+  SIGTERM must not just set a flag that nothing reads.
   """
 
   def __init__(self):
     self.set = False
     self._multihost = jax.process_count() > 1
-    if self._multihost:
-      return
-    try:
-      signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. some notebook kernels)
-      pass
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self) -> _SigtermFlag:
+    if not self._multihost:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._installed = True
+      except ValueError:  # not the main thread (e.g. some notebook kernels)
+        pass
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._installed:
+      # None: a handler set outside Python, which cannot be put back; the default is closest.
+      signal.signal(signal.SIGTERM,
+                    signal.SIG_DFL if self._previous is None else self._previous)
+      self._installed = False
 
   def poll(self, step: int) -> None:
     """Every process calls this after each step, from the same first step."""
@@ -401,18 +500,29 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
   ``eval.use_best``, or the latest. The model is in eval mode.
   """
   if config.eval.torch_checkpoint:
-    state_dict = read_state_dict(os.path.expanduser(config.eval.torch_checkpoint))
+    path = config.eval.torch_checkpoint
+    state_dict = read_state_dict(os.path.expanduser(path))
     if "classifier.weight" not in state_dict:
-      raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} has no "
-                       "classifier.weight; is it an official APNet checkpoint?")
+      raise ValueError(f"eval.torch_checkpoint: {path} has no classifier.weight; is it an "
+                       "official APNet checkpoint?")
     num_classes = state_dict["classifier.weight"].shape[0]
     # Abstract: a complete checkpoint fills every variable (checked below).
     model = nnx.eval_shape(lambda: build_model(config.model, num_classes, rngs=nnx.Rngs(0)))
-    report = load_torch_weights(model, state_dict)
+    try:
+      report = load_torch_weights(model, state_dict)
+    except ValueError as e:  # it names the keys; add the file
+      raise ValueError(f"eval.torch_checkpoint: {path}: {e}") from e
     if report.layout != "official" or report.missing:
-      raise ValueError(f"eval.torch_checkpoint: {config.eval.torch_checkpoint} is not a "
-                       f"complete official APNet checkpoint for this model; missing: "
-                       f"{report.missing[:5]}")
+      raise ValueError(f"eval.torch_checkpoint: {path} is not a complete official APNet "
+                       f"checkpoint for this model; missing: {report.missing[:5]}")
+    if report.unexpected:
+      # Weights left out would score another model than the checkpoint's
+      # (a level-2 checkpoint under model.level=1 loses its finer split).
+      raise ValueError(
+          f"eval.torch_checkpoint: {path} holds {len(report.unexpected)} weights this model "
+          f"does not use, e.g. {report.unexpected[:5]}; check that model.level "
+          f"({config.model.level}) and model.kind ({config.model.kind!r}) are the "
+          "checkpoint's.")
     source = {"torch_checkpoint": os.path.abspath(config.eval.torch_checkpoint)}
   else:
     manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
@@ -455,6 +565,7 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report."""
+  check_drop_distractors(config, config.data.name)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = train_step.make_mesh()
   builder = open_dataset(config.data)

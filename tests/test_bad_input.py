@@ -1,11 +1,11 @@
-"""Bad input not covered elsewhere: truncated .mat, weights of another width, killed prepare.
+"""Bad input not covered elsewhere: truncated .mat, weights of another model, killed prepare.
 
 The rest of the bad-input list lives next to what it tests: corrupt JPEGs,
 missing folders, unparsable names, an empty manual_dir and a failed build in
 test_datasets_errors.py; a corrupt image given to --mode extract in
-test_inference.py; unknown config keys and a non-finite loss in
+test_inference.py; unknown config keys, bad train settings and a non-finite loss in
 test_train.py; wrong shapes in a state dict in test_weights.py; a full disk
-while saving a checkpoint in test_reliability.py.
+while saving a checkpoint, and a damaged one, in test_reliability.py.
 """
 
 import os
@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import data_fixtures as fx
-from apnet_jax import build_model, torch_io, train
+from apnet_jax import build_model, torch_io, train, weights
 from apnet_jax.data import sources
 from configs.synthetic import get_config
 
@@ -49,6 +49,24 @@ def test_imagenet_weights_of_another_width_name_the_file_and_keys(tmp_path):
   assert message.startswith(f"model.init_from: {path}: ")
   assert "conv1.weight: expected (16, 3, 7, 7), got (64, 3, 7, 7)" in message
   assert "layer1.0.conv1.weight: expected (16, 16, 3, 3), got (64, 64, 3, 3)" in message
+
+
+def test_official_checkpoint_of_another_model_names_the_file_and_settings(tmp_path):
+  """Weights the model leaves out, or cannot take, are refused naming the file."""
+  config = get_config("tiny")  # level 2: a finer split of attention, SAMS weights and all
+  state = weights.torch_state_dict(build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  path = tmp_path / "apnet_level2.pth"
+  torch_io.write_pth(state, path)
+  config.eval.torch_checkpoint = str(path)
+  config.model.level = 1
+  with pytest.raises(ValueError, match=rf"eval\.torch_checkpoint: {re.escape(str(path))} holds "
+                     r"\d+ weights this model does not use, e\.g\. \['BN1\.bottleneck2.*"
+                     r"model\.level \(1\) and model\.kind \('channel'\)"):
+    train.restore_model(config, str(tmp_path))
+  config.model.level, config.model.width = 2, 0.5
+  with pytest.raises(ValueError, match=rf"^eval\.torch_checkpoint: {re.escape(str(path))}: .*"
+                     r"base\.conv1\.weight: expected \(32, 3, 7, 7\), got \(16, 3, 7, 7\)"):
+    train.restore_model(config, str(tmp_path))
 
 
 # Run as `python -c KILL_IN_PREPARE manual_dir data_dir`: prepares market1501

@@ -1,4 +1,5 @@
-"""A run survives being killed: determinism, exact resume, kills inside a save, a full disk.
+"""A run survives being killed: determinism, exact resume, kills inside a save, a full disk,
+a damaged checkpoint.
 
 The training runs are real `run.py` processes on the tiny synthetic config at
 128x64 (8 steps, a checkpoint every 2). They share the suite's XLA
@@ -13,6 +14,8 @@ import io
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +328,63 @@ def test_saves_between_evaluations_do_not_warn(saved_once):
     absl.removeHandler(handler)
     absl.addFilter(checkpointing.NO_METRICS_FILTER)
   assert manager.all_steps()[-1] == 8
+
+
+# --- A damaged checkpoint: named, with what to do, and never deleted ------------------------
+
+
+def _truncate_arrays(folder):
+  for p in folder.rglob("*"):
+    if p.is_file() and "metadata" not in p.name.lower() and p.name != "commit_success.txt":
+      p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+DAMAGES = {
+    "meta_missing": lambda step: shutil.rmtree(step / "meta"),
+    "state_missing": lambda step: shutil.rmtree(step / "state"),
+    "meta_not_json": lambda step: (step / "meta" / "metadata").write_text("{not json"),
+    "arrays_truncated": lambda step: _truncate_arrays(step / "state"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, damage):
+  (tmp_path / "notes.txt").write_text("my notes")
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  state = {"w": jnp.arange(16.0).reshape(4, 4), "step": jnp.asarray(2)}
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  checkpointing.save(manager, 2, state, iterator, {"epoch": 1}, metrics={"mAP": 0.5})
+  checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+  checkpointing.wait_until_finished(manager)
+  manager.close()
+  checkpoints = tmp_path / "checkpoints"
+  DAMAGES[damage](checkpoints / "4")
+  before = folder_digest(tmp_path)
+
+  # The training manager: the one that may delete (unfinished saves only).
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  folder = re.escape(str(checkpoints / "4"))
+  expected = (rf"Cannot read the checkpoint of step 4 in {folder} \(\w+: .+\)\. Nothing was "
+              rf"deleted\. If it is damaged, move {folder} out of {re.escape(str(checkpoints))} "
+              r"and rerun: the run then uses step 2, the latest of the other kept steps \[2\]\.$")
+  with pytest.raises(checkpointing.CheckpointReadError, match=expected) as caught:
+    checkpointing.restore_meta(manager, 4)
+    checkpointing.restore(manager, 4, state, iterator)  # when the record itself is readable
+  manager.close()
+  assert "tensorstore_spec" not in str(caught.value)  # a screenful of JSON, naming nothing new
+  assert folder_digest(tmp_path) == before
+
+
+def test_a_damaged_only_checkpoint_says_training_starts_over(saved_once):
+  workdir, manager, state, iterator = saved_once
+  shutil.rmtree(workdir / "checkpoints" / "2" / "state")
+  with pytest.raises(checkpointing.CheckpointReadError,
+                     match=r"step 2 .*\(KeyError: Item \"state\" was not found.*Nothing "
+                     r"was deleted.*no other step is kept, so training would start over from "
+                     r"step 0\.$"):
+    checkpointing.restore(manager, 2, state, iterator)
+  assert (workdir / "checkpoints" / "2" / "meta").exists()
+  assert (workdir / "notes.txt").read_text() == "my notes"
 
 
 def test_only_the_training_manager_removes_unfinished_saves(tmp_path):

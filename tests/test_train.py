@@ -1,7 +1,11 @@
 """The training job end to end on the tiny synthetic dataset, and its failure paths."""
 
 import json
+import logging
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -13,6 +17,7 @@ from apnet_jax import checkpointing, train
 from configs.synthetic import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGTERM_AT_IMPORT = signal.getsignal(signal.SIGTERM)  # before any training in this process
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +79,99 @@ def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
     assert json.load(f)["train"]["max_steps"] == 4
 
 
-def test_resume_refuses_another_model(data_dir, straight_run):
-  workdir, _ = straight_run
-  with open(os.path.join(workdir, "config.json")) as f:
-    record = f.read()
-  other = tiny_config(data_dir, max_steps=6)
-  other.model.level = 1
-  with pytest.raises(ValueError, match=r"model.level: checkpoint 2, config 1"):
-    train.train_and_evaluate(other, workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    assert f.read() == record  # the run's own record is untouched
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("model", "level", 1, r"model\.level: checkpoint 2, config 1"),
+    ("train", "seed", 1, r"train\.seed: checkpoint 0, config 1"),
+    # Grain's saved position has one entry per worker: it fits no other count.
+    ("data", "num_workers", 2, r"config\.data\.num_workers is 2, but the checkpoint of step 4 "
+     r"in {checkpoints}/4 was saved with num_workers=0.*--config\.data\.num_workers=0"),
+    # A rerun with a shorter schedule: nothing to train, and not this config's model.
+    ("train", "max_steps", 2, r"holds step 4, past this config's last step 2 "
+     r"\(config\.train\.max_steps=2\).*config\.train\.max_steps to at least 4"),
+    ("train", "epochs", 1, r"holds step 4, past this config's last step 2 \(config\.train\."
+     r"epochs=1 x 2 steps per epoch\).*config\.train\.epochs to at least 2.*--mode eval"),
+], ids=["level", "seed", "num_workers", "max_steps", "epochs"])
+def test_resume_refuses_another_run(data_dir, straight_run, tmp_path, section, key, value,
+                                    expected):
+  workdir = tmp_path / "run"  # a copy: a refusal that fails must not harm the other tests
+  shutil.copytree(straight_run[0], workdir)
+  before = {name: (workdir / name).read_bytes()
+            for name in ("config.json", "results.json", "metrics.jsonl")}
+  other = tiny_config(data_dir, max_steps=6, eval_epochs=(1,))
+  setattr(other[section], key, value)
+  checkpoints = re.escape(str(workdir / "checkpoints"))
+  with pytest.raises(ValueError, match=expected.format(checkpoints=checkpoints)):
+    train.train_and_evaluate(other, str(workdir))
+  for name, content in before.items():  # the run's own records are untouched
+    assert (workdir / name).read_bytes() == content, name
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_records_without_seed_or_workers_still_resume():
+  """Records written before a key was checked are let through, not refused."""
+  current = {"seed": 3, "num_classes": 8, "model": {}, "data": {"num_workers": 2}}
+  checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
+  checkpointing.check_loader_compatible({"data": {}}, 2, step=4, directory="w/checkpoints")
+  checkpointing.check_loader_compatible({"data": {"num_workers": 2}}, 2, step=4,
+                                        directory="w/checkpoints")
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("train", "log_every_steps", 0, r"config\.train\.log_every_steps is 0"),
+    ("train", "checkpoint_every_epochs", 0, r"config\.train\.checkpoint_every_epochs is 0"),
+    ("train", "epochs", 0, r"config\.train\.epochs is 0"),
+    ("train", "eval_epochs", (0, 2), r"config\.train\.eval_epochs is \(0, 2\): \[0\] are "
+     r"not epochs"),
+    # pid 0 is a person on MSMT17: only Market-1501's conventions make it a distractor.
+    ("eval", "drop_distractors", True, r"config\.eval\.drop_distractors is set, but msmt17 "
+     r"has no distractors"),
+], ids=["log_every_steps", "checkpoint_every_epochs", "epochs", "eval_epoch_0",
+        "drop_distractors"])
+def test_bad_settings_are_refused_before_anything_is_written(data_dir, tmp_path, section, key,
+                                                             value, expected):
+  config = tiny_config(data_dir)
+  setattr(config[section], key, value)
+  if key == "drop_distractors":
+    config.data.name = "msmt17"
+  with pytest.raises(ValueError, match=expected):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  if key == "drop_distractors":  # --mode eval refuses it too, before opening the dataset
+    with pytest.raises(ValueError, match=expected):
+      train.evaluate_workdir(config, str(tmp_path / "run"))
+
+
+def test_evaluation_epochs_past_the_end_are_said_to_be_skipped(data_dir, caplog):
+  config = tiny_config(data_dir, epochs=40, eval_epochs=(40, 120, 160))
+  with caplog.at_level(logging.WARNING):
+    train.check_train_config(config)
+  assert "config.train.eval_epochs [120, 160] lie past config.train.epochs=40" in caplog.text
+  caplog.clear()
+  config.train.eval_epochs = (40,)
+  with caplog.at_level(logging.WARNING):
+    train.check_train_config(config)
+  assert "eval_epochs" not in caplog.text
+
+
+def test_training_gives_sigterm_back(straight_run):
+  """After train_and_evaluate returns (in a notebook, say), SIGTERM acts as before."""
+  assert signal.getsignal(signal.SIGTERM) == SIGTERM_AT_IMPORT
+
+
+def test_sigterm_flag_puts_the_previous_handler_back_on_exit():
+  def mine(signum, frame):
+    del signum, frame
+
+  previous = signal.signal(signal.SIGTERM, mine)
+  try:
+    with pytest.raises(SystemExit):
+      with train._SigtermFlag() as preempted:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert preempted.set
+        raise SystemExit(143)  # what the loop does on SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == mine
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def test_non_finite_loss_names_the_step():

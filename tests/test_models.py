@@ -167,7 +167,8 @@ def test_batchnorm_gradients_equal_the_two_pass_formula():
 
     def ours(x, scale, bias):
       bn = layers.BatchNorm(7)
-      bn.scale[...], bn.bias[...] = scale, bias
+      # Cast explicitly: JAX will refuse an implicit float64 -> float32 scatter.
+      bn.scale[...], bn.bias[...] = scale.astype(jnp.float32), bias.astype(jnp.float32)
       return jnp.sum(jnp.sin(bn(x)) * w)
 
     def textbook(x, scale, bias):

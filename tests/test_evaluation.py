@@ -237,6 +237,19 @@ def test_rejects_no_valid_query(small):
     evaluate(q, g, np.zeros(6), np.zeros(30), np.zeros(6), np.zeros(30))
 
 
+def test_rejects_labels_of_different_types(small):
+  q, g, qp, gp, qc, gc = small
+  # As strings, query pid 1 and gallery pid '1' would silently count as equal.
+  with pytest.raises(ValueError, match="query_pids are numbers but gallery_pids are strings"):
+    evaluate(q, g, qp, gp.astype(str), qc, gc)
+  with pytest.raises(ValueError, match="query_camids are strings but gallery_camids are numbers"):
+    evaluate(q, g, qp, gp, qc.astype(str), gc)
+  # One type on both sides is fine, whatever it is: the metrics do not change.
+  as_numbers = evaluate(q, g, qp, gp, qc, gc)
+  as_strings = evaluate(q, g, qp.astype(str), gp.astype(str), qc, gc)
+  assert as_strings["mAP"] == as_numbers["mAP"]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

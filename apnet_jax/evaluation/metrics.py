@@ -195,6 +195,11 @@ def _as_labels(name: str, labels: Any, expected: int) -> np.ndarray:
 def _codes(query_labels: np.ndarray, gallery_labels: np.ndarray,
            name: str) -> tuple[np.ndarray, np.ndarray]:
   """Maps labels of any type to shared int32 codes (only equality matters)."""
+  # np.concatenate would turn 1 and '1' into equal strings: refuse the mix.
+  kinds = {"query": _label_kind(query_labels), "gallery": _label_kind(gallery_labels)}
+  if kinds["query"] != kinds["gallery"]:
+    raise ValueError(f"query_{name} are {kinds['query']} but gallery_{name} are "
+                     f"{kinds['gallery']}: use one type for both.")
   try:
     _, codes = np.unique(np.concatenate([query_labels, gallery_labels]),
                          return_inverse=True)
@@ -203,6 +208,15 @@ def _codes(query_labels: np.ndarray, gallery_labels: np.ndarray,
                      f"{error}") from error
   codes = codes.astype(np.int32).reshape(-1)
   return codes[:len(query_labels)], codes[len(query_labels):]
+
+
+def _label_kind(labels: np.ndarray) -> str:
+  """'numbers', 'strings' or 'bytes', for the query/gallery consistency check."""
+  if labels.dtype.kind in "biuf":
+    return "numbers"
+  if labels.dtype.kind in "US":
+    return "strings" if labels.dtype.kind == "U" else "bytes"
+  return f"{labels.dtype} objects"
 
 
 def _true_matches(query_pids: np.ndarray, query_camids: np.ndarray,

@@ -1,9 +1,12 @@
-"""Orbax checkpoints of a training run: model, optimizer, step, data position.
+"""Orbax checkpoints of a training run: model, optimizer and step.
 
 A checkpoint holds the ``TrainState`` (parameters, BatchNorm statistics and
-frozen biases, optimizer state, step), the input iterator's state, and a
-small JSON record (seed, epoch, the model and data config it belongs to).
-The RNG needs no saving: every random draw is a function of (seed, step).
+frozen biases, optimizer state, step) and a small JSON record (seed, epoch,
+the model and data config it belongs to). Neither the RNG nor the input
+pipeline's position needs saving: every random draw and every batch is a
+function of (seed, step), so a resumed run rebuilds both from the step, with
+any number of data workers. (Checkpoints written before 2026-12-02 also hold
+Grain's iterator state as an item ``data``; it is not read.)
 
 Preservation keeps the latest checkpoint *and* the best ``keep_best`` by
 mAP: a best-only policy would delete the newest one and break resuming.
@@ -25,7 +28,6 @@ import logging
 import os
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
@@ -101,8 +103,8 @@ def make_manager(workdir: str, *, keep_best: int,
                                options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
-         meta: dict[str, Any], *, metrics: dict[str, float] | None = None) -> None:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any], *,
+         metrics: dict[str, float] | None = None) -> None:
   """Starts an asynchronous save of ``step`` (returns before it is written).
 
   Waits for the previous save first. Raises `CheckpointSaveError` if that one
@@ -114,7 +116,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave(meta)),
         metrics=metrics,
         force=True)
@@ -160,16 +161,14 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, state: Any,
-            data_iterator: Any | None) -> tuple[Any, dict[str, Any]]:
-  """Restores ``step`` into the structure of ``state`` (and the iterator in place).
+def restore(manager: ocp.CheckpointManager, step: int,
+            state: Any) -> tuple[Any, dict[str, Any]]:
+  """Restores ``step`` into the structure of ``state``; returns it and its record.
 
   Raises `CheckpointReadError` naming the step and folder if it cannot be read.
   """
   items = dict(state=ocp.args.StandardRestore(abstract_like(state)),
                meta=ocp.args.JsonRestore())
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:
@@ -246,20 +245,3 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: st
     raise ValueError(f"{workdir}/checkpoints belongs to another run: " + "; ".join(diffs)
                      + ". Use another --workdir, or set these back to the checkpoint's values.")
 
-
-def check_loader_compatible(saved: dict[str, Any], num_workers: int, *, step: int,
-                            directory: str) -> None:
-  """Refuses to restore the input pipeline's position into another number of workers.
-
-  Grain's saved iterator state holds one entry per worker process, so it fits
-  only a loader with as many workers (restoring it elsewhere fails inside
-  Grain with a bare KeyError). A record without the setting is let through.
-  """
-  old = saved.get("data", {}).get("num_workers")
-  if old is not None and old != num_workers:
-    raise ValueError(
-        f"config.data.num_workers is {num_workers}, but the checkpoint of step {step} in "
-        f"{os.path.join(directory, str(step))} was saved with num_workers={old}, and the "
-        "input pipeline's saved position fits only a loader with as many workers. Resume "
-        f"with --config.data.num_workers={old}; the batches do not depend on it, so a new "
-        "run (another --workdir) may use any number.")

@@ -278,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Raises:
     ValueError: an invalid ``config.train`` or ``config.eval`` setting (before
       anything is computed or written), or a ``workdir`` checkpoint of another
-      run, seed, ``data.num_workers`` or of a longer run (before any compute).
+      run or seed, or of a longer run (before any compute).
     checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
   check_train_config(config)
@@ -309,11 +309,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_resumable(manager, start_step, meta, config, total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, workdir=workdir)
 
-  # The identity-balanced loader, model, optimizer and train state (resumed).
+  # The identity-balanced loader (from the resumed step: batches are a
+  # function of (seed, step)), model, optimizer and train state (resumed).
   loader = pipeline.train_loader(
       sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
       height=config.model.input_size[0], width=config.model.input_size[1],
-      seed=config.train.seed, num_workers=config.data.num_workers)
+      seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
   model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
   if config.model.init_from:
     init_from_imagenet(model, config.model.init_from)
@@ -321,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   graphdef, state = train_step.create_train_state(model, tx)
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   if start_step:
-    state, _ = checkpointing.restore(manager, start_step, state, loader)
+    state, _ = checkpointing.restore(manager, start_step, state)
     logging.info("Resumed from step %d", start_step)
   if is_main:  # after the check above: never overwrite another run's record
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -369,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                      kind="eval")
       if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
           or last or preempted.set):
-        checkpointing.save(manager, done, state, loader, dict(meta, epoch=epoch),
+        checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
                            metrics=evaluated)
       if preempted.set:
         checkpointing.wait_until_finished(manager)
@@ -397,12 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _check_resumable(manager, step: int, meta: dict[str, Any],
                      config: ml_collections.ConfigDict, *, total_steps: int,
                      steps_per_epoch: int, workdir: str) -> None:
-  """Refuses checkpoint ``step`` of another run, loader setting or a longer schedule."""
+  """Refuses checkpoint ``step`` of another run or of a longer schedule."""
   try:
     saved = checkpointing.restore_meta(manager, step)
     checkpointing.check_compatible(saved, meta, workdir)
-    checkpointing.check_loader_compatible(saved, config.data.num_workers, step=step,
-                                          directory=str(manager.directory))
     if step > total_steps:
       # The loop would not run, and the results would carry this config's
       # schedule for a model that trained longer.
@@ -559,7 +558,7 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
   on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
                        state)
-  state, _ = checkpointing.restore(manager, step, state, None)
+  state, _ = checkpointing.restore(manager, step, state)
   return nnx.merge(graphdef, state.params, state.rest), step
 
 

@@ -210,18 +210,27 @@ def test_resume_through_an_orbax_checkpoint(tmp_path):
   _assert_same_batches(list(restored), reference[7:])
 
 
+def test_a_loader_from_a_step_continues_exactly():
+  """Resuming needs only the step: batches are a function of (seed, step)."""
+  records, labels = _train_source()
+  reference = list(_loader(records, labels))
+  for start in (1, 7, len(reference)):
+    _assert_same_batches(list(_loader(records, labels, start_step=start)), reference[start:])
+
+
 def test_worker_processes_give_the_same_batches_and_resume():
   records, labels = _train_source()
   reference = list(_loader(records, labels))
-  # One iterator (worker start-up is the slow part): read 3 batches, save
-  # the state, read on to the end, then rewind to the saved state.
-  it = _loader(records, labels, num_workers=2)
+  # One iterator (worker start-up is the slow part), started at step 2 as a
+  # resumed run starts: read 3 batches, save the state, read on to the end,
+  # then rewind to the saved state.
+  it = _loader(records, labels, num_workers=2, start_step=2)
   try:
     head = [next(it) for _ in range(3)]
     state = json.loads(json.dumps(it.get_state()))
-    _assert_same_batches(head + list(it), reference)
+    _assert_same_batches(head + list(it), reference[2:])
     it.set_state(state)
-    _assert_same_batches(list(it), reference[3:])
+    _assert_same_batches(list(it), reference[5:])
   finally:
     it.close()
 
@@ -270,6 +279,8 @@ def test_labels_that_disagree_with_the_source_name_the_record():
         ({"width": 1.5}, None, "width must be an int"),
         ({"num_workers": -1}, None, "num_workers must be >= 0"),
         ({"num_epochs": 0}, None, "num_epochs must be >= 1"),
+        ({"start_step": -1}, None, "start_step must be >= 0"),
+        ({"start_step": 1000}, None, r"start_step=1000 lies past the \d+ steps of num_epochs=2"),
         ({"process_count": 4}, None,
          r"6 \(p=3 x k=2\) is not divisible by process_count=4"),
         ({"process_index": 2, "process_count": 2}, None,

@@ -127,21 +127,17 @@ def folder_digest(folder):
 
 
 def final_state(workdir):
-  """Every leaf of the saved train state at the last step, and the data iterator's state."""
+  """Every leaf of the saved train state at the last step."""
   manager = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
   assert manager.latest_step() == STEPS
   state = manager.restore(STEPS, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  leaves = {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state["state"]).items()}
-  data = (workdir / "checkpoints" / str(STEPS) / "data").glob("process_*.json")
-  return leaves, [p.read_text() for p in data]
+  return {k: np.asarray(v) for k, v in ocp.tree.to_flat_dict(state["state"]).items()}
 
 
-def assert_bitwise_equal(a, b):
-  (leaves_a, data_a), (leaves_b, data_b) = a, b
+def assert_bitwise_equal(leaves_a, leaves_b):
   assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 100
   for key in leaves_a:
     np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=str(key), strict=True)
-  assert data_a == data_b and data_a  # the input pipeline stands at the same place
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +153,7 @@ def uninterrupted(runner):
 
 def test_same_seed_and_devices_give_bitwise_identical_runs(runner, uninterrupted):
   again = final_state(runner.train(runner.root / "again"))
-  assert int(again[0][("step",)]) == STEPS
+  assert int(again[("step",)]) == STEPS
   assert_bitwise_equal(uninterrupted, again)
 
 
@@ -242,11 +238,9 @@ def saved_once(tmp_path):
   (tmp_path / "notes.txt").write_text("my notes")
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
   state = {"w": jnp.arange(16.0).reshape(4, 4), "step": jnp.asarray(2)}
-  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  next(iterator)
-  checkpointing.save(manager, 2, state, iterator, {"epoch": 1})
+  checkpointing.save(manager, 2, state, {"epoch": 1})
   checkpointing.wait_until_finished(manager)
-  return tmp_path, manager, state, iterator
+  return tmp_path, manager, state
 
 
 def fill_disk_for(monkeypatch, path):
@@ -262,25 +256,21 @@ def fill_disk_for(monkeypatch, path):
   monkeypatch.setattr("builtins.open", open_)
 
 
-@pytest.mark.parametrize("file_name, fails_in", [
-    # The last write of a save, by the background thread once all data is written.
-    (f"4{TMP}/commit_success.txt", "background"),
-    # The data iterator's state, written while save() blocks.
-    (f"4{TMP}/data{TMP}/process_0-of-1.json", "save"),
+@pytest.mark.parametrize("file_name", [
+    # The first write of a save and the last (once all data is written).
+    # Both happen in Orbax's background thread: save() returns first.
+    f"4{TMP}/_CHECKPOINT_METADATA",
+    f"4{TMP}/commit_success.txt",
 ])
 def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
-    saved_once, monkeypatch, file_name, fails_in):
-  workdir, manager, state, iterator = saved_once
+    saved_once, monkeypatch, file_name):
+  workdir, manager, state = saved_once
   fill_disk_for(monkeypatch, workdir / "checkpoints" / file_name)
   expected = (rf"checkpoint of step 4 to {workdir}/checkpoints \(the disk is full\): "
               rf"\[Errno 28\].*intact \(steps \[2\]\).*resume from step 2")
-  if fails_in == "background":
-    checkpointing.save(manager, 4, state, iterator, {"epoch": 2})  # returns; writes go on
-    with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
-      checkpointing.save(manager, 6, state, iterator, {"epoch": 3})  # waits for step 4 first
-  else:
-    with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
-      checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+  checkpointing.save(manager, 4, state, {"epoch": 2})  # returns; writes go on
+  with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
+    checkpointing.save(manager, 6, state, {"epoch": 3})  # waits for step 4 first
   monkeypatch.undo()
 
   assert (workdir / "notes.txt").read_text() == "my notes"
@@ -288,16 +278,16 @@ def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
   assert (workdir / "checkpoints" / f"4{TMP}").exists()  # left for the next run to delete
   reader = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
   assert reader.all_steps() == [2]
-  restored, meta = checkpointing.restore(reader, 2, state, None)
+  restored, meta = checkpointing.restore(reader, 2, state)
   np.testing.assert_array_equal(restored["w"], state["w"])
   assert meta == {"epoch": 1}
 
 
 def test_a_state_that_cannot_be_saved_is_not_called_a_disk_problem(saved_once):
-  _, manager, state, iterator = saved_once
+  _, manager, state = saved_once
   with pytest.raises(checkpointing.CheckpointSaveError,
                      match=r"checkpoint of step 4 .*intact \(steps \[2\]\)\.$") as caught:
-    checkpointing.save(manager, 4, dict(state, bad=object()), iterator, {"epoch": 2})
+    checkpointing.save(manager, 4, dict(state, bad=object()), {"epoch": 2})
   assert "rerun" not in str(caught.value) and ".." not in str(caught.value)
 
 
@@ -307,7 +297,7 @@ def test_saves_between_evaluations_do_not_warn(saved_once):
 
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
-  _, manager, state, iterator = saved_once
+  _, manager, state = saved_once
   seen = []
   handler = logging.Handler()
   handler.emit = lambda record: seen.append(record.getMessage())
@@ -315,14 +305,14 @@ def test_saves_between_evaluations_do_not_warn(saved_once):
   absl.addHandler(handler)
   try:
     absl.removeFilter(checkpointing.NO_METRICS_FILTER)  # Orbax does warn without it
-    checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+    checkpointing.save(manager, 4, state, {"epoch": 2})
     assert any("did not provide metrics" in message for message in seen), seen
     seen.clear()
     absl.addFilter(checkpointing.NO_METRICS_FILTER)
-    checkpointing.save(manager, 6, state, iterator, {"epoch": 3})
+    checkpointing.save(manager, 6, state, {"epoch": 3})
     checkpointing.wait_until_finished(manager)
     assert not any("did not provide metrics" in message for message in seen), seen
-    checkpointing.save(manager, 8, state, iterator, {"epoch": 4}, metrics={"mAP": 0.5})
+    checkpointing.save(manager, 8, state, {"epoch": 4}, metrics={"mAP": 0.5})
     checkpointing.wait_until_finished(manager)
   finally:
     absl.removeHandler(handler)
@@ -352,9 +342,8 @@ def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, damage):
   (tmp_path / "notes.txt").write_text("my notes")
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
   state = {"w": jnp.arange(16.0).reshape(4, 4), "step": jnp.asarray(2)}
-  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-  checkpointing.save(manager, 2, state, iterator, {"epoch": 1}, metrics={"mAP": 0.5})
-  checkpointing.save(manager, 4, state, iterator, {"epoch": 2})
+  checkpointing.save(manager, 2, state, {"epoch": 1}, metrics={"mAP": 0.5})
+  checkpointing.save(manager, 4, state, {"epoch": 2})
   checkpointing.wait_until_finished(manager)
   manager.close()
   checkpoints = tmp_path / "checkpoints"
@@ -369,20 +358,20 @@ def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, damage):
               r"and rerun: the run then uses step 2, the latest of the other kept steps \[2\]\.$")
   with pytest.raises(checkpointing.CheckpointReadError, match=expected) as caught:
     checkpointing.restore_meta(manager, 4)
-    checkpointing.restore(manager, 4, state, iterator)  # when the record itself is readable
+    checkpointing.restore(manager, 4, state)  # when the record itself is readable
   manager.close()
   assert "tensorstore_spec" not in str(caught.value)  # a screenful of JSON, naming nothing new
   assert folder_digest(tmp_path) == before
 
 
 def test_a_damaged_only_checkpoint_says_training_starts_over(saved_once):
-  workdir, manager, state, iterator = saved_once
+  workdir, manager, state = saved_once
   shutil.rmtree(workdir / "checkpoints" / "2" / "state")
   with pytest.raises(checkpointing.CheckpointReadError,
                      match=r"step 2 .*\(KeyError: Item \"state\" was not found.*Nothing "
                      r"was deleted.*no other step is kept, so training would start over from "
                      r"step 0\.$"):
-    checkpointing.restore(manager, 2, state, iterator)
+    checkpointing.restore(manager, 2, state)
   assert (workdir / "checkpoints" / "2" / "meta").exists()
   assert (workdir / "notes.txt").read_text() == "my notes"
 
@@ -425,13 +414,29 @@ def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypat
   assert len(replicated.device_set) == 8
   state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
-  checkpointing.save(manager, 2, state, iter(grain.MapDataset.range(4).to_iter_dataset()),
-                     {"epoch": 1})
+  checkpointing.save(manager, 2, state, {"epoch": 1})
   checkpointing.wait_until_finished(manager)
   assert seen and not any(seen)
-  restored, _ = checkpointing.restore(manager, 2, state, None)
+  restored, _ = checkpointing.restore(manager, 2, state)
   np.testing.assert_array_equal(restored["w"], state["w"])
   assert restored["w"].sharding == replicated
+
+
+def test_a_checkpoint_with_the_old_data_item_still_restores(tmp_path):
+  # Checkpoints written before 2026-12-02 also held Grain's iterator state.
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  state = {"w": jnp.arange(4.0)}
+  iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+  next(iterator)
+  manager.save(2, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
+      meta=ocp.args.JsonSave({"epoch": 1})), force=True)
+  manager.wait_until_finished()
+  assert (tmp_path / "checkpoints" / "2" / "data").is_dir()
+  restored, meta = checkpointing.restore(manager, 2, state)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert meta == {"epoch": 1}
+  manager.close()
 
 
 def test_a_users_array_handler_is_left_alone(tmp_path):

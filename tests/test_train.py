@@ -49,11 +49,16 @@ def straight_run(data_dir, tmp_path_factory):
 
 
 def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
-  """2N steps == N steps + restart + N steps, parameter for parameter."""
+  """2N steps == N steps + restart + N steps, parameter for parameter.
+
+  The restart decodes in a worker process (the first half in-process): the
+  input pipeline resumes from the step alone, whatever the worker count.
+  """
   (straight, results), split = straight_run, str(tmp_path / "split")
   config = tiny_config(data_dir, max_steps=2, eval_epochs=(1, 2), keep_best=2)
   train.train_and_evaluate(config, split)
   config.train.max_steps = 4
+  config.data.num_workers = 1
   train.train_and_evaluate(config, split)
   a, b = saved_state(straight, 4), saved_state(split, 4)
   leaves_a, leaves_b = ocp.tree.to_flat_dict(a), ocp.tree.to_flat_dict(b)
@@ -76,21 +81,19 @@ def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
   assert any(r["kind"] == "eval" and "mAP" in r for r in records)
   assert os.listdir(os.path.join(split, "tensorboard"))
   with open(os.path.join(split, "config.json")) as f:
-    assert json.load(f)["train"]["max_steps"] == 4
+    saved = json.load(f)
+  assert saved["train"]["max_steps"] == 4 and saved["data"]["num_workers"] == 1
 
 
 @pytest.mark.parametrize("section, key, value, expected", [
     ("model", "level", 1, r"model\.level: checkpoint 2, config 1"),
     ("train", "seed", 1, r"train\.seed: checkpoint 0, config 1"),
-    # Grain's saved position has one entry per worker: it fits no other count.
-    ("data", "num_workers", 2, r"config\.data\.num_workers is 2, but the checkpoint of step 4 "
-     r"in {checkpoints}/4 was saved with num_workers=0.*--config\.data\.num_workers=0"),
     # A rerun with a shorter schedule: nothing to train, and not this config's model.
     ("train", "max_steps", 2, r"holds step 4, past this config's last step 2 "
      r"\(config\.train\.max_steps=2\).*config\.train\.max_steps to at least 4"),
     ("train", "epochs", 1, r"holds step 4, past this config's last step 2 \(config\.train\."
      r"epochs=1 x 2 steps per epoch\).*config\.train\.epochs to at least 2.*--mode eval"),
-], ids=["level", "seed", "num_workers", "max_steps", "epochs"])
+], ids=["level", "seed", "max_steps", "epochs"])
 def test_resume_refuses_another_run(data_dir, straight_run, tmp_path, section, key, value,
                                     expected):
   workdir = tmp_path / "run"  # a copy: a refusal that fails must not harm the other tests
@@ -107,13 +110,10 @@ def test_resume_refuses_another_run(data_dir, straight_run, tmp_path, section, k
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
-def test_records_without_seed_or_workers_still_resume():
-  """Records written before a key was checked are let through, not refused."""
+def test_records_without_seed_still_resume():
+  """Records written before the seed was checked are let through, not refused."""
   current = {"seed": 3, "num_classes": 8, "model": {}, "data": {"num_workers": 2}}
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
-  checkpointing.check_loader_compatible({"data": {}}, 2, step=4, directory="w/checkpoints")
-  checkpointing.check_loader_compatible({"data": {"num_workers": 2}}, 2, step=4,
-                                        directory="w/checkpoints")
 
 
 @pytest.mark.parametrize("section, key, value, expected", [
@@ -248,7 +248,7 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
   model = train.build_model(config.model, 8, rngs=nnx.Rngs(0))
   graphdef, template = train_step.create_train_state(model, optim.make_optimizer(config, 2)[0])
   state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
-                                   template, None)
+                                   template)
   save_torch_weights(nnx.merge(graphdef, state.params, state.rest), tmp_path / "official.pth")
   config.eval.torch_checkpoint = str(tmp_path / "official.pth")
   from_torch = train.evaluate_workdir(config, str(tmp_path / "report"))

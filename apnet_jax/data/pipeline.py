@@ -236,23 +236,25 @@ def train_loader(
     width: int,
     seed: int,
     num_epochs: int | None = None,
+    start_step: int = 0,
     num_workers: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.DatasetIterator:
-  """Returns a checkpointable iterator over P x K training batches.
+  """Returns an iterator over P x K training batches, from batch ``start_step`` on.
 
   Batch ``s`` (0-based global step) holds P distinct identities x K images
   from ``RandomIdentitySampler(labels, p=p, k=k, seed=seed).batch(s)``; epoch
   ``e`` covers steps ``[e * spe, (e + 1) * spe)`` with
   ``spe = steps_per_epoch(labels, p=p, k=k)``.
 
-  The iterator's ``get_state()`` / ``set_state()`` (or Orbax with
-  ``grain.checkpoint.CheckpointSave/CheckpointRestore``) save and restore the
-  position exactly. A state is only valid for an iterator built with the same
-  arguments (source, labels, p, k, seed, sizes, process layout) and the same
-  ``num_workers``. With ``num_workers > 0``, call ``close()`` on the
-  iterator when done with it, to stop the worker processes promptly.
+  Batches are a pure function of (seed, step), so resuming needs no saved
+  iterator state: ``start_step`` set to the checkpoint's step gives exactly
+  the batches an uninterrupted run would have seen, with any ``num_workers``.
+  (The iterator's ``get_state()`` / ``set_state()`` also work, for the same
+  arguments and ``num_workers`` only.) With ``num_workers > 0``, call
+  ``close()`` on the iterator when done with it, to stop the worker processes
+  promptly.
 
   Args:
     source: Train records (see the module docstring).
@@ -263,7 +265,9 @@ def train_loader(
     height: Output image height (e.g. 384).
     width: Output image width (e.g. 192).
     seed: Seed of the sampling; batches are a pure function of (seed, step).
-    num_epochs: Number of epochs to yield, or None for an endless stream.
+    num_epochs: Number of epochs to yield (counted from step 0), or None for
+      an endless stream.
+    start_step: The global step of the first batch (a resumed run's step).
     num_workers: Grain worker processes decoding batches (0 = in-process).
     process_index: This JAX process (default ``jax.process_index()``).
     process_count: Number of JAX processes (default
@@ -310,7 +314,11 @@ def train_loader(
       height,
       width,
   )
-  ds = grain.MapDataset.range(num_steps).map(load)
+  check_int("start_step", start_step, 0)
+  if start_step > num_steps:
+    raise ValueError(f"start_step={start_step} lies past the {num_steps} steps of "
+                     f"num_epochs={num_epochs}.")
+  ds = grain.MapDataset.range(start_step, num_steps).map(load)
   return _make_iterator(ds, num_workers)
 
 

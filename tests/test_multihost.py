@@ -190,10 +190,11 @@ def test_only_process_0_writes_logs_and_results(runs):
   (train_0, train_1), (eval_0, eval_1) = runs["pair_outputs"], runs["pair_eval_outputs"]
   assert table in train_0 and "train:" in train_0 and table in eval_0
   assert table not in train_1 and "train:" not in train_1 and table not in eval_1
-  # One checkpoint, written together: each process's input position, one state.
+  # One checkpoint, written together: one state and one record (the input
+  # position is the step, so no process saves its own).
   step_dir = os.path.join(pair, "checkpoints", str(STEPS))
-  assert sorted(os.listdir(os.path.join(step_dir, "data"))) == [
-      "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
+  assert sorted(os.listdir(step_dir)) == [
+      "_CHECKPOINT_METADATA", "commit_success.txt", "meta", "state"]
 
 
 _PROBE = """

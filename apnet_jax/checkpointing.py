@@ -167,10 +167,10 @@ def restore(manager: ocp.CheckpointManager, step: int,
 
   Raises `CheckpointReadError` naming the step and folder if it cannot be read.
   """
-  items = dict(state=ocp.args.StandardRestore(abstract_like(state)),
-               meta=ocp.args.JsonRestore())
+  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)),
+                            meta=ocp.args.JsonRestore())
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = manager.restore(step, args=args)
   except Exception as e:
     raise _read_error(manager, step, e) from e
   return restored["state"], restored["meta"]

@@ -44,12 +44,12 @@ def rank(query_features: np.ndarray, gallery_features: np.ndarray, *, top: int,
 
   ``exclude`` (Q, G) marks pairs left out of the ranking.
   """
-  # The evaluator's epsilon: an all-zero feature ranks at distance sqrt(2), not NaN.
-  q = query_features / np.maximum(np.linalg.norm(query_features, axis=1, keepdims=True),
-                                  metrics.NORM_EPS)
-  g = gallery_features / np.maximum(np.linalg.norm(gallery_features, axis=1, keepdims=True),
-                                    metrics.NORM_EPS)
-  dist = np.sqrt(np.clip(2 - 2 * q @ g.T, 1e-12, None))
+  def normalized(x):
+    # The evaluator's epsilon: an all-zero feature ranks at distance sqrt(2), not NaN.
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), metrics.NORM_EPS)
+
+  dist = np.sqrt(np.clip(2 - 2 * normalized(query_features) @ normalized(gallery_features).T,
+                         1e-12, None))
   if exclude is not None:
     dist[exclude] = np.inf
   order = np.argsort(dist, axis=1, kind="stable")[:, :top]

@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 import jax
+import jax.export  # a submodule that `import jax` alone loads only in newer releases
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from apnet_jax import torch_io
+from apnet_jax import compat, torch_io
 from apnet_jax.models import attention, layers
 from apnet_jax.models.apnet import APNet
 
@@ -93,7 +93,7 @@ def _module_name(path: tuple, model: APNet) -> str:
 
 def _entries(model: APNet) -> dict[str, _Entry]:
   """Every official key of ``model`` with the variable behind it."""
-  modules = dict(nnx.iter_modules(model))
+  modules = dict(compat.iter_modules(model))
   out = {}
   for path, module in modules.items():
     if isinstance(module, layers.BatchNorm):
@@ -261,7 +261,7 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
   for variable, value in updates:
     # Converted by numpy, placed by device_put: jnp.asarray would compile a
     # program per tensor shape.
-    variable.set_value(jax.device_put(np.asarray(value, np.dtype(variable.dtype))))
+    compat.set_value(variable, jax.device_put(np.asarray(value, np.dtype(variable.dtype))))
 
   counters = {k for k in state if k.endswith("num_batches_tracked")}
   loaded = [shown(k) for k in entries if k in state]

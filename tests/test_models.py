@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apnet_jax import build_model
+from apnet_jax import build_model, compat
 from apnet_jax.models import attention, layers
 from apnet_jax.models.apnet import stage_sizes
 from apnet_jax.models.summary import count_parameters
@@ -158,7 +158,7 @@ def test_batchnorm_statistics_survive_a_large_mean():
 def test_batchnorm_gradients_equal_the_two_pass_formula():
   """Autodiff through our BatchNorm equals the textbook formula's gradients."""
   rng = np.random.default_rng(4)
-  with jax.enable_x64(True):
+  with compat.enable_x64(True):
     x = jnp.asarray(rng.normal(2.0, 3.0, size=(4, 5, 6, 7)))
     w = jnp.asarray(rng.normal(size=(4, 5, 6, 7)))
     # The layer keeps float32 parameters: use float32-representable values.
@@ -253,13 +253,13 @@ def _composed_channel_pyramid(pyramid, x):
 @pytest.mark.parametrize("level", [1, 2, 3])
 def test_channel_pyramid_equals_the_official_composition(level, training):
   """The affine form of APNet-C's pyramid: same map, weights, statistics, gradients."""
-  with jax.enable_x64(True):
+  with compat.enable_x64(True):
     pyramid = attention.AttentionPyramid(8, level, "channel", (6, 4), rngs=nnx.Rngs(3))
     rng = np.random.default_rng(level)
     for bn in pyramid.split_bns:  # away from the initial values
-      bn.mean.set_value(jnp.asarray(rng.normal(size=8)))
-      bn.var.set_value(jnp.asarray(rng.uniform(0.5, 2, size=8)))
-      bn.scale.set_value(jnp.asarray(rng.uniform(0.5, 2, size=8)))
+      compat.set_value(bn.mean, jnp.asarray(rng.normal(size=8)))
+      compat.set_value(bn.var, jnp.asarray(rng.uniform(0.5, 2, size=8)))
+      compat.set_value(bn.scale, jnp.asarray(rng.uniform(0.5, 2, size=8)))
     pyramid.set_attributes(use_running_average=not training, raise_if_not_found=False)
     for sams in pyramid.splits:
       sams.bn1.use_running_average = True  # a BatchNorm of B pooled vectors, not under test
@@ -306,7 +306,7 @@ def test_channel_pyramid_keeps_float32_precision_under_a_large_mean():
     # Attention that ignores its input (zero last layers): the weights are then
     # the same in float32 and float64, and only the statistics are compared.
     for gate in (*pyramid.splits, pyramid.whole):
-      gate.fc2.kernel.set_value(jnp.zeros_like(gate.fc2.kernel[...]))
+      compat.set_value(gate.fc2.kernel, jnp.zeros_like(gate.fc2.kernel[...]))
     return pyramid
 
   rng = np.random.default_rng(4)
@@ -315,7 +315,7 @@ def test_channel_pyramid_keeps_float32_precision_under_a_large_mean():
   pyramid = build()
   got = nnx.jit(lambda m, x: m(x))(pyramid, jnp.asarray(x, jnp.float32))
   got_var = [np.asarray(bn.var[...]) for bn in pyramid.split_bns]
-  with jax.enable_x64(True):
+  with compat.enable_x64(True):
     graphdef, state = nnx.split(build())
     reference = nnx.merge(graphdef, jax.tree.map(lambda a: a.astype(jnp.float64), state))
     want, _, want_stats = _composed_channel_pyramid(reference, jnp.asarray(x))
@@ -414,7 +414,7 @@ def test_initialisers_draw_on_the_host_from_the_key():
   try:
     eager = build_model(config, 7, rngs=nnx.Rngs(3))
   finally:
-    jax.monitoring.unregister_event_duration_listener(count)
+    compat.unregister_event_duration_listener(count)
   # A few key derivations at most; drawing with jax.random lowered ~100 programs.
   assert len(lowered) <= 5, len(lowered)
   jitted = nnx.jit(lambda: build_model(config, 7, rngs=nnx.Rngs(3)))()
@@ -458,7 +458,7 @@ def test_frozen_biases_are_not_parameters():
 def test_cpu_convolution_rewrite_equals_lax(kernel, stride, padding, features):
   """The 1x1-as-matmul path (taken on CPU) gives lax's values and gradients."""
   rng = np.random.default_rng(5)
-  with jax.enable_x64(True):
+  with compat.enable_x64(True):
     x = jnp.asarray(rng.normal(size=(2, 9, 7, features[0])))
     w = jnp.asarray(rng.normal(size=(kernel, kernel, *features)))
     dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from apnet_jax import build_model, load_torch_weights
+from apnet_jax import build_model, compat, load_torch_weights
 from configs.common import get_config
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden"
@@ -133,7 +133,7 @@ def test_eval_float32_highest_precision(case):
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_eval_and_train_float64(case):
-  with jax.enable_x64(True):
+  with compat.enable_x64(True):
     model, images = golden_model(case, jnp.float64)
     model.eval()
     check_case(model, images, case["eval"], tol=1e-10)

@@ -160,8 +160,8 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
 
 def test_the_step_is_jitted_with_the_cpu_options(harness, monkeypatch):
   """make_train_step hands apnet_jax.xla_cpu's options to jax.jit (see test_xla_cpu.py)."""
-  expected = xla_cpu.compiler_options(harness.mesh("1"))  # probes the jaxlib before the spy
-  assert expected == xla_cpu.CPU_COMPILER_OPTIONS
+  # Probes the jaxlib before the spy; which options this jaxlib gets is test_xla_cpu.py's.
+  expected = xla_cpu.compiler_options(harness.mesh("1"))
   seen = []
   real_jit = jax.jit
 
@@ -249,8 +249,9 @@ def test_bfloat16_compute_keeps_float32_state_and_loss():
   conv_outputs = re.findall(r"(\w+)\[[^\]]*\] = conv_general_dilated", jaxpr)
   assert len(conv_outputs) > 40  # Forward and backward convolutions.
   assert set(conv_outputs) == {"bf16"}
-  # The stem conv's output: 64x32 / 2, 64 * 0.25 channels, batch-sharded.
-  assert "bf16[16@data,32,16,16] = conv_general_dilated" in jaxpr
+  # The stem conv's output: 64x32 / 2, 64 * 0.25 channels, batch-sharded (newer
+  # jax prints the sharding in the type).
+  assert re.search(r"bf16\[16(@data)?,32,16,16\] = conv_general_dilated", jaxpr)
 
 
 def test_train_state_roundtrips_through_orbax(harness, tmp_path):

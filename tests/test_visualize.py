@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from apnet_jax import build_model, save_torch_weights, visualize
+from apnet_jax import build_model, compat, save_torch_weights, visualize
 from apnet_jax.data import augment
 from apnet_jax.models import layers
 from apnet_jax.models.apnet import stage_sizes
@@ -29,7 +29,7 @@ def small_model(kind, level, seed):
   config.model.kind, config.model.level = kind, level
   model = build_model(config.model, NUM_CLASSES, rngs=nnx.Rngs(seed))
   rng = np.random.default_rng(seed)
-  for path, module in nnx.iter_modules(model):
+  for path, module in compat.iter_modules(model):
     if path[:1] == ("pyramids",) and isinstance(module, layers.BatchNorm):
       n = module.num_features
       module.mean[...] = jnp.asarray(rng.normal(0, 0.1, n), jnp.float32)

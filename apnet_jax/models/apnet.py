@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apnet_jax import compat
 from apnet_jax.models import attention, layers
 from apnet_jax.models.resnet import ResNet
 
@@ -71,7 +72,7 @@ class APNet(nnx.Module):
     self.backbone = ResNet(depth, width=width, last_stride=last_stride, stem_relu=stem_relu,
                            dtype=dtype, rngs=rngs)
     sizes = stage_sizes(tuple(input_size), last_stride)
-    self.pyramids = nnx.List([
+    self.pyramids = compat.module_list([
         attention.AttentionPyramid(c, level, kind, hw, dtype=dtype, rngs=rngs)
         for c, hw in zip(self.backbone.stage_channels, sizes)
     ])

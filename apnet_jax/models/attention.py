@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from apnet_jax import compat
 from apnet_jax.models import layers
 
 Dtype = Any
@@ -216,9 +217,9 @@ class AttentionPyramid(nnx.Module):
         splits.append(SAMS(channels, parts, dtype=dtype, rngs=rngs))
       else:
         splits.append(StripeAttention(channels, h, w, parts, dtype=dtype, rngs=rngs))
-    self.splits = nnx.List(splits)
+    self.splits = compat.module_list(splits)
     # The official BN2d after each SAMS: bias frozen at zero.
-    self.split_bns = nnx.List(
+    self.split_bns = compat.module_list(
         [layers.BatchNorm(channels, frozen_bias=True, dtype=dtype) for _ in splits])
     if level == 0:
       self.whole = None

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apnet_jax import compat
+
 Dtype = Any
 
 
@@ -155,12 +157,12 @@ class BatchNorm(nnx.Module):
       mean, var = batch_mean, batch_var
       unbiased = var * (count / (count - 1))
       m = self.momentum
-      # set_value, not `[...] =`: under a trace, flax's indexed assignment asks
-      # each tracer for its `sharding`, and JAX answers with an error message
-      # that scans the whole jaxpr. That is quadratic in the model: 31 s of the
-      # 42 s that a ResNet-18 level-3 train-mode gradient took to trace.
-      self.mean.set_value((1.0 - m) * self.mean[...] + m * mean)
-      self.var.set_value((1.0 - m) * self.var[...] + m * unbiased)
+      # compat.set_value, not `[...] =`: under a trace, flax's indexed
+      # assignment asks each tracer for its `sharding`, and JAX answers with an
+      # error message that scans the whole jaxpr: tracing time quadratic in the
+      # size of the model.
+      compat.set_value(self.mean, (1.0 - m) * self.mean[...] + m * mean)
+      compat.set_value(self.var, (1.0 - m) * self.var[...] + m * unbiased)
     return mean, self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from apnet_jax import compat
 from apnet_jax.models import layers
 
 Dtype = Any
@@ -119,7 +120,7 @@ class ResNet(nnx.Module):
       for j in range(n):
         stage.append(block_cls(in_ch, planes, stride if j == 0 else 1, dtype=dtype, rngs=rngs))
         in_ch = planes * block_cls.expansion
-      setattr(self, f"layer{i + 1}", nnx.List(stage))
+      setattr(self, f"layer{i + 1}", compat.module_list(stage))
       stage_channels.append(in_ch)
     self.stage_channels = tuple(stage_channels)
 

@@ -91,7 +91,7 @@ def _open_or_prepare(data_config: ml_collections.ConfigDict):
     return prepare_dataset(data_config)
   raise FileNotFoundError(
       f"{data_config.name} is not prepared in {data_dir}. Download it as "
-      f"datasets/{data_config.name}/README.md says and run with "
+      f"apnet_jax/datasets/{data_config.name}/README.md says and run with "
       f"--config.data.manual_dir=<the folder holding it> (once; it is then kept in "
       f"{data_dir}).")
 

@@ -508,21 +508,13 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   # TFDS finds a builder's README.md, CITATIONS.bib and checksums.tsv from its
-  # module file. Two of its ways to find that file fail here, so both are
-  # replaced by the plain one:
-  # * `code_path` evaluates `importlib_resources.abc.Traversable`, a package
-  #   tfds 4.9.10 does not declare for Python >= 3.9
-  #   (tensorflow/datasets#11212);
-  # * `_get_pkg_dir_path` maps the module name `apnet_jax.datasets.x` to a
-  #   folder, but in an editable install that folder is `datasets/x`.
+  # module file. Its `code_path` evaluates `importlib_resources.abc.Traversable`,
+  # a package tfds 4.9.10 does not declare for Python >= 3.9
+  # (tensorflow/datasets#11212): the plain way instead.
   @tfds.core.utils.classproperty
   @classmethod
   def code_path(cls) -> epath.Path:  # pytype: disable=signature-mismatch
     return epath.Path(inspect.getfile(cls))
-
-  @classmethod
-  def _get_pkg_dir_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls)).parent
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

@@ -15,6 +15,7 @@ identical XLA programs are reused (the cache key is the whole compiled
 module, its options and the devices).
 """
 
+import importlib.metadata
 import os
 import pathlib
 
@@ -37,3 +38,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_report_header(config):
+  """The versions under test, at the top of every run (CI runs two sets)."""
+  del config
+  names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
+           "numpy")
+  return "apnet-jax under " + ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)

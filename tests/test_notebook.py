@@ -12,6 +12,9 @@ pictures the notebook shows.
 import builtins
 import json
 import os
+import re
+import subprocess
+import sys
 import types
 
 import pytest
@@ -26,6 +29,41 @@ def load_cells():
     notebook = json.load(f)
   assert notebook["nbformat"] == 4
   return notebook["cells"]
+
+
+def install_cell():
+  (cell,) = [c for c in load_cells() if "install" in c["metadata"].get("tags", [])]
+  return "".join(cell["source"])
+
+
+def test_the_repository_address_is_one_variable():
+  assignments = [line for cell in load_cells() if cell["cell_type"] == "code"
+                 for line in "".join(cell["source"]).splitlines() if "REPO_URL =" in line]
+  assert len(assignments) == 1 and assignments[0] in install_cell().splitlines()
+  clone = [line for line in install_cell().splitlines() if "git clone" in line]
+  assert len(clone) == 1 and "{REPO_URL} /content/apnet-jax" in clone[0]
+  code = "".join("".join(c["source"]) for c in load_cells() if c["cell_type"] == "code")
+  assert code.count("github.com") == 1  # the assignment alone
+
+
+def test_the_install_line_keeps_the_installed_jax(tmp_path):
+  # The install cell's own pip line, run as Colab's shell would (here against
+  # this environment: Colab's versions in CI's floor run), as a dry run: it must
+  # install the package and move neither jax nor jaxlib, whose replacement would
+  # strand Colab's CUDA plugin.
+  (line,) = [line.lstrip("!") for line in install_cell().splitlines()
+             if line.startswith("!pip install")]
+  report = tmp_path / "report.json"
+  command = line.replace("/content/apnet-jax", ROOT).replace(
+      "pip install", f"pip install --dry-run --report {report}", 1)
+  env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+  done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stdout + done.stderr
+  moved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+           for item in json.loads(report.read_text())["install"]}
+  assert "apnet-jax" in moved
+  assert not {name for name in moved if re.fullmatch(r"jax|jaxlib|jax-cuda\d+-\w+", name)}, moved
 
 
 def test_notebook_is_committed_without_outputs():

@@ -13,20 +13,23 @@ ids, at raw little-endian storages. Two containers exist:
 The unpickler here only resolves the handful of globals a state dict needs
 (tensor and parameter rebuilders, storage types, ``OrderedDict``) and refuses
 anything else by name, so reading a checkpoint never runs foreign code.
+``.safetensors`` files are read by the safetensors library.
 """
 
 from __future__ import annotations
 
 import collections
 import io
-import json
 import os
 import pickle
 import struct
 import zipfile
 from typing import Any, BinaryIO, Mapping
 
+import ml_dtypes  # bfloat16 for numpy (a JAX dependency); safetensors.numpy reads BF16 by it
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 _STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -51,8 +54,6 @@ class _StorageType:
 
   def __init__(self, name: str):
     if name == "BFloat16Storage":
-      import ml_dtypes  # A JAX dependency; only needed for bfloat16 checkpoints.
-
       self.dtype = np.dtype(ml_dtypes.bfloat16)
     elif name in _STORAGE_DTYPES:
       self.dtype = np.dtype(_STORAGE_DTYPES[name])
@@ -182,40 +183,11 @@ def _resolve(obj, storages):
   return obj
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4",
-    "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?",
-}
-
-
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) != 8:
-      raise CheckpointFormatError(f"{path}: too short for a safetensors file")
-    (n,) = struct.unpack("<Q", head)
-    try:
-      header = json.loads(f.read(n))
-    except ValueError as e:
-      raise CheckpointFormatError(f"{path}: unreadable safetensors header ({e})") from e
-    data = f.read()
-  out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] == "BF16":
-      import ml_dtypes
-
-      dtype = np.dtype(ml_dtypes.bfloat16)
-    elif info["dtype"] in _SAFETENSORS_DTYPES:
-      dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-    else:
-      raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    if end > len(data):
-      raise CheckpointFormatError(f"{path}: truncated (tensor {name!r})")
-    out[name] = np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"])
-  return out
+  try:
+    return safetensors.numpy.load_file(path)
+  except (safetensors.SafetensorError, TypeError) as e:  # TypeError: a dtype numpy lacks
+    raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:

@@ -178,6 +178,36 @@ def test_nested_dataparallel_safetensors_and_npz_sources(tmp_path):
     assert_same_state(model, other)
 
 
+def _safetensors_file(path, tensors):
+  """A .safetensors file written by hand from its specification: an 8-byte
+  little-endian header length, the JSON header, then the tensors' bytes."""
+  header, data = {}, b""
+  for name, (dtype, shape, raw) in tensors.items():
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+    data += raw
+  text = json.dumps(header).encode()
+  path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+  return path
+
+
+def test_safetensors_files_are_read_or_named(tmp_path):
+  weight = np.arange(6, dtype="<f4").reshape(2, 3)
+  good = _safetensors_file(tmp_path / "good.safetensors",
+                           {"w": ("F32", [2, 3], weight.tobytes())})
+  np.testing.assert_array_equal(torch_io.read_checkpoint(good)["w"], weight)
+  cut = tmp_path / "cut.safetensors"
+  cut.write_bytes(good.read_bytes()[:-5])
+  with pytest.raises(torch_io.CheckpointFormatError, match="cut.safetensors"):
+    torch_io.read_checkpoint(cut)
+  # bfloat16 1.0 and -2.0: the top halves of the float32 bit patterns.
+  bf16 = _safetensors_file(tmp_path / "half.safetensors",
+                           {"w": ("BF16", [2], bytes([0x80, 0x3F, 0x00, 0xC0]))})
+  np.testing.assert_array_equal(torch_io.read_checkpoint(bf16)["w"].astype(np.float32), [1, -2])
+  odd = _safetensors_file(tmp_path / "odd.safetensors", {"w": ("X9", [1], b"\0")})
+  with pytest.raises(torch_io.CheckpointFormatError, match="odd.safetensors"):
+    torch_io.read_checkpoint(odd)
+
+
 def test_torchvision_layout_fills_the_backbone():
   source_model = small_model(level=0, seed=1)
   official = weights.torch_state_dict(source_model)

@@ -43,8 +43,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from apnet_jax import losses, optim, xla_cpu
+from apnet_jax import losses, optim
 from apnet_jax.data import augment
+from apnet_jax.models import layers
+from apnet_jax.platform import cpu
 
 __all__ = [
     "DATA_AXIS",
@@ -225,9 +227,11 @@ def make_train_step(
     ``triplet``, ``acc``, ``lr``, ``grad_norm`` (of the loss gradient,
     before weight decay), ``param_norm`` (after the update), ``dist_ap``,
     ``dist_an``. The jitted function is ``train_step.jitted``; on CPU it
-    carries compiler options (:mod:`apnet_jax.xla_cpu`), which JAX allows
-    only on a top-level jit, so trace ``train_step.step``, the plain
-    function, inside other transformations.
+    carries compiler options (:mod:`apnet_jax.platform.cpu`), which JAX
+    allows only on a top-level jit, so trace ``train_step.step``, the plain
+    function, inside other transformations. On CPU devices the model
+    convolves with `apnet_jax.platform.cpu.conv_general_dilated` inside the
+    step.
   """
   _check_mesh(mesh)
   margin = float(config.loss.margin)
@@ -238,6 +242,7 @@ def make_train_step(
       "erase_p": float(config.augment.erase_p),
   }
   base_key = jax.random.key(int(seed))
+  convolution = cpu.convolution_for(mesh)
 
   def loss_fn(params, rest, images, labels):
     # copy=True: fresh Variables at this trace level, so the BatchNorm update
@@ -254,7 +259,8 @@ def make_train_step(
     rng = jax.random.fold_in(base_key, state.step)
     images = augment.train_augment(rng, batch["image"], **augment_kwargs)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (aux, new_rest)), grads = grad_fn(state.params, state.rest, images, batch["label"])
+    with layers.convolution(convolution):
+      (loss, (aux, new_rest)), grads = grad_fn(state.params, state.rest, images, batch["label"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -275,7 +281,7 @@ def make_train_step(
       in_shardings=(replicated, data_sharding(mesh)),
       out_shardings=(replicated, replicated),
       donate_argnums=(0,),
-      compiler_options=xla_cpu.compiler_options(mesh),
+      compiler_options=cpu.compiler_options(mesh),
   )
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:

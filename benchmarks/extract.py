@@ -53,8 +53,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from apnet_jax import build_model  # pylint: disable=g-import-not-at-top
-  from apnet_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   from apnet_jax.evaluation import features  # pylint: disable=g-import-not-at-top
+  from apnet_jax.platform import cpu  # pylint: disable=g-import-not-at-top
 
   bench.compile_counter.register()
   batch_size = fv.batch_size or int(config.eval.batch_size)
@@ -70,10 +70,11 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   del model
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
-  embed = jax.jit(features.make_embed_fn(graphdef, str(config.model.eval_feature)),
+  embed = jax.jit(features.make_embed_fn(graphdef, str(config.model.eval_feature),
+                                         conv_general_dilated=cpu.convolution_for(mesh)),
                   in_shardings=(replicated, NamedSharding(mesh, P("data"))),
                   out_shardings=replicated,
-                  compiler_options=xla_cpu.compiler_options(mesh))
+                  compiler_options=cpu.compiler_options(mesh))
   images = jax.device_put(
       np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8),
       NamedSharding(mesh, P("data")))

@@ -449,35 +449,3 @@ def test_frozen_biases_are_not_parameters():
   assert ("bottleneck", "bias") in [p for p, _ in frozen]
   assert ("bottleneck", "bias") not in [p for p, _ in params]
   assert len(frozen) == 1 + 5  # BNNeck + the BatchNorm after each SAMS
-
-
-@pytest.mark.parametrize("kernel, stride, padding, features", [
-    (1, 1, 0, (6, 5)), (1, 2, 0, (6, 5)), (1, 1, 1, (6, 5)), (3, 2, 1, (6, 5)),
-    # Fewer input than output channels: the other form of the kernel's gradient.
-    (1, 1, 0, (5, 9)), (1, 2, 0, (5, 9))])
-def test_cpu_convolution_rewrite_equals_lax(kernel, stride, padding, features):
-  """The 1x1-as-matmul path (taken on CPU) gives lax's values and gradients."""
-  rng = np.random.default_rng(5)
-  with compat.enable_x64(True):
-    x = jnp.asarray(rng.normal(size=(2, 9, 7, features[0])))
-    w = jnp.asarray(rng.normal(size=(kernel, kernel, *features)))
-    dims = jax.lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
-    args = ((stride, stride), ((padding, padding), (padding, padding)))
-
-    def ours(x, w):
-      return layers.conv_general_dilated(x, w, *args, dimension_numbers=dims)
-
-    def reference(x, w):
-      return jax.lax.conv_general_dilated(x, w, *args, dimension_numbers=dims)
-
-    y, ours_vjp = jax.vjp(jax.jit(ours), x, w)
-    y_ref, ref_vjp = jax.vjp(reference, x, w)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
-    cotangent = jnp.asarray(rng.normal(size=y.shape))
-    for got, want in zip(ours_vjp(cotangent), ref_vjp(cotangent)):
-      np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
-  hlo = jax.jit(ours).lower(x.astype(np.float32), w.astype(np.float32)).as_text()
-  if kernel == 1:  # lowered for the CPU alone: only the matmul branch is left
-    assert "dot_general" in hlo and "convolution" not in hlo
-  else:
-    assert "convolution" in hlo

@@ -17,8 +17,9 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from apnet_jax import build_model, optim, xla_cpu
+from apnet_jax import build_model, optim
 from apnet_jax import train_step as ts
+from apnet_jax.platform import cpu
 from configs.common import get_config
 
 NUM_IDS, PER_ID = 4, 4
@@ -159,9 +160,9 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
 
 
 def test_the_step_is_jitted_with_the_cpu_options(harness, monkeypatch):
-  """make_train_step hands apnet_jax.xla_cpu's options to jax.jit (see test_xla_cpu.py)."""
-  # Probes the jaxlib before the spy; which options this jaxlib gets is test_xla_cpu.py's.
-  expected = xla_cpu.compiler_options(harness.mesh("1"))
+  """make_train_step hands the CPU options to jax.jit (see test_platform_cpu.py)."""
+  # Probes the jaxlib before the spy; which options this jaxlib gets is test_platform_cpu.py's.
+  expected = cpu.compiler_options(harness.mesh("1"))
   seen = []
   real_jit = jax.jit
 

@@ -18,14 +18,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apnet_jax import train_step, xla_cpu
+from apnet_jax import train_step
 from apnet_jax.data import augment, pipeline
+from apnet_jax.models import layers
+from apnet_jax.platform import cpu
 
 EVAL_FEATURES = {"bn": "feat", "global": "global_feat", "logits": "logits"}
 
 
-def make_embed_fn(graphdef: nnx.GraphDef, eval_feature: str):
-  """A jittable fn(state, uint8 images) -> summed features of image and flip."""
+def make_embed_fn(graphdef: nnx.GraphDef, eval_feature: str, *,
+                  conv_general_dilated=jax.lax.conv_general_dilated):
+  """A jittable fn(state, uint8 images) -> summed features of image and flip.
+
+  ``conv_general_dilated``: the convolution the model is traced with (see
+  `apnet_jax.models.layers.convolution`); a platform's own from
+  `apnet_jax.platform`, or plain lax for a function that runs anywhere.
+  """
   if eval_feature not in EVAL_FEATURES:
     raise ValueError(f"model.eval_feature must be one of {sorted(EVAL_FEATURES)}, "
                      f"got {eval_feature!r}")
@@ -35,7 +43,8 @@ def make_embed_fn(graphdef: nnx.GraphDef, eval_feature: str):
     model = nnx.merge(graphdef, state)
     model.eval()
     x = augment.normalize(images)
-    both = model(jnp.concatenate([x, x[:, :, ::-1]], axis=0))[key]
+    with layers.convolution(conv_general_dilated):
+      both = model(jnp.concatenate([x, x[:, :, ::-1]], axis=0))[key]
     n = images.shape[0]
     return (both[:n] + both[n:]).astype(jnp.float32)
 
@@ -76,13 +85,13 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
         lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x,
         state)
   state = jax.device_put(state, replicated)
-  embed = make_embed_fn(graphdef, eval_feature)
+  embed = make_embed_fn(graphdef, eval_feature, conv_general_dilated=cpu.convolution_for(mesh))
   # Replicated outputs: the whole batch's rows reach every process.
   embed_and_gather = jax.jit(
       lambda state, batch: (embed(state, batch["image"]), batch["pid"], batch["camid"],
                             batch["mask"]),
       in_shardings=(replicated, train_step.data_sharding(mesh)), out_shardings=replicated,
-      compiler_options=xla_cpu.compiler_options(mesh))
+      compiler_options=cpu.compiler_options(mesh))
   height, width = input_size
   features, pids, camids = [], [], []
   for batch in pipeline.eval_batches(source, batch_size=batch_size, height=height,

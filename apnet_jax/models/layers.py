@@ -9,9 +9,10 @@ on them.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -178,99 +179,31 @@ class BatchNorm(nnx.Module):
     return ((xf - mean) * mul + self.bias[...]).astype(dtype)
 
 
-_NHWC_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# The convolution every layer calls. Plain lax, so that every transformation
+# works (forward mode too); a caller that compiles for one platform may trace
+# the model with a faster equivalent in its place (`convolution`).
+_CONVOLUTION: contextvars.ContextVar[Callable[..., jax.Array]] = contextvars.ContextVar(
+    "convolution", default=jax.lax.conv_general_dilated)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pointwise_matmul(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
-  """``x @ kernel`` over the channel axis of an NHWC map, with a chosen gradient.
+@contextlib.contextmanager
+def convolution(conv_general_dilated: Callable[..., jax.Array]) -> Iterator[None]:
+  """Within this context, every layer convolves with ``conv_general_dilated``.
 
-  The kernel's gradient contracts the pixels of ``x`` and ``dy``, and
-  XLA:CPU feeds its dot one of the two transposed in memory. Autodiff's form
-  gets ``dy`` transposed, and the BatchNorm-backward fusion that produces
-  ``dy`` is then computed a second time in that layout: in ResNet-50's train
-  step these 36 ``copy_bitcast_fusion`` ops took about a fifth of the step.
-  Where ``x`` has fewer channels than ``dy``, the gradient is stated so that
-  XLA transposes ``x`` instead (docs/benchmarks.md).
+  It takes effect where the model is traced (or run eagerly) inside the
+  context, e.g. in the body of a jitted step: the jitted function keeps the
+  choice. The replacement must compute what ``jax.lax.conv_general_dilated``
+  computes, with its signature (`apnet_jax.platform.cpu.conv_general_dilated`).
   """
-  return jnp.einsum("bhwc,cd->bhwd", x, kernel, precision=precision)
+  token = _CONVOLUTION.set(conv_general_dilated)
+  try:
+    yield
+  finally:
+    _CONVOLUTION.reset(token)
 
 
-def _pointwise_matmul_fwd(x, kernel, precision):
-  return _pointwise_matmul(x, kernel, precision), (x, kernel)
-
-
-def _pointwise_matmul_bwd(precision, residuals, dy):
-  x, kernel = residuals
-  dx = jnp.einsum("bhwd,cd->bhwc", dy, kernel, precision=precision)
-  # The pixels may be sharded over an explicit mesh axis; the kernel's
-  # gradient is then summed over it and replicated, as autodiff's is.
-  mesh = jax.typeof(x).sharding.mesh
-  replicated = jax.sharding.NamedSharding(mesh, jax.P()) if mesh.explicit_axes else None
-  if x.shape[-1] < dy.shape[-1]:
-    dkernel = jnp.einsum("bhwc,bhwd->cd", x, dy, precision=precision,
-                         out_sharding=replicated)
-  else:  # autodiff's own form
-    dkernel = jnp.einsum("bhwd,bhwc->dc", dy, x, precision=precision,
-                         out_sharding=replicated).T
-  return dx, dkernel
-
-
-_pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
-
-
-def _conv1x1_as_matmul(x, kernel, strides, padding, precision):
-  """A 1x1 convolution as the matmul over channels that it is.
-
-  XLA:CPU runs the gradients of a 1x1 convolution as convolutions 3x (input)
-  and 5x (weights) slower than the forward pass of the same FLOPs; as a
-  matmul, both gradients are matmuls too (docs/benchmarks.md). Larger
-  kernels gained nothing from the same treatment and stay convolutions.
-  """
-  x = jnp.pad(x, ((0, 0), *padding, (0, 0)))[:, ::strides[0], ::strides[1]]
-  return _pointwise_matmul(x, kernel[0, 0], precision)
-
-
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **kwargs):
-  """``jax.lax.conv_general_dilated``, with 1x1 kernels as matmuls on CPU.
-
-  Only the plain case our networks use is rewritten (NHWC/HWIO, 1x1 kernel,
-  explicit padding, no dilation, one group; see ``_conv1x1_as_matmul``). The
-  choice is made per platform when the function is lowered, so GPUs and TPUs
-  keep XLA's own convolutions.
-
-  Differentiate it in reverse mode (``jax.grad``, ``jax.vjp``): the matmul's
-  gradient is a custom VJP (``_pointwise_matmul``), and JAX cannot apply
-  forward mode (``jax.jvp``, ``jax.jacfwd``, forward-over-reverse
-  Hessian-vector products) to one. Every platform traces the CPU branch, so
-  forward mode through a 1x1 convolution raises a ``TypeError`` everywhere.
-  """
-  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
-                           padding=padding, lhs_dilation=lhs_dilation,
-                           rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                           feature_group_count=feature_group_count, precision=precision,
-                           **kwargs)
-  plain = (
-      not isinstance(padding, str)
-      and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-      and feature_group_count == 1
-      and not kwargs.get("out_sharding")
-      and not kwargs.get("preferred_element_type")
-      and lhs.ndim == 4
-      and rhs.shape[:2] == (1, 1)
-      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                              _NHWC_DIMENSIONS)
-  )
-  if not plain:
-    return conv(lhs, rhs)
-  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  strides = tuple(int(s) for s in window_strides)
-  return jax.lax.platform_dependent(
-      lhs, rhs,
-      cpu=lambda x, k: _conv1x1_as_matmul(x, k, strides, padding, precision),
-      default=conv)
+def _convolve(lhs, rhs, *args, **kwargs):
+  return _CONVOLUTION.get()(lhs, rhs, *args, **kwargs)
 
 
 def conv(
@@ -296,7 +229,7 @@ def conv(
       kernel_init=kernel_init,
       dtype=dtype,
       param_dtype=jnp.float32,
-      conv_general_dilated=conv_general_dilated,
+      conv_general_dilated=_convolve,
       rngs=rngs,
   )
 

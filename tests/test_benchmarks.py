@@ -9,6 +9,7 @@ docs/benchmarks.md).
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -49,8 +50,10 @@ def tiny_forward_flops_per_image():
 def test_train_step_benchmark_report(tmp_path, tiny_forward_flops_per_image):
   out = tmp_path / "train.json"
   # --level 1 differs from the config's 2: the flag must reach the model.
+  start = time.perf_counter()
   result = bench_train_step.main(TINY + ["--level", "1", "--peak_tflops", "1.0",
                                          "--json", str(out)])
+  wall = time.perf_counter() - start
   assert json.loads(out.read_text()) == result
   _check_positive_finite(result, ["img_per_s", "step_seconds", "compile_seconds",
                                   "flops_per_image", "mfu", "final_loss"])
@@ -60,9 +63,13 @@ def test_train_step_benchmark_report(tmp_path, tiny_forward_flops_per_image):
   assert (result["depth"], result["height"], result["width"]) == (18, 96, 48)
   assert result["level"] == 1
   assert result["device_count"] == jax.device_count() == 8
-  assert result["img_per_s"] == pytest.approx(16 / result["step_seconds"])
-  assert result["mfu"] == pytest.approx(
-      result["flops_per_image"] * result["img_per_s"] / (1e12 * 8))
+  # Bounds from outside the script: its timed steps lie inside the call, so
+  # they took less than the call's wall time, and the MFU is at least what the
+  # call's wall time and FLOPs counted on another path give (forward and
+  # backward cost at least two forward passes), on 8 devices of 1 TFLOP/s.
+  timed_images = result["steps"] * 16
+  assert timed_images / result["img_per_s"] < wall
+  assert timed_images * 2 * tiny_forward_flops_per_image / wall / (1e12 * 8) < result["mfu"] < 1
   # Forward + backward cost about three forward passes; a count missing the
   # per-device factor (8 devices) would be far below one.
   ratio = result["flops_per_image"] / tiny_forward_flops_per_image
@@ -71,14 +78,16 @@ def test_train_step_benchmark_report(tmp_path, tiny_forward_flops_per_image):
 
 def test_extract_benchmark_report(tmp_path, tiny_forward_flops_per_image):
   out = tmp_path / "extract.json"
+  start = time.perf_counter()
   result = bench_extract.main(TINY + ["--json", str(out)])
+  wall = time.perf_counter() - start
   assert json.loads(out.read_text()) == result
   _check_positive_finite(result, ["img_per_s", "batch_seconds", "compile_seconds",
                                   "flops_per_image"])
   assert result["compilations"] == 1
   assert result["compiles_in_timed_steps"] == 0
   assert result["feature_dim"] == 128  # 512 * 0.25 channels of ResNet-18's layer4
-  assert result["img_per_s"] == pytest.approx(16 / result["batch_seconds"])
+  assert result["steps"] * 16 / result["img_per_s"] < wall  # the timed batches lie inside the call
   # Image and flip: two forward passes per image, plus a little normalisation.
   assert result["flops_per_image"] == pytest.approx(2 * tiny_forward_flops_per_image, rel=0.05)
 

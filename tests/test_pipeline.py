@@ -1,11 +1,8 @@
 """Tests of the Grain train and eval pipelines."""
 
 import io
-import json
 
-import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
@@ -182,34 +179,6 @@ def test_endless_stream_continues_past_an_epoch():
   _assert_same_batches(endless[: 2 * spe], list(_loader(records, labels)))
 
 
-def test_resume_from_a_saved_state_continues_exactly():
-  records, labels = _train_source()
-  reference = list(_loader(records, labels))
-  it = _loader(records, labels)
-  head = [next(it) for _ in range(5)]
-  state = json.loads(json.dumps(it.get_state()))  # As stored on disk.
-  restored = _loader(records, labels)
-  restored.set_state(state)
-  _assert_same_batches(head + list(restored), reference)
-
-
-def test_resume_through_an_orbax_checkpoint(tmp_path):
-  records, labels = _train_source()
-  reference = list(_loader(records, labels))
-  it = _loader(records, labels)
-  for _ in range(7):
-    next(it)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    manager.save(7, args=ocp.args.Composite(
-        train_iter=grain.checkpoint.CheckpointSave(it)))
-    manager.wait_until_finished()
-  fresh = _loader(records, labels)
-  with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-    restored = manager.restore(7, args=ocp.args.Composite(
-        train_iter=grain.checkpoint.CheckpointRestore(fresh)))["train_iter"]
-  _assert_same_batches(list(restored), reference[7:])
-
-
 def test_a_loader_from_a_step_continues_exactly():
   """Resuming needs only the step: batches are a function of (seed, step)."""
   records, labels = _train_source()
@@ -218,19 +187,13 @@ def test_a_loader_from_a_step_continues_exactly():
     _assert_same_batches(list(_loader(records, labels, start_step=start)), reference[start:])
 
 
-def test_worker_processes_give_the_same_batches_and_resume():
+def test_worker_processes_give_the_same_batches_from_any_step():
   records, labels = _train_source()
   reference = list(_loader(records, labels))
-  # One iterator (worker start-up is the slow part), started at step 2 as a
-  # resumed run starts: read 3 batches, save the state, read on to the end,
-  # then rewind to the saved state.
+  # Started at step 2, as a resumed run starts (worker start-up is the slow part).
   it = _loader(records, labels, num_workers=2, start_step=2)
   try:
-    head = [next(it) for _ in range(3)]
-    state = json.loads(json.dumps(it.get_state()))
-    _assert_same_batches(head + list(it), reference[2:])
-    it.set_state(state)
-    _assert_same_batches(list(it), reference[5:])
+    _assert_same_batches(list(it), reference[2:])
   finally:
     it.close()
 

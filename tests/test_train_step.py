@@ -12,12 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from apnet_jax import build_model, optim
+from apnet_jax import build_model, checkpointing, optim
 from apnet_jax import train_step as ts
 from apnet_jax.platform import cpu
 from configs.common import get_config
@@ -255,13 +254,17 @@ def test_bfloat16_compute_keeps_float32_state_and_loss():
   assert re.search(r"bf16\[16(@data)?,32,16,16\] = conv_general_dilated", jaxpr)
 
 
-def test_train_state_roundtrips_through_orbax(harness, tmp_path):
+def test_train_state_roundtrips_through_the_checkpoints(harness, tmp_path):
+  # Through apnet_jax.checkpointing, as training saves and resumes it.
   state = jax.device_get(harness.state("1"))
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(tmp_path / "state", state)
-    checkpointer.wait_until_finished()
-    restored = checkpointer.restore(tmp_path / "state", jax.tree.map(
-        ocp.utils.to_shape_dtype_struct, state))
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  try:
+    checkpointing.save(manager, 1, state, {"seed": SEED})
+    checkpointing.wait_until_finished(manager)
+    restored, meta = checkpointing.restore(manager, 1, state)
+  finally:
+    manager.close()
+  assert meta == {"seed": SEED}
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(got, want)
@@ -307,8 +310,3 @@ def test_make_train_step_needs_a_data_axis(harness):
                        config=harness.config, mesh=mesh, seed=SEED)
   with pytest.raises(ValueError, match="'data' axis"):
     ts.shard_batch(make_batch(), mesh)
-
-
-def test_other_tests_did_not_recompile(harness):
-  # Runs last: every state and batch the module made hit the one compilation.
-  assert all(fn.jitted._cache_size() == 1 for fn in harness.steps.values())

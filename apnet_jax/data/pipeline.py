@@ -251,8 +251,7 @@ def train_loader(
   Batches are a pure function of (seed, step), so resuming needs no saved
   iterator state: ``start_step`` set to the checkpoint's step gives exactly
   the batches an uninterrupted run would have seen, with any ``num_workers``.
-  (The iterator's ``get_state()`` / ``set_state()`` also work, for the same
-  arguments and ``num_workers`` only.) With ``num_workers > 0``, call
+  With ``num_workers > 0``, call
   ``close()`` on the iterator when done with it, to stop the worker processes
   promptly.
 

@@ -199,7 +199,7 @@ def test_two_names_stay_apart_and_another_folder_under_a_name_is_refused(tmp_pat
 def test_a_name_that_is_no_folder_name_is_refused(tmp_path, name):
   with pytest.raises(ValueError, match=r"data\.config"):
     build(named_folder(tmp_path / "mine"), tmp_path / "data", name)
-  assert not (tmp_path / "elsewhere").exists()
+  assert not (tmp_path / "data").exists()  # refused before any folder is made
 
 
 def test_distractors_can_be_dropped_at_evaluation():

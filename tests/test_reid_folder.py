@@ -137,7 +137,9 @@ def test_labels_csv_with_string_ids(tmp_path):
 def test_labels_csv_integer_ids_sort_as_numbers(tmp_path):
   rows = [("train/a.png", "10", "3"), ("train/b.png", "9", "12"), ("query/c.png", "100", "3"),
           ("gallery/d.png", "100", "12"), ("gallery/e.png", "0", "3")]
-  builder = build(csv_folder(tmp_path / "mine", rows), tmp_path / "data")
+  manual = csv_folder(tmp_path / "mine", rows)
+  write_csv(manual, [("train\\b.png", *rows[1][1:])] + rows[:1] + rows[2:])  # Windows' separator
+  builder = build(manual, tmp_path / "data")
   assert builder.info.metadata["labels_csv"] == {"pid": [0, 9, 10, 100], "camid": [3, 12]}
   # pid 0 of the CSV is a person like any other: record pid 1, never a distractor.
   assert split_records(builder) == {

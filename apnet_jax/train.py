@@ -86,6 +86,8 @@ def _open_or_prepare(data_config: ml_collections.ConfigDict):
   builder = sources.get_builder(data_config.name, data_dir=data_dir,
                                 config=data_config.config or None)
   if builder.is_prepared():
+    if data_config.manual_dir:
+      prepare.check_same_source(builder, data_config.manual_dir)
     return builder
   if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS or data_config.manual_dir:
     return prepare_dataset(data_config)
@@ -132,9 +134,9 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
 
 
 # Datasets whose gallery marks distractors with pid 0: Market-1501, and the
-# synthetic benchmark that follows its conventions. Elsewhere (MSMT17) pid 0 is
-# a real person, and dropping it would quietly change the benchmark.
-_DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid")
+# synthetic benchmark and reid_folder that follow its conventions. Elsewhere
+# (MSMT17) pid 0 is a real person, and dropping it would quietly change the benchmark.
+_DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid", "reid_folder")
 
 
 def check_drop_distractors(config: ml_collections.ConfigDict, dataset: str) -> None:

@@ -251,3 +251,14 @@ def test_zip_holding_the_root_one_folder_deeper(tmp_path):
       zf.write(path, "downloads/" + path.relative_to(src.parent).as_posix())
   builder = fx.build("dukemtmc_reid", manual, tmp_path / "data")
   assert len(sources.load_split(builder, "train")) == 4
+
+
+def test_preparing_again_from_another_manual_dir_says_so_and_how_to_rebuild(tmp_path):
+  first, _ = _market_copy(tmp_path / "a")
+  second, _ = _market_copy(tmp_path / "b")
+  builder = fx.build("market1501", first, tmp_path / "data")
+  fx.build("market1501", first, tmp_path / "data")  # the same folder: reused quietly
+  with pytest.raises(ValueError, match=rf"{re.escape(str(builder.data_path))} was prepared "
+                     rf"from manual_dir {re.escape(str(first))}, not {re.escape(str(second))}"
+                     rf".*delete {re.escape(str(builder.data_path))}"):
+    fx.build("market1501", second, tmp_path / "data")

@@ -21,7 +21,7 @@ MARKET_DUMMY = {
 
 def test_registry_names_the_builders():
   assert sorted(sources.BUILDERS) == [
-      "cuhk03", "dukemtmc_reid", "market1501", "msmt17", "synthetic_reid"
+      "cuhk03", "dukemtmc_reid", "market1501", "msmt17", "reid_folder", "synthetic_reid"
   ]
   for name, cls in sources.BUILDERS.items():
     assert cls.name == name  # the TFDS name, hence the data_dir folder
@@ -30,7 +30,7 @@ def test_registry_names_the_builders():
 def test_standard_statistics_cover_every_real_config():
   keys = set()
   for name, cls in sources.BUILDERS.items():
-    if name == "synthetic_reid":
+    if name in ("synthetic_reid", "reid_folder"):  # no published statistics
       continue
     configs = [c.name for c in cls.BUILDER_CONFIGS] or [None]
     keys.update(f"{name}/{c}" if c else name for c in configs)
@@ -44,10 +44,11 @@ def test_prepare_prints_statistics_and_reuses(tmp_path, capsys):
   assert "gallery        4        6        5" in out
   assert prepare.split_statistics(builder) == MARKET_DUMMY
   assert prepare.split_statistics("market1501", data_dir=tmp_path) == MARKET_DUMMY
-  # A second call reuses the built dataset (nothing to read from manual_dir).
+  # A second call from the same folder reuses the built dataset (another folder is
+  # refused: tests/test_datasets_errors.py).
   info = pathlib.Path(builder.data_path) / "dataset_info.json"
   mtime = info.stat().st_mtime_ns
-  fx.build("market1501", tmp_path / "anything", tmp_path)
+  fx.build("market1501", fx.dummy_data("market1501"), tmp_path)
   assert info.stat().st_mtime_ns == mtime
 
 
@@ -65,7 +66,7 @@ def test_prepare_warns_where_statistics_differ_from_the_published(tmp_path, monk
   monkeypatch.setitem(prepare.STANDARD_STATISTICS, "market1501", MARKET_DUMMY)
   with warnings.catch_warnings():
     warnings.simplefilter("error", prepare.StatisticsWarning)
-    prepare.prepare("market1501", manual_dir=tmp_path / "anything", data_dir=tmp_path)
+    prepare.prepare("market1501", manual_dir=fx.dummy_data("market1501"), data_dir=tmp_path)
 
 
 def test_check_statistics_passes_on_match_and_names_mismatches(tmp_path, capsys):

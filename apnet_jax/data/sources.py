@@ -7,7 +7,8 @@ data source. Record ``i`` is a dict, the format the Grain pipeline
 
 * ``image``: bytes, the encoded JPEG/PNG exactly as in the source files (not
   decoded: the pipeline decodes);
-* ``pid``: np.int64 person id (0 = distractor, Market-1501 gallery only);
+* ``pid``: np.int64 person id (0 = distractor, in the gallery of Market-1501 and
+  reid_folder only);
 * ``camid``: np.int64 0-based camera index;
 * ``label``: np.int64 contiguous train label (0..num_train_ids-1, in pid
   order) in ``train``, -1 in ``query`` and ``gallery``;
@@ -32,6 +33,7 @@ from apnet_jax.datasets.cuhk03 import cuhk03_dataset_builder
 from apnet_jax.datasets.dukemtmc_reid import dukemtmc_reid_dataset_builder
 from apnet_jax.datasets.market1501 import market1501_dataset_builder
 from apnet_jax.datasets.msmt17 import msmt17_dataset_builder
+from apnet_jax.datasets.reid_folder import reid_folder_dataset_builder
 from apnet_jax.datasets.synthetic_reid import synthetic_reid_dataset_builder
 
 # Dataset name -> TFDS builder class.
@@ -41,6 +43,7 @@ BUILDERS: Mapping[str, type[tfds.core.GeneratorBasedBuilder]] = {
     "cuhk03": cuhk03_dataset_builder.Builder,
     "msmt17": msmt17_dataset_builder.Builder,
     "synthetic_reid": synthetic_reid_dataset_builder.Builder,
+    "reid_folder": reid_folder_dataset_builder.Builder,
 }
 
 DatasetRef = str | tfds.core.DatasetBuilder

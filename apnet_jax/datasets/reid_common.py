@@ -5,7 +5,8 @@ Every builder here yields the same record structure (see `reid_features`):
 * ``image``: the encoded JPEG/PNG bytes, exactly as found in the source files
   (never re-encoded; CUHK03's ``.mat`` images, which have no source bytes, are
   PNG-encoded once).
-* ``pid``: the person id of the benchmark (0 = distractor in Market-1501).
+* ``pid``: the person id of the benchmark (0 = distractor in Market-1501 and
+  reid_folder).
 * ``camid``: the 0-based camera index.
 * ``label``: the contiguous train label (0..num_train_ids-1, in pid order)
   in the ``train`` split, -1 in ``query`` and ``gallery``.
@@ -156,6 +157,22 @@ class ManualTree:
     """Sorted names of the folders directly in folder ``rel``."""
     return [n for n in self.list_dir(rel) if self.is_dir(_join(rel, n))]
 
+  def walk_files(self, rel: str) -> list[str]:
+    """Paths of the files below folder ``rel``, subfolders included, sorted.
+
+    Hidden folders (.ipynb_checkpoints, .git) are skipped: they hold copies
+    and tool state, not data.
+    """
+    files = []
+    for name in self.list_dir(rel):
+      path = _join(rel, name)
+      if self.is_dir(path):
+        if not name.startswith("."):
+          files.extend(self.walk_files(path))
+      else:
+        files.append(path)
+    return files
+
   def where(self, rel: str) -> str:
     """Where ``rel`` lives, for messages: a path, or ``archive.zip:member``."""
     if self._fs(rel).exists():
@@ -297,7 +314,7 @@ class ReidImage:
   label: int = -1
 
 
-_MARKET_NAME = re.compile(r"([-\d]+)_c(\d)")
+_MARKET_NAME = re.compile(r"(-?\d+)_c(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,11 +367,11 @@ def parse_market_name(name: str, location: str) -> tuple[int, int]:
     ) from None
 
 
-def check_camid(camid: int, num_cameras: int, location: str) -> None:
-  if not 0 <= camid < num_cameras:
-    raise ValueError(
-        f"{location}: camera {camid + 1} is outside 1..{num_cameras}."
-    )
+def check_camid(camid: int, num_cameras: int | None, location: str) -> None:
+  """Camera numbers start at 1 (camid 0); ``num_cameras`` None sets no upper bound."""
+  if camid < 0 or (num_cameras is not None and camid >= num_cameras):
+    bound = f"1..{num_cameras}" if num_cameras is not None else "1 or more"
+    raise ValueError(f"{location}: camera {camid + 1} is outside {bound}.")
 
 
 def read_market_style_folder(
@@ -362,20 +379,22 @@ def read_market_style_folder(
     folder: str,
     *,
     root: str,
-    num_cameras: int,
+    num_cameras: int | None,
     dataset: str = "",
     foreign_names: Sequence[NameStyle] = (),
 ) -> list[ReidImage]:
   """Reads a Market-style folder (bounding_box_train, query, ...).
 
   Junk images (pid -1) are dropped; distractors (pid 0) are kept. Non-image
-  files (Thumbs.db, ...) are ignored.
+  files (Thumbs.db, ...) are ignored. Images in subfolders are read too; a
+  record's filename is its path below the root.
 
   Args:
     tree: the manual dir.
     folder: the folder, relative to the dataset root.
     root: the dataset root, relative to the manual dir.
-    num_cameras: the benchmark's number of cameras (camera ids are checked).
+    num_cameras: the benchmark's number of cameras (camera ids are checked);
+      None for any number.
     dataset: the benchmark being read, e.g. 'market1501' (messages only).
     foreign_names: name styles of look-alike benchmarks to refuse.
 
@@ -389,10 +408,10 @@ def read_market_style_folder(
   """
   images = []
   junk = 0
-  for name in tree.list_files(_join(root, folder)):
+  for rel in tree.walk_files(_join(root, folder)):
+    name = rel.rsplit("/", 1)[-1]
     if not is_image_name(name):
       continue
-    rel = _join(root, folder, name)
     location = tree.where(rel)
     for style in foreign_names:
       if style.pattern.match(name):
@@ -408,7 +427,7 @@ def read_market_style_folder(
       continue  # junk: not a person, excluded by every protocol
     images.append(
         ReidImage(
-            filename=_join(folder, name),
+            filename=rel[len(root) + 1:] if root else rel,
             pid=pid,
             camid=camera - 1,
             location=location,
@@ -571,8 +590,14 @@ class ManualReidBuilder(ReidBuilder, skip_registration=True):
   ) -> tuple[str, dict[str, list[ReidImage]]]:
     # dl_manager.manual_dir says so when the folder is missing or empty.
     tree = ManualTree(dl_manager.manual_dir)
-    layout, root = locate_root(tree, self._layouts())
+    # Recorded so that preparing again from another folder is noticed.
+    self.info.metadata["manual_dir"] = os.path.realpath(os.fspath(dl_manager.manual_dir))
+    layout, root = self._locate_root(tree)
     return layout.name, self._read_layout(tree, layout, root)
+
+  def _locate_root(self, tree: ManualTree) -> tuple[Layout, str]:
+    """The layout of the dataset in ``tree`` and its root (see `locate_root`)."""
+    return locate_root(tree, self._layouts())
 
   def _layouts(self) -> Sequence[Layout]:
     """The layouts this builder (and config) accepts."""

@@ -1,18 +1,24 @@
-"""Progress bars for long work: one rule for every caller.
+"""What long work shows on the terminal: progress bars, and no third-party chatter.
 
-Bars are tqdm's (``tqdm.auto``: a widget under Jupyter and Colab, text on
+`bar` is the one way to draw a progress bar. Bars are tqdm's (``tqdm.auto``: a widget under Jupyter and Colab, text on
 stderr elsewhere), so they never reach stdout, ``results.json`` or
 ``metrics.jsonl``. Only JAX process 0 draws: the other processes do the same
 work in step and would repeat every line. ``TQDM_DISABLE=1`` (any non-empty
 value, as tqdm reads it) turns them off.
+
+`quiet_log_lines` hides third-party absl log lines that tell a user nothing
+(and would cut through a bar) at the default verbosity; ``--verbosity=0``
+(absl INFO) or above shows them again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
+from absl import logging as absl_logging
 from tqdm import auto as tqdm_auto
 
 
@@ -34,3 +40,23 @@ def bar(total: int, desc: str, unit: str = "it", **kwargs: Any) -> tqdm_auto.tqd
   disable = jax.process_index() != 0 or bool(os.environ.get("TQDM_DISABLE"))
   return tqdm_auto.tqdm(total=total, desc=desc, unit=unit, disable=disable, **kwargs)
 
+
+class _QuietBelowInfo(logging.Filter):
+  """Drops records whose message starts with one of ``prefixes``, below absl INFO."""
+
+  def __init__(self, prefixes: tuple[str, ...]):
+    super().__init__()
+    self.prefixes = prefixes
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (absl_logging.get_verbosity() >= absl_logging.INFO
+            or not record.getMessage().startswith(self.prefixes))
+
+
+def quiet_log_lines(*prefixes: str) -> None:
+  """Hides absl log lines that start with ``prefixes`` unless the verbosity is INFO or more.
+
+  run.py keeps absl at WARNING unless ``--verbosity`` is given, and a notebook
+  starts there too, so such lines are hidden by default and shown on request.
+  """
+  absl_logging.get_absl_logger().addFilter(_QuietBelowInfo(prefixes))

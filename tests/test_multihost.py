@@ -197,6 +197,9 @@ def test_only_process_0_writes_logs_and_results(runs):
     assert re.search(r"query: 100%\|[^|]*\| 24/24 \[", out), out[-3000:]
     assert re.search(r"gallery: 100%\|[^|]*\| 28/28 \[", out), out[-3000:]
   assert "%|" not in train_1 and "%|" not in eval_1
+  # Orbax's notice of our jax.Array handler is hidden at the default verbosity.
+  for out in (train_0, train_1, eval_0, eval_1):
+    assert "Type handler registry" not in out
   # One checkpoint, written together: one state and one record (the input
   # position is the step, so no process saves its own).
   step_dir = os.path.join(pair, "checkpoints", str(STEPS))

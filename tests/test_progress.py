@@ -1,10 +1,17 @@
-"""Progress bars: on stderr, on process 0 only, off with TQDM_DISABLE."""
+"""Progress bars (stderr, process 0 only, TQDM_DISABLE) and quiet third-party log lines."""
 
+import logging
 import re
 
 import jax
+import orbax.checkpoint as ocp
+import pytest
+from absl import logging as absl_logging
+from etils import epath
+from tensorflow_datasets.core.utils import file_utils
 
-from apnet_jax import progress
+from apnet_jax import checkpointing, progress  # noqa: F401  (their filters)
+from apnet_jax.data import prepare  # noqa: F401
 
 
 def draw(total=7):
@@ -31,3 +38,31 @@ def test_no_bar_off_process_0_or_with_tqdm_disable(capsys, monkeypatch):
   draw()
   assert capsys.readouterr() == ("", "")
 
+
+@pytest.fixture
+def absl_records(caplog):
+  """Records that pass the absl logger's filters; absl's verbosity is put back after."""
+  verbosity = absl_logging.get_verbosity()
+  caplog.set_level(logging.DEBUG)
+  yield caplog
+  absl_logging.set_verbosity(verbosity)
+
+
+def test_third_party_notices_show_only_at_info(absl_records, tmp_path):
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  unfinished = tmp_path / "1.0.0"
+  unfinished.mkdir()
+  for verbosity, shown in ((absl_logging.WARNING, False), (absl_logging.INFO, True)):
+    absl_logging.set_verbosity(verbosity)
+    absl_records.clear()
+    # The libraries' own calls log their notices: Orbax's (the same handler back,
+    # so nothing changes) and TFDS's on a version folder without dataset_info.json.
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    assert not file_utils.is_valid_variant_dir(epath.Path(unfinished))
+    for notice in ("Type handler registry type", "Variant folder"):
+      assert (notice in absl_records.text) == shown, (verbosity, notice, absl_records.text)
+  # Other warnings still show at the default verbosity.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_records.clear()
+  absl_logging.warning("Type handler of something else")
+  assert "something else" in absl_records.text

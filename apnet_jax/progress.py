@@ -1,10 +1,10 @@
 """What long work shows on the terminal: progress bars, and no third-party chatter.
 
-`bar` is the one way to draw a progress bar. Bars are tqdm's (``tqdm.auto``: a widget under Jupyter and Colab, text on
-stderr elsewhere), so they never reach stdout, ``results.json`` or
-``metrics.jsonl``. Only JAX process 0 draws: the other processes do the same
-work in step and would repeat every line. ``TQDM_DISABLE=1`` (any non-empty
-value, as tqdm reads it) turns them off.
+`bar` is the one way to draw a progress bar. Bars are tqdm's (``tqdm.auto``:
+a widget under Jupyter and Colab, text on stderr elsewhere), so they never
+reach stdout, ``results.json`` or ``metrics.jsonl``. Only JAX process 0 draws:
+the other processes do the same work in step and would repeat every line.
+``TQDM_DISABLE=1`` (any non-empty value, as tqdm reads it) turns them off.
 
 `quiet_log_lines` hides third-party absl log lines that tell a user nothing
 (and would cut through a bar) at the default verbosity; ``--verbosity=0``

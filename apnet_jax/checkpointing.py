@@ -33,6 +33,8 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
+from apnet_jax import progress
+
 
 class _DropNoMetricsWarning(logging.Filter):
   """Drops Orbax's warning for a save without metrics.
@@ -47,6 +49,10 @@ class _DropNoMetricsWarning(logging.Filter):
 
 NO_METRICS_FILTER = _DropNoMetricsWarning()
 absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)
+
+# Orbax's notice that a jax.Array type handler was replaced: the replacement is
+# ours (`_save_replicas_whole_on_cpu`) and deliberate, so it tells a user nothing.
+progress.quiet_log_lines("Type handler registry type")
 
 
 class CheckpointSaveError(RuntimeError):

@@ -51,11 +51,12 @@ class _FolderSource:
             "filename": self.files[index]}
 
 
-def folder_features(model, files: list[str], config: ml_collections.ConfigDict) -> np.ndarray:
-  """Evaluation features (image + flip) of image files, in order."""
+def folder_features(model, files: list[str], config: ml_collections.ConfigDict, *,
+                    desc: str) -> np.ndarray:
+  """Evaluation features (image + flip) of image files, in order; ``desc`` names the bar."""
   out = extract_features(model, _FolderSource(files), eval_feature=config.model.eval_feature,
                          input_size=tuple(config.model.input_size),
-                         batch_size=config.eval.batch_size)
+                         batch_size=config.eval.batch_size, desc=desc)
   return out["features"]
 
 
@@ -75,9 +76,9 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   out_dir = os.path.join(workdir, "extract")
   files = list_images(config.extract.input_dir)
   # Every process takes part in the (sharded) extraction; process 0 writes.
-  features = folder_features(model, files, config)
+  features = folder_features(model, files, config, desc="extract")
   gallery_files = list_images(config.extract.gallery_dir) if config.extract.gallery_dir else []
-  gallery = folder_features(model, gallery_files, config) if gallery_files else None
+  gallery = folder_features(model, gallery_files, config, desc="gallery") if gallery_files else None
   result = {"num_images": len(files), "feature_dim": int(features.shape[1]), **source}
   if gallery_files:
     result["num_gallery"] = len(gallery_files)

@@ -18,12 +18,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tqdm
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from apnet_jax import checkpointing, optim, train_step
+from apnet_jax import checkpointing, optim, progress, train_step
 from apnet_jax.data import pipeline, prepare, sources
 from apnet_jax.evaluation import evaluate, plots
 from apnet_jax.evaluation.features import extract_features
@@ -157,7 +156,7 @@ def extract_eval_features(model: nnx.Module, builder, config: ml_collections.Con
     features[split] = extract_features(
         model, sources.load_split(builder, split), eval_feature=config.model.eval_feature,
         input_size=tuple(config.model.input_size), batch_size=config.eval.batch_size,
-        mesh=mesh, num_workers=config.data.num_workers)
+        mesh=mesh, num_workers=config.data.num_workers, desc=split)
     features[split]["index"] = np.arange(len(features[split]["pid"]))
   if config.eval.drop_distractors:
     keep = features["gallery"]["pid"] != 0
@@ -338,8 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   final_features = None  # set when the last step was an evaluation epoch
   window, window_start, tick = [], start_step, time.time()
   with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
-        tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
-                  unit="step") as bar):
+        progress.bar(total_steps, "train", "step", initial=start_step) as bar):
     for step in range(start_step, total_steps):
       batch = next(loader)
       state, metrics = step_fn(state, train_step.shard_batch(

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from apnet_jax import train
+from apnet_jax import progress, train
 from apnet_jax.data import augment, pipeline, sources
 from apnet_jax.evaluation import plots
 
@@ -138,8 +138,15 @@ def attention_maps(model: nnx.Module, images: np.ndarray,
     raise ValueError(f"labels must be {len(images)} train labels in [-1, {num_classes}), "
                      f"got {labels.tolist()}")
   graphdef, state = nnx.split(model)
-  cams, weights, target = jax.device_get(
-      _maps(graphdef, state, jnp.asarray(images), jnp.asarray(labels, jnp.int32)))
+  # One image per call (eval mode: images are independent), so one compilation
+  # serves any count and the bar moves image by image.
+  per_image = []
+  with progress.bar(len(images), "attention maps", "img") as bar:
+    for image, label in zip(images, labels):
+      per_image.append(jax.device_get(
+          _maps(graphdef, state, jnp.asarray(image[None]), jnp.asarray(label[None], jnp.int32))))
+      bar.update(1)
+  cams, weights, target = jax.tree.map(lambda *parts: np.concatenate(parts), *per_image)
   squeeze = (lambda w: w[..., 0]) if model.kind == "spatial" else (lambda w: w)
   return AttentionMaps(
       images=images, target=np.asarray(target), grad_cam=[np.asarray(c) for c in cams],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def write_images(folder, count, seed):
   return sorted(paths)
 
 
-def test_extract_writes_features_and_rankings(setup, tmp_path):
+def test_extract_writes_features_and_rankings(setup, tmp_path, capsys):
   root, config, model = setup
   queries = write_images(tmp_path / "mine", 5, seed=1)
   gallery = write_images(tmp_path / "gallery", 7, seed=2)
@@ -52,6 +53,10 @@ def test_extract_writes_features_and_rankings(setup, tmp_path):
   config.extract.input_dir = str(tmp_path / "mine")
   config.extract.gallery_dir = str(tmp_path / "gallery")
   result = inference.extract_folder(config, str(tmp_path / "run"))
+  # A bar per folder on stderr, counting images (each folder fits one batch of 8).
+  err = capsys.readouterr().err
+  for desc, n in (("extract", 5), ("gallery", 8)):
+    assert re.search(rf"{desc}: 100%\|[^|]*\| {n}/{n} \[[^]]*img", err), (desc, err)
   out = tmp_path / "run" / "extract"
   features = np.load(out / "features.npy")
   assert features.shape == (5, model.feature_dim) and result["num_gallery"] == 8

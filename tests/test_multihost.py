@@ -21,6 +21,7 @@ the same collectives the pair must reproduce the reference bit for bit.
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -190,6 +191,15 @@ def test_only_process_0_writes_logs_and_results(runs):
   (train_0, train_1), (eval_0, eval_1) = runs["pair_outputs"], runs["pair_eval_outputs"]
   assert table in train_0 and "train:" in train_0 and table in eval_0
   assert table not in train_1 and "train:" not in train_1 and table not in eval_1
+  # The evaluation's bars count images (the tiny set: 24 queries, 28 gallery
+  # images), on process 0; process 1 draws no bar at all.
+  for out in (train_0, eval_0):
+    assert re.search(r"query: 100%\|[^|]*\| 24/24 \[", out), out[-3000:]
+    assert re.search(r"gallery: 100%\|[^|]*\| 28/28 \[", out), out[-3000:]
+  assert "%|" not in train_1 and "%|" not in eval_1
+  # Orbax's notice of our jax.Array handler is hidden at the default verbosity.
+  for out in (train_0, train_1, eval_0, eval_1):
+    assert "Type handler registry" not in out
   # One checkpoint, written together: one state and one record (the input
   # position is the step, so no process saves its own).
   step_dir = os.path.join(pair, "checkpoints", str(STEPS))

@@ -1,5 +1,7 @@
 """Tests of the memory-bounded k-reciprocal re-ranking against a dense version."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -105,6 +107,20 @@ def test_chunks_cover_the_queries_in_order():
   assert [start for start, _ in blocks] == [0, 10, 20]
   assert [len(block) for _, block in blocks] == [10, 10, 3]
   np.testing.assert_allclose(np.concatenate([b for _, b in blocks]), expected, atol=1e-5)
+
+
+def test_progress_counts_block_pairs_then_queries(capsys, monkeypatch):
+  monkeypatch.setattr(rerank_lib, "_NEIGHBOUR_BLOCK", 32)
+  query, gallery = _clustered(seed=1, num_query=23, num_gallery=90)
+  blocks = k_reciprocal_rerank_chunks(query, gallery, k1=6, k2=3, chunk_size=10)
+  next(blocks)
+  err = capsys.readouterr().err
+  # 113 items in 4 blocks of 32: 4 + 3 + 2 + 1 block pairs of the symmetric search.
+  assert re.search(r"re-rank neighbours: 100%\|[^|]*\| 10/10 \[[^]]*block", err), err
+  assert "re-rank:" in err and "23/23" not in err  # 10 of the 23 queries so far
+  list(blocks)
+  err = capsys.readouterr().err
+  assert re.search(r"re-rank: 100%\|[^|]*\| 23/23 \[[^]]*query", err), err
 
 
 @pytest.mark.parametrize(

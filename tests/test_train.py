@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from apnet_jax import checkpointing, train
+from apnet_jax.data import sources
 from configs.synthetic import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -216,11 +217,18 @@ def test_run_writes_the_report(straight_run):
   assert len(results["cmc"]) == 50 and results["cmc"][0] * 100 == pytest.approx(results["R1"])
 
 
-def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path):
+def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path, capsys):
   workdir, results = straight_run
   config = tiny_config(data_dir)
+  capsys.readouterr()  # not the training run's bars
   latest = train.evaluate_workdir(config, workdir)
   assert latest["checkpoint_step"] == 4
+  # Progress on stderr, a bar per split counting its images (each fits one batch of 32).
+  err = capsys.readouterr().err
+  builder = train.open_dataset(config.data)
+  for split in ("query", "gallery"):
+    n = len(sources.load_split(builder, split))
+    assert re.search(rf"{split}: 100%\|[^|]*\| {n}/{n} \[[^]]*img", err), (split, n, err)
   assert latest["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
   config.eval.step = 2
   assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -223,7 +224,9 @@ def test_visualize_workdir_writes_attention_png(workdir_config, capsys):
   config.visualize.num_queries = 3  # as many images as `channel`'s: no new compilation
   path = visualize.visualize_workdir(config, str(root / "run"))
   assert path == str(root / "run" / "attention.png")
-  assert f"attention maps of 3 queries -> {path}" in capsys.readouterr().out
+  out, err = capsys.readouterr()
+  assert f"attention maps of 3 queries -> {path}" in out
+  assert re.search(r"attention maps: 100%\|[^|]*\| 3/3 \[[^]]*img", err), err
   with Image.open(path) as png:
     assert_grid_size(png, 3, (4, 2, 1), spatial=False)
 

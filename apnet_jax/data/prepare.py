@@ -35,8 +35,13 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from apnet_jax import progress
 from apnet_jax.data import sources
 from apnet_jax.datasets import reid_common
+
+# TFDS's notice, while it builds, that the unfinished version folder is not a
+# prepared dataset yet: true of every build, so it tells a user nothing.
+progress.quiet_log_lines("Variant folder ")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apnet_jax import train_step
+from apnet_jax import progress, train_step
 from apnet_jax.data import augment, pipeline
 from apnet_jax.models import layers
 from apnet_jax.platform import cpu
@@ -54,7 +54,7 @@ def make_embed_fn(graphdef: nnx.GraphDef, eval_feature: str, *,
 def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
                      input_size: tuple[int, int], batch_size: int,
                      mesh: jax.sharding.Mesh | None = None,
-                     num_workers: int = 0) -> dict[str, np.ndarray]:
+                     num_workers: int = 0, desc: str = "features") -> dict[str, np.ndarray]:
   """Features, pids and camids of every record of ``source``, in order.
 
   Args:
@@ -66,6 +66,8 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
       of the mesh size.
     mesh: a 1-D mesh with axis 'data'; ``train_step.make_mesh()`` when None.
     num_workers: Grain worker processes for decoding.
+    desc: what the progress bar calls the images (e.g. 'query', 'gallery'). The
+      bar counts images, not batches, and is drawn by process 0 only.
 
   Returns:
     ``{'features': (N, D) float32, 'pid': (N,), 'camid': (N,)}``, the same
@@ -94,13 +96,16 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
       compiler_options=cpu.compiler_options(mesh))
   height, width = input_size
   features, pids, camids = [], [], []
-  for batch in pipeline.eval_batches(source, batch_size=batch_size, height=height,
-                                     width=width, num_workers=num_workers):
-    local = {key: batch[key] for key in ("image", "pid", "camid", "mask")}
-    out, pid, camid, mask = jax.device_get(
-        embed_and_gather(state, train_step.shard_batch(local, mesh)))
-    features.append(out[mask])
-    pids.append(pid[mask])
-    camids.append(camid[mask])
+  with progress.bar(len(source), desc, "img") as bar:
+    for batch in pipeline.eval_batches(source, batch_size=batch_size, height=height,
+                                       width=width, num_workers=num_workers):
+      local = {key: batch[key] for key in ("image", "pid", "camid", "mask")}
+      # device_get waits for the batch, so the bar follows the device, not the dispatch.
+      out, pid, camid, mask = jax.device_get(
+          embed_and_gather(state, train_step.shard_batch(local, mesh)))
+      features.append(out[mask])
+      pids.append(pid[mask])
+      camids.append(camid[mask])
+      bar.update(int(mask.sum()))
   return {"features": np.concatenate(features), "pid": np.concatenate(pids),
           "camid": np.concatenate(camids)}

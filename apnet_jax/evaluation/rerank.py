@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apnet_jax import progress
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 # Rows per step when weighting the encodings: each row gathers the features of
 # all its members, so this bounds that buffer (and keeps it in cache).
@@ -179,14 +181,20 @@ def _nearest(features: jax.Array, squared_norms: jax.Array, num_items: int,
              jnp.full((block,), -jnp.inf)) for _ in range(num_blocks)]
   # Row block i sees column blocks 0..i-1 (as transposes, from earlier outer
   # iterations), then i, i+1, ...: always in increasing column order.
-  for i in range(num_blocks):
-    for j in range(i, num_blocks):
-      states[i], column_state = _nearest_pair(
-          features, squared_norms, jnp.int32(num_items),
-          jnp.int32(i * block), jnp.int32(j * block), states[i], states[j],
-          block=block, num_neighbours=num_neighbours, diagonal=i == j)
-      if i != j:
-        states[j] = column_state
+  with progress.bar(num_blocks * (num_blocks + 1) // 2, "re-rank neighbours",
+                    "block") as bar:
+    for i in range(num_blocks):
+      for j in range(i, num_blocks):
+        states[i], column_state = _nearest_pair(
+            features, squared_norms, jnp.int32(num_items),
+            jnp.int32(i * block), jnp.int32(j * block), states[i], states[j],
+            block=block, num_neighbours=num_neighbours, diagonal=i == j)
+        if i != j:
+          states[j] = column_state
+      # Row block i is final: waiting for it makes the bar follow the device,
+      # not the dispatch, and idles the device only between two row blocks.
+      jax.block_until_ready(states[i])
+      bar.update(num_blocks - i)
   return (jnp.concatenate([state[1] for state in states]),
           jnp.concatenate([state[2] for state in states]))
 
@@ -411,32 +419,35 @@ def _rerank_chunks(query_features: np.ndarray, gallery_features: np.ndarray,
       [[0], np.cumsum(np.bincount(columns, minlength=padded))])
   del item, slot, columns, order
 
-  for start in range(0, num_query, chunk_size):
-    stop = min(start + chunk_size, num_query)
-    # m[i, j] = sum_k min(V[i, k], V[j, k]) over the columns both use.
-    row, slot = np.nonzero(members[start:stop] < padded)
-    column = members[start:stop][row, slot]
-    weight = weights[start:stop][row, slot]
-    length = column_start[column + 1] - column_start[column]
-    pair = np.repeat(np.arange(len(column)), length)
-    position = (np.arange(len(pair)) - (np.cumsum(length) - length)[pair]
-                + column_start[column][pair])
-    overlap = np.bincount(
-        row[pair] * num_gallery + inverted_item[position],
-        weights=np.minimum(weight[pair], inverted_weight[position]),
-        minlength=(stop - start) * num_gallery).reshape(stop - start,
-                                                        num_gallery)
-    jaccard = 1.0 - overlap / (2.0 - overlap)
-    # Fixed chunk shapes (padding rows of 1.0 keep the division finite).
-    pad = chunk_size - (stop - start)
-    original = _original_distance(
-        jnp.asarray(np.pad(query_features[start:stop], ((0, pad), (0, 0)))),
-        jnp.asarray(np.pad(query_norms[start:stop], (0, pad))),
-        jnp.asarray(np.pad(row_max[start:stop], (0, pad), constant_values=1.0)),
-        gallery_features, gallery_norms)
-    original = np.asarray(original, np.float64)[:stop - start]
-    yield start, (jaccard * (1.0 - lambda_value)
-                  + original * lambda_value).astype(np.float32)
+  # Closed when the consumer has taken the last chunk (or drops the iterator).
+  with progress.bar(num_query, "re-rank", "query") as bar:
+    for start in range(0, num_query, chunk_size):
+      stop = min(start + chunk_size, num_query)
+      # m[i, j] = sum_k min(V[i, k], V[j, k]) over the columns both use.
+      row, slot = np.nonzero(members[start:stop] < padded)
+      column = members[start:stop][row, slot]
+      weight = weights[start:stop][row, slot]
+      length = column_start[column + 1] - column_start[column]
+      pair = np.repeat(np.arange(len(column)), length)
+      position = (np.arange(len(pair)) - (np.cumsum(length) - length)[pair]
+                  + column_start[column][pair])
+      overlap = np.bincount(
+          row[pair] * num_gallery + inverted_item[position],
+          weights=np.minimum(weight[pair], inverted_weight[position]),
+          minlength=(stop - start) * num_gallery).reshape(stop - start,
+                                                          num_gallery)
+      jaccard = 1.0 - overlap / (2.0 - overlap)
+      # Fixed chunk shapes (padding rows of 1.0 keep the division finite).
+      pad = chunk_size - (stop - start)
+      original = _original_distance(
+          jnp.asarray(np.pad(query_features[start:stop], ((0, pad), (0, 0)))),
+          jnp.asarray(np.pad(query_norms[start:stop], (0, pad))),
+          jnp.asarray(np.pad(row_max[start:stop], (0, pad), constant_values=1.0)),
+          gallery_features, gallery_norms)
+      original = np.asarray(original, np.float64)[:stop - start]
+      bar.update(stop - start)
+      yield start, (jaccard * (1.0 - lambda_value)
+                    + original * lambda_value).astype(np.float32)
 
 
 def k_reciprocal_rerank(query_features: Any,

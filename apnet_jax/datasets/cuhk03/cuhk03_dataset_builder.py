@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
-import tqdm
+from tqdm import auto as tqdm_auto
 
 from .. import reid_common
 
@@ -223,7 +223,9 @@ def _read_release(
           f"Cannot read {mat_location} as a MATLAB v7.3 (HDF5) file: {e}"
       ) from e
     release = _ReleaseImages(mat, config, mat_location)
-    for i in tqdm.tqdm(wanted, desc=f"Reading {config} images of cuhk-03.mat"):
+    # Not apnet_jax.progress.bar: preparing runs on one process and must not
+    # start a JAX backend (on a TPU host it would hold the chips).
+    for i in tqdm_auto.tqdm(wanted, desc=f"Reading {config} images of cuhk-03.mat"):
       name = filelist[i]
       pair, person, _, slot = _parse_mat_name(name, protocol_location)
       pngs[name] = release.png(name, pair, person, slot)

@@ -31,6 +31,7 @@ Typical use::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +52,7 @@ from apnet_jax.platform import cpu
 __all__ = [
     "DATA_AXIS",
     "TrainState",
+    "TrainStep",
     "create_train_state",
     "data_sharding",
     "make_mesh",
@@ -201,7 +203,7 @@ def make_train_step(
     config: Any,
     mesh: Mesh,
     seed: int,
-) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]:
+) -> TrainStep:
   """Builds the jitted train step.
 
   Args:
@@ -218,7 +220,7 @@ def make_train_step(
       ``fold_in(key(seed), s)``.
 
   Returns:
-    ``train_step(state, batch) -> (state, metrics)``. ``batch`` needs
+    A `TrainStep`: ``train_step(state, batch) -> (state, metrics)``. ``batch`` needs
     ``image`` (uint8 (B, H, W, 3)) and ``label`` (int (B,)), ideally
     already sharded with :func:`shard_batch`; other entries are ignored.
     ``state`` must be replicated on the mesh (``jax.device_put(state,
@@ -226,12 +228,8 @@ def make_train_step(
     call. ``metrics`` are float32 device scalars: ``loss``, ``ce``,
     ``triplet``, ``acc``, ``lr``, ``grad_norm`` (of the loss gradient,
     before weight decay), ``param_norm`` (after the update), ``dist_ap``,
-    ``dist_an``. The jitted function is ``train_step.jitted``; on CPU it
-    carries compiler options (:mod:`apnet_jax.platform.cpu`), which JAX
-    allows only on a top-level jit, so trace ``train_step.step``, the plain
-    function, inside other transformations. On CPU devices the model
-    convolves with `apnet_jax.platform.cpu.conv_general_dilated` inside the
-    step.
+    ``dist_an``. On CPU devices the model convolves with
+    `apnet_jax.platform.cpu.conv_general_dilated` inside the step.
   """
   _check_mesh(mesh)
   margin = float(config.loss.margin)
@@ -284,7 +282,28 @@ def make_train_step(
       compiler_options=cpu.compiler_options(mesh),
   )
 
-  def train_step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+  return TrainStep(step=step, jitted=jitted, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """The train step of `make_train_step`: call it with ``(state, batch)``.
+
+  Attributes:
+    step: the plain function ``(state, batch) -> (state, metrics)``, to trace
+      inside other transformations (``jax.make_jaxpr``, ``jax.eval_shape``).
+    jitted: ``step`` jitted for ``mesh``, with the platform's compiler
+      options (which JAX allows only on a top-level jit).
+    mesh: the mesh the batch is sharded over.
+  """
+
+  step: Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, Metrics]]
+  jitted: Any
+  mesh: Mesh
+
+  def __call__(self, state: TrainState,
+               batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    """Checks the batch (names what is wrong), then runs the jitted step."""
     missing = [k for k in _STEP_KEYS if k not in batch]
     if missing:
       raise KeyError(f"train_step: the batch has no {missing} (got keys {sorted(batch)}).")
@@ -295,11 +314,8 @@ def make_train_step(
     if label.shape != image.shape[:1] or not jnp.issubdtype(label.dtype, jnp.integer):
       raise ValueError(f"train_step: batch['label'] must be integer ({image.shape[0]},), got "
                        f"{label.dtype} {label.shape}.")
-    if image.shape[0] % mesh.shape[DATA_AXIS]:
+    devices = self.mesh.shape[DATA_AXIS]
+    if image.shape[0] % devices:
       raise ValueError(f"train_step: batch size {image.shape[0]} is not divisible by the "
-                       f"{mesh.shape[DATA_AXIS]} devices of the mesh's 'data' axis.")
-    return jitted(state, {"image": image, "label": label})
-
-  train_step.jitted = jitted  # type: ignore[attr-defined]
-  train_step.step = step  # type: ignore[attr-defined]
-  return train_step
+                       f"{devices} devices of the mesh's 'data' axis.")
+    return self.jitted(state, {"image": image, "label": label})

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from apnet_jax.models.apnet import build_model
 from apnet_jax.models.layers import FrozenBias
 
 
@@ -84,8 +85,6 @@ def describe(model_config: Any, num_classes: int, *, batch_size: int = 2) -> str
   The model is built abstractly (no weights are materialised) except for
   the FLOP count, which compiles one eval forward pass.
   """
-  from apnet_jax.models.apnet import build_model  # avoid a cycle at import time
-
   model = nnx.eval_shape(lambda: build_model(model_config, num_classes, rngs=nnx.Rngs(0)))
   height, width = model_config.input_size
   images = jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.float32)

@@ -43,6 +43,8 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
 
+from apnet_jax.images import decode_rgb
+
 TRAIN_SPLIT = "train"
 SPLITS = ("train", "query", "gallery")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -426,17 +428,22 @@ def read_market_style_folder(
 
 
 def check_image(data: bytes, location: str) -> None:
-  """Decodes ``data`` fully; a corrupt or non-JPEG/PNG image names the file."""
+  """Decodes ``data`` fully, as training will (`apnet_jax.images.decode_rgb`).
+
+  Raises:
+    ValueError: naming ``location``: a corrupt image, one that is not JPEG or
+      PNG, or a pixel format with no 8-bit RGB reading.
+  """
   try:
     with PIL.Image.open(io.BytesIO(data)) as image:
       image_format = image.format
-      image.load()  # a truncated file fails only here
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"Cannot decode image {location}: {e}") from e
   if image_format not in ("JPEG", "PNG"):
     raise ValueError(
         f"{location} is a {image_format} image; expected JPEG or PNG."
     )
+  decode_rgb(data, location)
 
 
 def assign_labels(

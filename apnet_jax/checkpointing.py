@@ -225,12 +225,25 @@ _STATE_KEYS = {
 }
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
-  """Refuses to resume a checkpoint of another model, dataset or seed, naming the keys."""
+# What evaluating a checkpoint depends on: its arrays' shapes and the dataset
+# (the number of classes is the checkpoint's own); not the batch's P x K.
+EVAL_KEYS = {
+    "model": _STATE_KEYS["model"],
+    "data": ("name", "config"),
+}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str, *,
+                     keys: dict[str, tuple[str, ...]] = _STATE_KEYS) -> None:
+  """Refuses a checkpoint of another model, dataset or seed, naming the keys.
+
+  ``keys``: the config keys compared, by section (by default, those training
+  depends on; `EVAL_KEYS` for evaluation).
+  """
   current = json.loads(json.dumps(current))  # tuples -> lists, as saved
   diffs = []
-  for section, keys in _STATE_KEYS.items():
-    for key in keys:
+  for section, section_keys in keys.items():
+    for key in section_keys:
       old, new = saved.get(section, {}).get(key), current[section].get(key)
       if old != new:
         diffs.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")

@@ -74,6 +74,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.checkpoint_every_epochs = 10
   train.keep_best = 1  # Best checkpoints by mAP kept besides the latest.
   train.eval_epochs = (120, 160)  # Evaluate after these epochs.
+  # Resuming: recipe keys (dotted, comma-separated, e.g. 'optim.base_lr') whose
+  # change from the workdir's config.json is accepted and recorded; others are refused.
+  train.allow_changes = ""
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 128  # Images per forward pass (padded; sharded over devices).

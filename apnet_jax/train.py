@@ -346,18 +346,18 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
   # The latest checkpoint, if any: its record is checked before any compute.
   meta = {"seed": config.train.seed, "num_classes": num_classes,
           "model": config.model.to_dict(), "data": config.data.to_dict()}
-  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  # Looked at read-only: a refused workdir is left exactly as it was.
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
+                                       read_only=True)
   start_step = manager.latest_step() or 0
   if start_step:
     _check_resumable(manager, start_step, meta, config, total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, workdir=workdir)
+  manager.close()
   # The logs (config.json, metrics, TensorBoard) continue only the same recipe,
   # checkpoint or not: another run's would be mixed into them.
-  try:
-    recipe_changes = workdir_lib.check_recipe(config, workdir, checkpoint_step=start_step)
-  except Exception:
-    manager.close()  # its threads would outlive the refusal (in a notebook, say)
-    raise
+  recipe_changes = workdir_lib.check_recipe(config, workdir)
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
 
   # The identity-balanced loader (from the resumed step: batches are a
   # function of (seed, step)), model, optimizer and train state (resumed).

@@ -146,8 +146,7 @@ def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
   return keys
 
 
-def check_recipe(config: ml_collections.ConfigDict, workdir: str, *,
-                 checkpoint_step: int) -> dict[str, dict[str, Any]]:
+def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, Any]]:
   """Refuses to continue ``workdir``'s records with another recipe; returns accepted changes.
 
   Compares the `RECIPE_KEYS` of ``config`` with ``workdir/config.json`` (a
@@ -175,13 +174,11 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str, *,
   allowed = set(allowed_changes(config))
   refused = [key for key in changed if key not in allowed]
   if refused:
-    records = (f"checkpoints up to step {checkpoint_step}" if checkpoint_step
-               else "logs but no checkpoint yet")
     diffs = "; ".join(f"{key}: workdir {changed[key]['from']!r}, config {changed[key]['to']!r}"
                       for key in refused)
     raise ValueError(
-        f"{workdir} holds another run's records ({CONFIG_FILE}, {records}), trained with "
-        f"another recipe: {diffs}. Nothing was changed. To continue it with these values, add "
+        f"{workdir} holds the records of a run with another recipe ({CONFIG_FILE}, and the "
+        f"metrics and checkpoints it wrote, if any): {diffs}. Nothing was changed. To continue it with these values, add "
         f"--config.train.allow_changes={','.join(refused)} (the change is recorded in "
         f"{CHANGES_FILE}); otherwise set them back or use another --workdir.")
   return changed

@@ -35,6 +35,7 @@ import os
 import pathlib
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -107,8 +108,10 @@ class _ZipIndex:
   def read(self, rel: str) -> bytes:
     try:
       return self.zip.read(self.files[rel])
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise ValueError(f"Cannot read {self.path}:{rel}: {e}") from e
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+      raise ValueError(f"Cannot read {self.path}:{rel} ({type(e).__name__}: {e}): the "
+                       "archive is damaged; download it again or extract it with another "
+                       "tool and pass the folder as manual_dir.") from e
 
 
 class ManualTree:

@@ -251,3 +251,19 @@ def test_zip_holding_the_root_one_folder_deeper(tmp_path):
       zf.write(path, "downloads/" + path.relative_to(src.parent).as_posix())
   builder = fx.build("dukemtmc_reid", manual, tmp_path / "data")
   assert len(sources.load_split(builder, "train")) == 4
+
+
+def test_a_corrupt_compressed_member_names_the_archive_and_member(tmp_path):
+  src = fx.copy_dummy("market1501", tmp_path / "src") / MARKET_ROOT
+  archive = fx.zip_folder(src, tmp_path / "manual" / f"{MARKET_ROOT}.zip")
+  member = f"{MARKET_ROOT}/query/0003_c1s1_000101_00.jpg"
+  with zipfile.ZipFile(archive) as zf:
+    info = zf.getinfo(member)
+  data = bytearray(archive.read_bytes())
+  # The member's deflate stream starts after its local header; 0xFF there is
+  # block type 3, which zlib refuses ("invalid block type").
+  start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+  data[start:start + 4] = b"\xff\xff\xff\xff"
+  archive.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=re.escape(f"{MARKET_ROOT}.zip:{member} (error: ")):
+    fx.build("market1501", tmp_path / "manual", tmp_path / "data")

@@ -267,3 +267,14 @@ def test_a_corrupt_compressed_member_names_the_archive_and_member(tmp_path):
   archive.write_bytes(bytes(data))
   with pytest.raises(ValueError, match=re.escape(f"{MARKET_ROOT}.zip:{member} (error: ")):
     fx.build("market1501", tmp_path / "manual", tmp_path / "data")
+
+
+def test_a_truncated_prepared_split_is_named_with_the_fix(tmp_path):
+  builder = fx.build("synthetic_reid", None, tmp_path / "data", config="tiny")
+  (train_file,) = [p for p in builder.data_path.iterdir() if "-train.array_record" in p.name]
+  data = train_file.read_bytes()
+  train_file.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=rf"the train split \({train_file.name}\) cannot be "
+                     rf"read.*damaged.*Delete {re.escape(str(builder.data_path))}"):
+    sources.load_split("synthetic_reid", "train", data_dir=tmp_path / "data", config="tiny")
+  sources.load_split("synthetic_reid", "query", data_dir=tmp_path / "data", config="tiny")

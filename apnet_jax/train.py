@@ -96,6 +96,8 @@ def _open_or_prepare(data_config: ml_collections.ConfigDict):
   builder = sources.get_builder(data_config.name, data_dir=data_dir,
                                 config=data_config.config or None)
   if builder.is_prepared():
+    if data_config.manual_dir:
+      prepare.check_same_source(builder, data_config.manual_dir)
     return builder
   if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS or data_config.manual_dir:
     return prepare_dataset(data_config)

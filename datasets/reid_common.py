@@ -589,6 +589,8 @@ class ManualReidBuilder(ReidBuilder, skip_registration=True):
   ) -> tuple[str, dict[str, list[ReidImage]]]:
     # dl_manager.manual_dir says so when the folder is missing or empty.
     tree = ManualTree(dl_manager.manual_dir)
+    # Recorded so that preparing again from another folder is noticed.
+    self.info.metadata["manual_dir"] = os.path.realpath(os.fspath(dl_manager.manual_dir))
     layout, root = locate_root(tree, self._layouts())
     return layout.name, self._read_layout(tree, layout, root)
 

@@ -278,3 +278,14 @@ def test_a_truncated_prepared_split_is_named_with_the_fix(tmp_path):
                      rf"read.*damaged.*Delete {re.escape(str(builder.data_path))}"):
     sources.load_split("synthetic_reid", "train", data_dir=tmp_path / "data", config="tiny")
   sources.load_split("synthetic_reid", "query", data_dir=tmp_path / "data", config="tiny")
+
+
+def test_preparing_again_from_another_manual_dir_says_so_and_how_to_rebuild(tmp_path):
+  first, _ = _market_copy(tmp_path / "a")
+  second, _ = _market_copy(tmp_path / "b")
+  builder = fx.build("market1501", first, tmp_path / "data")
+  fx.build("market1501", first, tmp_path / "data")  # the same folder: reused quietly
+  with pytest.raises(ValueError, match=rf"{re.escape(str(builder.data_path))} was prepared "
+                     rf"from manual_dir {re.escape(str(first))}, not {re.escape(str(second))}"
+                     rf".*delete {re.escape(str(builder.data_path))}"):
+    fx.build("market1501", second, tmp_path / "data")

@@ -126,6 +126,7 @@ def prepare(
     )
   if builder.data_path.exists() and builder.is_prepared():
     _check_same_config(builder)
+    check_same_source(builder, manual_dir)
   download_config = tfds.download.DownloadConfig(
       manual_dir=None if manual_dir is None
       else os.path.expanduser(os.fspath(manual_dir))
@@ -170,6 +171,25 @@ def _check_same_config(builder: tfds.core.DatasetBuilder) -> None:
         f"{builder.data_path} was built from config {built}, not {wanted}."
         " Give the config another name, or use another data_dir."
     )
+
+
+def check_same_source(builder: tfds.core.DatasetBuilder,
+                      manual_dir: str | os.PathLike[str] | None) -> None:
+  """Refuses to pass off a prepared dataset as built from another ``manual_dir``.
+
+  A prepared dataset is reused as it is; a new folder would be ignored without
+  a word. Datasets built before the folder was recorded are let through.
+  """
+  built = (builder.info.metadata or {}).get("manual_dir")
+  if manual_dir is None or built is None:
+    return
+  wanted = os.path.realpath(os.path.expanduser(os.fspath(manual_dir)))
+  if wanted != built:
+    raise ValueError(
+        f"{builder.data_path} was prepared from manual_dir {built}, not {wanted}; nothing was "
+        f"rebuilt. To prepare it from {wanted}, delete {builder.data_path} (or give "
+        "another --config.data.data_dir) and prepare again; to use the prepared one, set "
+        f"--config.data.manual_dir={built} or leave it empty.")
 
 
 def split_statistics(

@@ -18,9 +18,16 @@ def choose(arg: str | None, options: tuple[str, ...], config_file: str) -> str:
   return arg
 
 
+def no_argument(arg: str | None, config_file: str) -> None:
+  """Refuses a ``:arg`` given to a config file that takes none (a typo would pass unseen)."""
+  if arg is not None and arg != "":
+    raise ValueError(f"{config_file} takes no argument, got {arg!r}; use {config_file} alone "
+                     "and change settings with --config.section.key=value.")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the official recipe. ``arg`` is unused (kept for a uniform API)."""
-  del arg
+  """Returns the official recipe; takes no argument."""
+  no_argument(arg, "configs/common.py")
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()

@@ -474,3 +474,22 @@ def test_use_best_without_an_evaluated_checkpoint_says_so():
   with pytest.raises(FileNotFoundError, match=r"config\.eval\.use_best: no checkpoint in "
                      r"w/checkpoints was evaluated.*\[2\].*step 2.*eval\.step"):
     train._restore_checkpoint(Unscored(), config, "w")
+
+
+@pytest.mark.parametrize("config_file", ["common", "market1501", "dukemtmc"])
+def test_a_config_file_that_takes_no_argument_refuses_one_by_name(config_file):
+  import importlib
+
+  get = importlib.import_module(f"configs.{config_file}").get_config
+  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py takes no argument, got "
+                     "'typo'"):
+    get("typo")
+  assert get() is not None and get("") is not None
+
+
+def test_the_command_line_refuses_a_config_argument_by_name():
+  result = subprocess.run(
+      [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr

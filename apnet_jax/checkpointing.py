@@ -132,6 +132,14 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
     raise _save_error(manager, in_flight, e) from e
 
 
+def close_quietly(manager: ocp.CheckpointManager) -> None:
+  """Closes ``manager`` on the way out of a failure, whose error matters more than close's."""
+  try:
+    manager.close()
+  except Exception:  # pylint: disable=broad-except
+    absl_logging.warning("closing the checkpoint manager failed as well", exc_info=True)
+
+
 def _save_error(manager: ocp.CheckpointManager, step: int | None,
                 error: Exception) -> CheckpointSaveError:
   # Python writes raise OSError; TensorStore's array writes carry the text.

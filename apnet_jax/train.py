@@ -38,6 +38,12 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step."""
 
 
+# Errors whose message alone tells the user what happened and what to do: a
+# command line ends with it, without a traceback (run.py).
+USER_ERRORS = (NonFiniteLossError, checkpointing.CheckpointReadError,
+               checkpointing.CheckpointSaveError, workdir_lib.WorkdirBusyError)
+
+
 # --- Data --------------------------------------------------------------------
 
 
@@ -360,79 +366,83 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
   # checkpoint or not: another run's would be mixed into them.
   recipe_changes = workdir_lib.check_recipe(config, workdir)
   manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  # On any failure (and SIGTERM's exit) the manager is closed before the error
+  # leaves: its threads would fail at interpreter exit and bury the error.
+  try:
+    # The identity-balanced loader (from the resumed step: batches are a
+    # function of (seed, step)), model, optimizer and train state (resumed).
+    loader = pipeline.train_loader(
+        sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
+        height=config.model.input_size[0], width=config.model.input_size[1],
+        seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
+    model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
+    if config.model.init_from:
+      init_from_imagenet(model, config.model.init_from)
+    tx, _ = optim.make_optimizer(config, steps_per_epoch)
+    graphdef, state = train_step.create_train_state(model, tx)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if start_step:
+      state, _ = checkpointing.restore(manager, start_step, state)
+      logging.info("Resumed from step %d", start_step)
+    if is_main:  # after the checks above: never overwrite another run's record
+      workdir_lib.record_changes(workdir, recipe_changes, step=start_step)
+      with workdir_lib.replace_file(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as path:
+        with open(path, "w") as f:
+          f.write(config.to_json_best_effort(indent=2))
 
-  # The identity-balanced loader (from the resumed step: batches are a
-  # function of (seed, step)), model, optimizer and train state (resumed).
-  loader = pipeline.train_loader(
-      sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
-      height=config.model.input_size[0], width=config.model.input_size[1],
-      seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
-  model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
-  if config.model.init_from:
-    init_from_imagenet(model, config.model.init_from)
-  tx, _ = optim.make_optimizer(config, steps_per_epoch)
-  graphdef, state = train_step.create_train_state(model, tx)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  if start_step:
-    state, _ = checkpointing.restore(manager, start_step, state)
-    logging.info("Resumed from step %d", start_step)
-  if is_main:  # after the checks above: never overwrite another run's record
-    workdir_lib.record_changes(workdir, recipe_changes, step=start_step)
-    with workdir_lib.replace_file(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as path:
-      with open(path, "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    # The loop. Device metrics are fetched only at logging steps.
+    step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
+                                         mesh=mesh, seed=config.train.seed)
+    writer = MetricWriter(workdir, enabled=is_main)
+    results: dict[str, Any] | None = None
+    final_features = None  # set when the last step was an evaluation epoch
+    window, window_start, tick = [], start_step, time.time()
+    with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
+          tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
+                    unit="step") as bar):
+      for step in range(start_step, total_steps):
+        batch = next(loader)
+        state, metrics = step_fn(state, train_step.shard_batch(
+            {"image": batch["image"], "label": batch["label"]}, mesh))
+        window.append(metrics)
+        done = step + 1
+        preempted.poll(done)
+        epoch_end = done % steps_per_epoch == 0
+        epoch = done // steps_per_epoch
+        last = done == total_steps
+        if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
+          record = _reduce_window(window, window_start)
+          record.update(epoch=done / steps_per_epoch,
+                        img_per_s=len(window) * config.data.p * config.data.k
+                        / max(time.time() - tick, 1e-9))
+          writer.write(done, record)
+          # Updated only here, after the sync: dispatch runs ahead of the device.
+          bar.update(done - bar.n)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}")
+          window, window_start, tick = [], done, time.time()
 
-  # The loop. Device metrics are fetched only at logging steps.
-  step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
-                                       mesh=mesh, seed=config.train.seed)
-  writer = MetricWriter(workdir, enabled=is_main)
-  results: dict[str, Any] | None = None
-  final_features = None  # set when the last step was an evaluation epoch
-  window, window_start, tick = [], start_step, time.time()
-  with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
-        tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
-                  unit="step") as bar):
-    for step in range(start_step, total_steps):
-      batch = next(loader)
-      state, metrics = step_fn(state, train_step.shard_batch(
-          {"image": batch["image"], "label": batch["label"]}, mesh))
-      window.append(metrics)
-      done = step + 1
-      preempted.poll(done)
-      epoch_end = done % steps_per_epoch == 0
-      epoch = done // steps_per_epoch
-      last = done == total_steps
-      if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
-        record = _reduce_window(window, window_start)
-        record.update(epoch=done / steps_per_epoch,
-                      img_per_s=len(window) * config.data.p * config.data.k
-                      / max(time.time() - tick, 1e-9))
-        writer.write(done, record)
-        # Updated only here, after the sync: dispatch runs ahead of the device.
-        bar.update(done - bar.n)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}")
-        window, window_start, tick = [], done, time.time()
-
-      evaluated = None
-      if epoch_end and epoch in config.train.eval_epochs:
-        features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
-                                         builder, config, mesh=mesh)
-        results = evaluate_features(features, builder, config)
-        final_features = features if last else None
-        evaluated = {"mAP": results["mAP"]}
-        writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
-                     kind="eval")
-      if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
-          or last or preempted.set):
-        checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
-                           metrics=evaluated)
-      if preempted.set:
-        checkpointing.wait_until_finished(manager)
-        manager.close()
-        logging.warning("SIGTERM: saved step %d and stopped.", done)
-        writer.close()
-        raise SystemExit(143)
-  checkpointing.wait_until_finished(manager)
+        evaluated = None
+        if epoch_end and epoch in config.train.eval_epochs:
+          features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+                                           builder, config, mesh=mesh)
+          results = evaluate_features(features, builder, config)
+          final_features = features if last else None
+          evaluated = {"mAP": results["mAP"]}
+          writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+                       kind="eval")
+        if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
+            or last or preempted.set):
+          checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
+                             metrics=evaluated)
+        if preempted.set:
+          checkpointing.wait_until_finished(manager)  # closed on the way out, below
+          logging.warning("SIGTERM: saved step %d and stopped.", done)
+          writer.close()
+          raise SystemExit(143)
+    checkpointing.wait_until_finished(manager)
+  except BaseException:
+    checkpointing.close_quietly(manager)
+    raise
   manager.close()  # its threads would outlive the call (in a notebook, say)
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.

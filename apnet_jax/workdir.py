@@ -178,7 +178,8 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
                       for key in refused)
     raise ValueError(
         f"{workdir} holds the records of a run with another recipe ({CONFIG_FILE}, and the "
-        f"metrics and checkpoints it wrote, if any): {diffs}. Nothing was changed. To continue it with these values, add "
+        f"metrics and checkpoints it wrote, if any): {diffs}. Nothing was changed. To "
+        "continue it with these values, add "
         f"--config.train.allow_changes={','.join(refused)} (the change is recorded in "
         f"{CHANGES_FILE}); otherwise set them back or use another --workdir.")
   return changed

@@ -564,3 +564,16 @@ def test_a_replaced_folder_holds_one_invocation_and_survives_a_failed_one(tmp_pa
       raise RuntimeError("killed mid-write")
   assert (out / "features.npy").read_text() == "second"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["extract"]  # no staging left
+
+
+def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runner,
+                                                                            uninterrupted):
+  """Orbax's and TensorStore's thread tracebacks must not bury the error (run.py)."""
+  del uninterrupted  # its workdir, copied
+  workdir = runner.root / "damaged"
+  shutil.copytree(runner.root / "uninterrupted", workdir)
+  _truncate_arrays(workdir / "checkpoints" / str(STEPS) / "state")
+  runner.finish(runner.start(workdir), workdir, returncode=1)
+  last = log_path(workdir).read_text(errors="replace").rstrip().splitlines()[-1]
+  assert re.fullmatch(rf"CheckpointReadError: Cannot read the checkpoint of step {STEPS} in "
+                      rf"{re.escape(str(workdir / 'checkpoints' / str(STEPS)))} .*", last), last

@@ -44,10 +44,11 @@ def test_prepare_prints_statistics_and_reuses(tmp_path, capsys):
   assert "gallery        4        6        5" in out
   assert prepare.split_statistics(builder) == MARKET_DUMMY
   assert prepare.split_statistics("market1501", data_dir=tmp_path) == MARKET_DUMMY
-  # A second call reuses the built dataset (nothing to read from manual_dir).
+  # A second call from the same folder reuses the built dataset (another folder is
+  # refused: tests/test_datasets_errors.py).
   info = pathlib.Path(builder.data_path) / "dataset_info.json"
   mtime = info.stat().st_mtime_ns
-  fx.build("market1501", tmp_path / "anything", tmp_path)
+  fx.build("market1501", fx.dummy_data("market1501"), tmp_path)
   assert info.stat().st_mtime_ns == mtime
 
 
@@ -64,7 +65,7 @@ def test_prepare_warns_where_statistics_differ_from_the_published(tmp_path, monk
   monkeypatch.setitem(prepare.STANDARD_STATISTICS, "market1501", MARKET_DUMMY)
   with warnings.catch_warnings():
     warnings.simplefilter("error", prepare.StatisticsWarning)
-    prepare.prepare("market1501", manual_dir=tmp_path / "anything", data_dir=tmp_path)
+    prepare.prepare("market1501", manual_dir=fx.dummy_data("market1501"), data_dir=tmp_path)
 
 
 def test_check_statistics_passes_on_match_and_names_mismatches(tmp_path, capsys):

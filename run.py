@@ -13,9 +13,6 @@ Only parses flags and calls library functions (`apnet_jax.train`), so a
 notebook can make the same calls.
 """
 
-import os
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -62,19 +59,7 @@ def main(argv):
   try:
     _run(config, train)
   except train.USER_ERRORS as e:
-    # The error names the step, file or workdir and what to do. Orbax's and
-    # TensorStore's threads go on printing tracebacks of their own until the
-    # interpreter is gone, burying it: they are silenced, the error is printed
-    # last, and the process ends here.
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    stderr = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.dup2(devnull, 2)
-    os.write(stderr, f"{type(e).__name__}: {e}\n".encode())
-    os._exit(1)
+    train.exit_with_error(e)  # its message is the last line, not Orbax's thread tracebacks
 
 
 def _run(config, train):

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -42,6 +43,25 @@ class NonFiniteLossError(FloatingPointError):
 # command line ends with it, without a traceback (run.py).
 USER_ERRORS = (NonFiniteLossError, checkpointing.CheckpointReadError,
                checkpointing.CheckpointSaveError, workdir_lib.WorkdirBusyError)
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+  """Ends the process with status 1 and ``error`` (one of `USER_ERRORS`) as its last line.
+
+  Orbax's and TensorStore's threads go on printing tracebacks of their own
+  until the interpreter is gone, hundreds of lines that bury the error: they
+  are silenced, the error is printed last, and the process ends at once (log
+  files are line-buffered or flushed, so nothing written is lost).
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  stderr = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(stderr, f"{type(error).__name__}: {error}\n".encode())
+  os._exit(1)
 
 
 # --- Data --------------------------------------------------------------------

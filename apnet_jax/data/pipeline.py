@@ -33,6 +33,7 @@ expects for a batch sharded along its first axis.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -175,7 +176,9 @@ def _make_iterator(
             num_workers=num_workers,
             per_worker_buffer_size=_PREFETCH_BATCHES,
         ),
-        worker_init_fn=_exit_with_parent,
+        # The parent's pid from here: a worker that starts after its parent died
+        # would see its adopter's pid as its parent's.
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
     )
   return iter(iter_ds)
 
@@ -183,7 +186,7 @@ def _make_iterator(
 _PARENT_POLL_S = 0.5
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
   """Grain worker start-up: the worker exits as soon as the process that started it is gone.
 
   A parent killed by SIGKILL (or the OOM killer) cannot stop its workers, and
@@ -193,7 +196,6 @@ def _exit_with_parent(worker_index: int, worker_count: int) -> None:
   start workers from a thread that ends before the process does.)
   """
   del worker_index, worker_count
-  parent = os.getppid()
 
   def watch() -> None:
     while os.getppid() == parent:

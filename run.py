@@ -56,6 +56,13 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from apnet_jax import train  # after flag parsing: importing JAX takes a moment
 
+  try:
+    _run(config, train)
+  except train.USER_ERRORS as e:
+    train.exit_with_error(e)  # its message is the last line, not Orbax's thread tracebacks
+
+
+def _run(config, train):
   if FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir)
   elif FLAGS.mode == "eval":

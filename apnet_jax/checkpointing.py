@@ -138,6 +138,14 @@ def wait_until_finished(manager: ocp.CheckpointManager) -> None:
     raise _save_error(manager, in_flight, e) from e
 
 
+def close_quietly(manager: ocp.CheckpointManager) -> None:
+  """Closes ``manager`` on the way out of a failure, whose error matters more than close's."""
+  try:
+    manager.close()
+  except Exception:  # pylint: disable=broad-except
+    absl_logging.warning("closing the checkpoint manager failed as well", exc_info=True)
+
+
 def _save_error(manager: ocp.CheckpointManager, step: int | None,
                 error: Exception) -> CheckpointSaveError:
   # Python writes raise OSError; TensorStore's array writes carry the text.
@@ -231,12 +239,25 @@ _STATE_KEYS = {
 }
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str) -> None:
-  """Refuses to resume a checkpoint of another model, dataset or seed, naming the keys."""
+# What evaluating a checkpoint depends on: its arrays' shapes and the dataset
+# (the number of classes is the checkpoint's own); not the batch's P x K.
+EVAL_KEYS = {
+    "model": _STATE_KEYS["model"],
+    "data": ("name", "config"),
+}
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str, *,
+                     keys: dict[str, tuple[str, ...]] = _STATE_KEYS) -> None:
+  """Refuses a checkpoint of another model, dataset or seed, naming the keys.
+
+  ``keys``: the config keys compared, by section (by default, those training
+  depends on; `EVAL_KEYS` for evaluation).
+  """
   current = json.loads(json.dumps(current))  # tuples -> lists, as saved
   diffs = []
-  for section, keys in _STATE_KEYS.items():
-    for key in keys:
+  for section, section_keys in keys.items():
+    for key in section_keys:
       old, new = saved.get(section, {}).get(key), current[section].get(key)
       if old != new:
         diffs.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")

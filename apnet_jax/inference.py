@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from apnet_jax import export, train
+from apnet_jax import workdir as workdir_lib
 from apnet_jax.evaluation import plots
 from apnet_jax.evaluation.features import extract_features
 
@@ -67,10 +68,16 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   ``files.txt`` (one path per row); with ``extract.gallery_dir`` also
   ``gallery_features.npy``, ``gallery_files.txt``, ``ranking.json`` (each
   image's ``extract.top`` nearest gallery images with distances) and
-  ``ranked_list.png`` (the first ``extract.num_pictures`` images).
+  ``ranked_list.png`` (the first ``extract.num_pictures`` images). The folder
+  holds this invocation's outputs only: they are written beside it and
+  swapped in whole when complete (`apnet_jax.workdir.replace_folder`).
   """
   if not config.extract.input_dir:
     raise ValueError("--mode extract needs --config.extract.input_dir=FOLDER")
+  for key in ("top", "num_pictures"):
+    value = config.extract[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"config.extract.{key} is {value!r}; it must be a whole number >= 1.")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, source = train.restore_model(config, workdir)
   out_dir = os.path.join(workdir, "extract")
@@ -84,35 +91,40 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     result["num_gallery"] = len(gallery_files)
   if jax.process_index() != 0:
     return result
-  os.makedirs(out_dir, exist_ok=True)
-  np.save(os.path.join(out_dir, "features.npy"), features)
-  _write_lines(os.path.join(out_dir, "files.txt"), files)
-  if gallery_files:
-    np.save(os.path.join(out_dir, "gallery_features.npy"), gallery)
-    _write_lines(os.path.join(out_dir, "gallery_files.txt"), gallery_files)
-    top = min(config.extract.top, len(gallery_files))
-    order, dist = plots.rank(features, gallery, top=top)
-    ranking = {f: [{"file": gallery_files[j], "distance": float(d)}
-                   for j, d in zip(row, drow)] for f, row, drow in zip(files, order, dist)}
-    with open(os.path.join(out_dir, "ranking.json"), "w") as f:
-      json.dump(ranking, f, indent=1)
-    shown = range(min(config.extract.num_pictures, len(files)))
-    read = lambda path: plots.decode(open(path, "rb").read())  # noqa: E731
-    plots.plot_ranked_lists([read(files[i]) for i in shown],
-                            [[read(gallery_files[j]) for j in order[i]] for i in shown], None,
-                            os.path.join(out_dir, "ranked_list.png"),
-                            query_labels=[os.path.basename(files[i]) for i in shown])
+  workdir_lib.ensure_workdir(workdir)
+  with workdir_lib.replace_folder(out_dir) as staging:
+    np.save(os.path.join(staging, "features.npy"), features)
+    _write_lines(os.path.join(staging, "files.txt"), files)
+    if gallery_files:
+      np.save(os.path.join(staging, "gallery_features.npy"), gallery)
+      _write_lines(os.path.join(staging, "gallery_files.txt"), gallery_files)
+      top = min(config.extract.top, len(gallery_files))
+      order, dist = plots.rank(features, gallery, top=top)
+      ranking = {f: [{"file": gallery_files[j], "distance": float(d)}
+                     for j, d in zip(row, drow)] for f, row, drow in zip(files, order, dist)}
+      with open(os.path.join(staging, "ranking.json"), "w") as f:
+        json.dump(ranking, f, indent=1)
+      shown = range(min(config.extract.num_pictures, len(files)))
+      plots.plot_ranked_lists([_read(files[i]) for i in shown],
+                              [[_read(gallery_files[j]) for j in order[i]] for i in shown],
+                              None, os.path.join(staging, "ranked_list.png"),
+                              query_labels=[os.path.basename(files[i]) for i in shown])
   print(f"features of {len(files)} images -> {out_dir}")
   return result
+
+
+def _read(path: str) -> np.ndarray:
+  with open(path, "rb") as f:
+    return plots.decode(f.read(), path)
 
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``--mode export``: writes ``workdir/feature_extractor.jaxexport``; returns its path."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, _ = train.restore_model(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "feature_extractor.jaxexport")
   if jax.process_index() == 0:  # one file, written by one process
+    workdir_lib.ensure_workdir(workdir)
     export.export_feature_extractor(model, path, input_size=tuple(config.model.input_size),
                                     eval_feature=config.model.eval_feature)
     print(f"exported the feature extractor (uint8 images of {tuple(config.model.input_size)}, "

@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import jax
 import ml_collections
@@ -23,6 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from apnet_jax import checkpointing, optim, progress, train_step
+from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import pipeline, prepare, sources
 from apnet_jax.evaluation import evaluate, plots
 from apnet_jax.evaluation.features import extract_features
@@ -33,6 +36,31 @@ from apnet_jax.weights import detect_layout, load_torch_weights, read_state_dict
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+# Errors whose message alone tells the user what happened and what to do: a
+# command line ends with it, without a traceback (run.py).
+USER_ERRORS = (NonFiniteLossError, checkpointing.CheckpointReadError,
+               checkpointing.CheckpointSaveError, workdir_lib.WorkdirBusyError)
+
+
+def exit_with_error(error: BaseException) -> NoReturn:
+  """Ends the process with status 1 and ``error`` (one of `USER_ERRORS`) as its last line.
+
+  Orbax's and TensorStore's threads go on printing tracebacks of their own
+  until the interpreter is gone, hundreds of lines that bury the error: they
+  are silenced, the error is printed last, and the process ends at once (log
+  files are line-buffered or flushed, so nothing written is lost).
+  """
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  stderr = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
+  os.write(stderr, f"{type(error).__name__}: {error}\n".encode())
+  os._exit(1)
 
 
 # --- Data --------------------------------------------------------------------
@@ -47,24 +75,8 @@ def open_dataset(data_config: ml_collections.ConfigDict):
   opens (or prepares) it first and the others open it after: one writer for a
   shared ``data.data_dir``.
   """
-  if jax.process_count() == 1:
-    return _open_or_prepare(data_config)
-  failure = None
-  if jax.process_index() == 0:
-    try:
-      builder = _open_or_prepare(data_config)
-    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
-      failure = e
-  # The barrier; it carries process 0's error, so that no process waits for a
-  # dataset that will not come.
-  text = f"{type(failure).__name__}: {failure}" if failure is not None else ""
-  sent = np.frombuffer(text.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES, b"\0"), np.uint8)
-  received = bytes(np.asarray(multihost_utils.broadcast_one_to_all(sent))).rstrip(b"\0")
-  if failure is not None:
-    raise failure
-  if received:
-    raise RuntimeError(f"{data_config.name}: process 0 could not open the dataset: "
-                       f"{received.decode(errors='replace')}")
+  builder = _on_process_0_first(lambda: _open_or_prepare(data_config),
+                                f"{data_config.name}: process 0 could not open the dataset")
   if jax.process_index() != 0:
     data_dir = os.path.expanduser(data_config.data_dir)
     builder = sources.get_builder(data_config.name, data_dir=data_dir,
@@ -75,6 +87,30 @@ def open_dataset(data_config: ml_collections.ConfigDict):
           f"nothing in {data_dir}. Give all processes one shared --config.data.data_dir, or "
           "run --mode prepare on every host first.")
   return builder
+
+
+def _on_process_0_first(fn: Callable[[], Any], failed: str) -> Any:
+  """``fn()`` on process 0 alone (its result there, None elsewhere); every process waits.
+
+  The barrier carries process 0's error, so that no process waits for what
+  will not come: the others raise ``failed`` with its text.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  failure, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+      failure = e
+  text = f"{type(failure).__name__}: {failure}" if failure is not None else ""
+  sent = np.frombuffer(text.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES, b"\0"), np.uint8)
+  received = bytes(np.asarray(multihost_utils.broadcast_one_to_all(sent))).rstrip(b"\0")
+  if failure is not None:
+    raise failure
+  if received:
+    raise RuntimeError(f"{failed}: {received.decode(errors='replace')}")
+  return result
 
 
 _ERROR_BYTES = 4096  # of process 0's error message, sent to the other processes
@@ -192,18 +228,22 @@ def evaluate_features(features: dict[str, dict[str, Any]], builder,
 
 def write_report(workdir: str, results: dict[str, Any], features: dict[str, dict[str, Any]],
                  builder, *, num_queries: int = 8) -> None:
-  """Prints the table; writes results.json, cmc.png and ranked_list.png (process 0)."""
+  """Prints the table; writes results.json, cmc.png and ranked_list.png (process 0).
+
+  Each file is written beside its place and renamed into it when complete.
+  """
   if jax.process_index() != 0:
     return
   print(format_results(results))
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2, default=str)
+  with workdir_lib.replace_file(os.path.join(workdir, "results.json")) as path:
+    with open(path, "w") as f:
+      json.dump(results, f, indent=2, default=str)
   curves = {"APNet": results["cmc"]}
   if "rerank" in results:
     curves["re-ranked"] = results["rerank"]["cmc"]
-  plots.plot_cmc(curves, os.path.join(workdir, "cmc.png"),
-                 title=results["protocol"]["dataset"])
+  with workdir_lib.replace_file(os.path.join(workdir, "cmc.png")) as path:
+    plots.plot_cmc(curves, path, title=results["protocol"]["dataset"])
   query, gallery = features["query"], features["gallery"]
   picked = np.linspace(0, len(query["pid"]) - 1, min(num_queries, len(query["pid"]))).astype(int)
   order, matches = plots.ranked_lists(
@@ -211,12 +251,12 @@ def write_report(workdir: str, results: dict[str, Any], features: dict[str, dict
       query["camid"][picked], gallery["camid"], top=min(10, len(gallery["pid"])))
   query_source = sources.load_split(builder, "query")
   gallery_source = sources.load_split(builder, "gallery")
-  plots.plot_ranked_lists(
-      [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
-      [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
-       for row in order],
-      matches, os.path.join(workdir, "ranked_list.png"),
-      query_labels=[f"pid {query['pid'][i]}" for i in picked])
+  with workdir_lib.replace_file(os.path.join(workdir, "ranked_list.png")) as path:
+    plots.plot_ranked_lists(
+        [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
+        [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
+         for row in order],
+        matches, path, query_labels=[f"pid {query['pid'][i]}" for i in picked])
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -262,6 +302,15 @@ def check_train_config(config: ml_collections.ConfigDict) -> None:
                     "skipped; the run is evaluated at its end.", past_end, train.epochs)
 
 
+def check_input_size(config: ml_collections.ConfigDict) -> None:
+  """Refuses a ``model.input_size`` that is not (height, width) in whole pixels >= 1."""
+  size = config.model.input_size
+  if (not isinstance(size, (tuple, list)) or len(size) != 2
+      or not all(_is_count(v) and v >= 1 for v in size)):
+    raise ValueError(f"config.model.input_size is {size!r}; it must be (height, width), two "
+                     "whole numbers >= 1, e.g. --config.model.input_size='(384, 192)'.")
+
+
 def _is_count(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -276,18 +325,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with fewer epochs or a smaller ``max_steps``) is refused rather than reported
   as a run of these settings; one exactly at the last step is evaluated again.
 
+  One training writes a workdir at a time: it holds the workdir's lock
+  (`apnet_jax.workdir.WorkdirLock`; process 0 takes it for all processes)
+  from before its first look at the workdir until it returns. A workdir whose
+  ``config.json`` records another recipe (`apnet_jax.workdir.check_recipe`),
+  with or without checkpoints, is refused unless ``train.allow_changes``
+  lists the changed keys; accepted changes go to ``config_changes.jsonl``.
+
   Raises:
     ValueError: an invalid ``config.train`` or ``config.eval`` setting (before
-      anything is computed or written), or a ``workdir`` checkpoint of another
-      run or seed, or of a longer run (before any compute).
+      anything is computed or written), or a ``workdir`` checkpoint or record
+      of another run or seed, or of a longer run (before any compute).
+    NotADirectoryError: ``workdir`` is a file.
+    apnet_jax.workdir.WorkdirBusyError: another process holds ``workdir``.
     checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
   check_train_config(config)
+  check_input_size(config)
   check_drop_distractors(config, config.data.name)
+  workdir = workdir_lib.ensure_workdir(workdir)
+  held = _on_process_0_first(lambda: workdir_lib.WorkdirLock.acquire(workdir, "training"),
+                             f"{workdir}: process 0 could not take the workdir")
+  try:
+    return _train_and_evaluate_locked(config, workdir)
+  finally:
+    if held is not None:
+      held.release()
 
-  # Setup: workdir, resolved config, mesh.
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
+
+def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
+                               workdir: str) -> dict[str, Any]:
+  """`train_and_evaluate` once the workdir (absolute, existing) is this run's."""
+  # Setup: resolved config, mesh.
   is_main = jax.process_index() == 0
   logging.info("Config:\n%s", config)
   mesh = train_step.make_mesh()
@@ -304,81 +373,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The latest checkpoint, if any: its record is checked before any compute.
   meta = {"seed": config.train.seed, "num_classes": num_classes,
           "model": config.model.to_dict(), "data": config.data.to_dict()}
-  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  # Looked at read-only: a refused workdir is left exactly as it was.
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
+                                       read_only=True)
   start_step = manager.latest_step() or 0
   if start_step:
     _check_resumable(manager, start_step, meta, config, total_steps=total_steps,
                      steps_per_epoch=steps_per_epoch, workdir=workdir)
+  manager.close()
+  # The logs (config.json, metrics, TensorBoard) continue only the same recipe,
+  # checkpoint or not: another run's would be mixed into them.
+  recipe_changes = workdir_lib.check_recipe(config, workdir)
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best)
+  # On any failure (and SIGTERM's exit) the manager is closed before the error
+  # leaves: its threads would fail at interpreter exit and bury the error.
+  try:
+    # The identity-balanced loader (from the resumed step: batches are a
+    # function of (seed, step)), model, optimizer and train state (resumed).
+    loader = pipeline.train_loader(
+        sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
+        height=config.model.input_size[0], width=config.model.input_size[1],
+        seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
+    model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
+    if config.model.init_from:
+      init_from_imagenet(model, config.model.init_from)
+    tx, _ = optim.make_optimizer(config, steps_per_epoch)
+    graphdef, state = train_step.create_train_state(model, tx)
+    state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    if start_step:
+      state, _ = checkpointing.restore(manager, start_step, state)
+      logging.info("Resumed from step %d", start_step)
+    if is_main:  # after the checks above: never overwrite another run's record
+      workdir_lib.record_changes(workdir, recipe_changes, step=start_step)
+      with workdir_lib.replace_file(os.path.join(workdir, workdir_lib.CONFIG_FILE)) as path:
+        with open(path, "w") as f:
+          f.write(config.to_json_best_effort(indent=2))
 
-  # The identity-balanced loader (from the resumed step: batches are a
-  # function of (seed, step)), model, optimizer and train state (resumed).
-  loader = pipeline.train_loader(
-      sources.load_split(builder, "train"), train_labels, p=config.data.p, k=config.data.k,
-      height=config.model.input_size[0], width=config.model.input_size[1],
-      seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
-  model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
-  if config.model.init_from:
-    init_from_imagenet(model, config.model.init_from)
-  tx, _ = optim.make_optimizer(config, steps_per_epoch)
-  graphdef, state = train_step.create_train_state(model, tx)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  if start_step:
-    state, _ = checkpointing.restore(manager, start_step, state)
-    logging.info("Resumed from step %d", start_step)
-  if is_main:  # after the check above: never overwrite another run's record
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    # The loop. Device metrics are fetched only at logging steps.
+    step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
+                                         mesh=mesh, seed=config.train.seed)
+    writer = MetricWriter(workdir, enabled=is_main)
+    results: dict[str, Any] | None = None
+    final_features = None  # set when the last step was an evaluation epoch
+    window, window_start, tick = [], start_step, time.time()
+    with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
+          progress.bar(total_steps, "train", "step", initial=start_step) as bar):
+      for step in range(start_step, total_steps):
+        batch = next(loader)
+        state, metrics = step_fn(state, train_step.shard_batch(
+            {"image": batch["image"], "label": batch["label"]}, mesh))
+        window.append(metrics)
+        done = step + 1
+        preempted.poll(done)
+        epoch_end = done % steps_per_epoch == 0
+        epoch = done // steps_per_epoch
+        last = done == total_steps
+        if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
+          record = _reduce_window(window, window_start)
+          record.update(epoch=done / steps_per_epoch,
+                        img_per_s=len(window) * config.data.p * config.data.k
+                        / max(time.time() - tick, 1e-9))
+          writer.write(done, record)
+          # Updated only here, after the sync: dispatch runs ahead of the device.
+          bar.update(done - bar.n)
+          bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}")
+          window, window_start, tick = [], done, time.time()
 
-  # The loop. Device metrics are fetched only at logging steps.
-  step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
-                                       mesh=mesh, seed=config.train.seed)
-  writer = MetricWriter(workdir, enabled=is_main)
-  results: dict[str, Any] | None = None
-  final_features = None  # set when the last step was an evaluation epoch
-  window, window_start, tick = [], start_step, time.time()
-  with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
-        progress.bar(total_steps, "train", "step", initial=start_step) as bar):
-    for step in range(start_step, total_steps):
-      batch = next(loader)
-      state, metrics = step_fn(state, train_step.shard_batch(
-          {"image": batch["image"], "label": batch["label"]}, mesh))
-      window.append(metrics)
-      done = step + 1
-      preempted.poll(done)
-      epoch_end = done % steps_per_epoch == 0
-      epoch = done // steps_per_epoch
-      last = done == total_steps
-      if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
-        record = _reduce_window(window, window_start)
-        record.update(epoch=done / steps_per_epoch,
-                      img_per_s=len(window) * config.data.p * config.data.k
-                      / max(time.time() - tick, 1e-9))
-        writer.write(done, record)
-        # Updated only here, after the sync: dispatch runs ahead of the device.
-        bar.update(done - bar.n)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['acc']:.2f}")
-        window, window_start, tick = [], done, time.time()
-
-      evaluated = None
-      if epoch_end and epoch in config.train.eval_epochs:
-        features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
-                                         builder, config, mesh=mesh)
-        results = evaluate_features(features, builder, config)
-        final_features = features if last else None
-        evaluated = {"mAP": results["mAP"]}
-        writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
-                     kind="eval")
-      if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
-          or last or preempted.set):
-        checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
-                           metrics=evaluated)
-      if preempted.set:
-        checkpointing.wait_until_finished(manager)
-        manager.close()
-        logging.warning("SIGTERM: saved step %d and stopped.", done)
-        writer.close()
-        raise SystemExit(143)
-  checkpointing.wait_until_finished(manager)
+        evaluated = None
+        if epoch_end and epoch in config.train.eval_epochs:
+          features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+                                           builder, config, mesh=mesh)
+          results = evaluate_features(features, builder, config)
+          final_features = features if last else None
+          evaluated = {"mAP": results["mAP"]}
+          writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
+                       kind="eval")
+        if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
+            or last or preempted.set):
+          checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
+                             metrics=evaluated)
+        if preempted.set:
+          checkpointing.wait_until_finished(manager)  # closed on the way out, below
+          logging.warning("SIGTERM: saved step %d and stopped.", done)
+          writer.close()
+          raise SystemExit(143)
+    checkpointing.wait_until_finished(manager)
+  except BaseException:
+    checkpointing.close_quietly(manager)
+    raise
   manager.close()  # its threads would outlive the call (in a notebook, say)
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
@@ -496,8 +578,10 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
 
   ``eval.torch_checkpoint`` (an official PyTorch checkpoint) if set; else the
   Orbax checkpoint of ``workdir`` at ``eval.step``, or the best by mAP when
-  ``eval.use_best``, or the latest. The model is in eval mode.
+  ``eval.use_best``, or the latest. The model is in eval mode. A checkpoint
+  is checked only on what evaluation depends on (`checkpointing.EVAL_KEYS`).
   """
+  check_input_size(config)
   if config.eval.torch_checkpoint:
     path = config.eval.torch_checkpoint
     state_dict = read_state_dict(os.path.expanduser(path))
@@ -542,6 +626,13 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
     step = config.eval.step
   elif config.eval.use_best:
     step = checkpointing.best_step(manager)
+    if step is None and manager.all_steps():
+      steps = list(manager.all_steps())
+      raise FileNotFoundError(
+          f"config.eval.use_best: no checkpoint in {workdir}/checkpoints was evaluated during "
+          f"training (kept steps {steps} carry no mAP), so none is best. Evaluate the latest "
+          f"(step {max(steps)}) by leaving eval.use_best unset, or pick one with "
+          "--config.eval.step=N.")
   else:
     step = manager.latest_step()
   if step is None or step not in manager.all_steps():
@@ -550,7 +641,8 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
                             f" (it has: {list(manager.all_steps())}).")
   meta = checkpointing.restore_meta(manager, step)
   checkpointing.check_compatible(meta, dict(meta, model=config.model.to_dict(),
-                                            data=config.data.to_dict()), workdir)
+                                            data=config.data.to_dict()), workdir,
+                                 keys=checkpointing.EVAL_KEYS)
   tx, _ = optim.make_optimizer(config, 1)
   # An abstract train state as the restore target: the checkpoint fills every array.
   graphdef, state = nnx.eval_shape(lambda: train_step.create_train_state(
@@ -562,8 +654,17 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
   return nnx.merge(graphdef, state.params, state.rest), step
 
 
+EVAL_FOLDER = "eval"  # --mode eval's report while a training holds the workdir
+
+
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report."""
+  """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report.
+
+  Writes nothing a training writes while one holds ``workdir``: the report
+  (``results.json``, ``cmc.png``, ``ranked_list.png``) goes into ``workdir``
+  itself when no training holds it (eval holds the lock while writing), and
+  into ``workdir/eval/`` otherwise, a folder replaced whole at each evaluation.
+  """
   check_drop_distractors(config, config.data.name)
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = train_step.make_mesh()
@@ -572,5 +673,17 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   features = extract_eval_features(model, builder, config, mesh=mesh)
   results = evaluate_features(features, builder, config)
   results.update(source, config=config.to_dict())
-  write_report(workdir, results, features, builder)
+  if jax.process_index() != 0:
+    return results
+  workdir = workdir_lib.ensure_workdir(workdir)  # new when evaluating eval.torch_checkpoint
+  try:
+    held = workdir_lib.WorkdirLock.acquire(workdir, "evaluation")
+  except workdir_lib.WorkdirBusyError as e:
+    with workdir_lib.replace_folder(os.path.join(workdir, EVAL_FOLDER)) as folder:
+      write_report(folder, results, features, builder)
+    print(f"{workdir} is in use ({e.holder}): the report went to {workdir}/{EVAL_FOLDER}/, "
+          "not beside the training's files.")
+  else:
+    with held:
+      write_report(workdir, results, features, builder)
   return results

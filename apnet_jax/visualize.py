@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from apnet_jax import progress, train
+from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import augment, pipeline, sources
 from apnet_jax.evaluation import plots
 
@@ -234,8 +235,9 @@ def visualize_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   maps = attention_maps(model, batch["image"])
   path = os.path.join(workdir, "attention.png")
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)  # a torch_checkpoint run may not have one yet
-    plot_attention(maps, path, query_labels=[f"pid {pid}" for pid in batch["pid"]])
+    workdir_lib.ensure_workdir(workdir)  # a torch_checkpoint run may not have one yet
+    with workdir_lib.replace_file(path) as staging:  # a kill mid-write keeps the last one
+      plot_attention(maps, staging, query_labels=[f"pid {pid}" for pid in batch["pid"]])
     print(f"attention maps of {len(picked)} queries -> {path}")
   return path
 

@@ -186,13 +186,25 @@ def _resolve_aliases(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if canon is None:
       continue
     if canon in out:
-      if out[canon].shape != value.shape or not np.array_equal(out[canon], value):
+      # equal_nan: a damaged tensor is reported as such (`_check_finite`), not as a mismatch.
+      if out[canon].shape != value.shape or not np.array_equal(out[canon], value,
+                                                                equal_nan=True):
         disagree.append(f"{key} (alias of {canon})")
     else:
       out[canon] = value
   if disagree:
     raise ValueError("aliases disagree with their canonical keys: " + ", ".join(disagree))
   return out
+
+
+def _check_finite(state: dict[str, np.ndarray]) -> None:
+  """Refuses tensors holding NaN or infinity: a damaged file or a diverged training."""
+  bad = [key for key, value in state.items()
+         if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all()]
+  if bad:
+    raise ValueError(f"NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+                     f"{', ...' if len(bad) > 5 else ''}): the file is damaged or its training "
+                     "diverged; use another checkpoint.")
 
 
 def detect_layout(keys) -> str:
@@ -224,9 +236,9 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
     keys (``num_batches_tracked`` counters are neither).
 
   Raises:
-    ValueError: naming every key whose shape does not fit, or whose
-      ``base_k`` alias disagrees with its canonical key; nothing is loaded
-      then.
+    ValueError: naming every key whose shape does not fit, whose
+      ``base_k`` alias disagrees with its canonical key, or that holds NaN or
+      infinite values; nothing is loaded then.
   """
   name = "state dict" if isinstance(source, Mapping) else os.fspath(source)
   state = read_state_dict(source)
@@ -234,6 +246,7 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
     layout = detect_layout(state)
     if layout == "official":
       state = _resolve_aliases(state)
+    _check_finite(state)
   except ValueError as e:
     raise ValueError(f"{name}: {e}") from e
   entries = _entries(model)

@@ -18,9 +18,16 @@ def choose(arg: str | None, options: tuple[str, ...], config_file: str) -> str:
   return arg
 
 
+def no_argument(arg: str | None, config_file: str) -> None:
+  """Refuses a ``:arg`` given to a config file that takes none (a typo would pass unseen)."""
+  if arg is not None and arg != "":
+    raise ValueError(f"{config_file} takes no argument, got {arg!r}; use {config_file} alone "
+                     "and change settings with --config.section.key=value.")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the official recipe. ``arg`` is unused (kept for a uniform API)."""
-  del arg
+  """Returns the official recipe; takes no argument."""
+  no_argument(arg, "configs/common.py")
   config = ml_collections.ConfigDict()
 
   config.model = model = ml_collections.ConfigDict()
@@ -74,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.checkpoint_every_epochs = 10
   train.keep_best = 1  # Best checkpoints by mAP kept besides the latest.
   train.eval_epochs = (120, 160)  # Evaluate after these epochs.
+  # Resuming: recipe keys (dotted, comma-separated, e.g. 'optim.base_lr') whose
+  # change from the workdir's config.json is accepted and recorded; others are refused.
+  train.allow_changes = ""
 
   config.eval = ev = ml_collections.ConfigDict()
   ev.batch_size = 128  # Images per forward pass (padded; sharded over devices).

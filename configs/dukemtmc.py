@@ -4,6 +4,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  config = common.get_config(arg)
+  common.no_argument(arg, "configs/dukemtmc.py")
+  config = common.get_config()
   config.data.name = "dukemtmc_reid"
   return config

@@ -4,6 +4,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  config = common.get_config(arg)
+  common.no_argument(arg, "configs/market1501.py")
+  config = common.get_config()
   config.data.name = "market1501"
   return config

@@ -253,6 +253,33 @@ def test_zip_holding_the_root_one_folder_deeper(tmp_path):
   assert len(sources.load_split(builder, "train")) == 4
 
 
+def test_a_corrupt_compressed_member_names_the_archive_and_member(tmp_path):
+  src = fx.copy_dummy("market1501", tmp_path / "src") / MARKET_ROOT
+  archive = fx.zip_folder(src, tmp_path / "manual" / f"{MARKET_ROOT}.zip")
+  member = f"{MARKET_ROOT}/query/0003_c1s1_000101_00.jpg"
+  with zipfile.ZipFile(archive) as zf:
+    info = zf.getinfo(member)
+  data = bytearray(archive.read_bytes())
+  # The member's deflate stream starts after its local header; 0xFF there is
+  # block type 3, which zlib refuses ("invalid block type").
+  start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+  data[start:start + 4] = b"\xff\xff\xff\xff"
+  archive.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match=re.escape(f"{MARKET_ROOT}.zip:{member} (error: ")):
+    fx.build("market1501", tmp_path / "manual", tmp_path / "data")
+
+
+def test_a_truncated_prepared_split_is_named_with_the_fix(tmp_path):
+  builder = fx.build("synthetic_reid", None, tmp_path / "data", config="tiny")
+  (train_file,) = [p for p in builder.data_path.iterdir() if "-train.array_record" in p.name]
+  data = train_file.read_bytes()
+  train_file.write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=rf"the train split \({train_file.name}\) cannot be "
+                     rf"read.*damaged.*Delete {re.escape(str(builder.data_path))}"):
+    sources.load_split("synthetic_reid", "train", data_dir=tmp_path / "data", config="tiny")
+  sources.load_split("synthetic_reid", "query", data_dir=tmp_path / "data", config="tiny")
+
+
 def test_preparing_again_from_another_manual_dir_says_so_and_how_to_rebuild(tmp_path):
   first, _ = _market_copy(tmp_path / "a")
   second, _ = _market_copy(tmp_path / "b")

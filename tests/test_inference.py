@@ -114,3 +114,46 @@ def test_exported_extractor_equals_the_model(setup, tmp_path):
   bogus.write_bytes(b"something else")
   with pytest.raises(ValueError, match="bogus.jaxexport is not a feature extractor"):
     export.load(bogus)
+
+
+def test_a_16_bit_png_is_described_by_its_content_not_as_white(setup, tmp_path):
+  _, config, model = setup
+  ramp = np.linspace(0, 65535, 64 * 32).round().astype(np.uint16).reshape(64, 32)
+  Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+  Image.fromarray(np.full((64, 32, 3), 255, np.uint8)).save(tmp_path / "white.png")
+  # Its feature is the model's on the 8-bit ramp (scaled with numpy here), not on white.
+  eight_bit = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+  features = inference.folder_features(model, [str(tmp_path / "ramp16.png"),
+                                               str(tmp_path / "white.png")], config)
+  graphdef, state = nnx.split(model)
+  expected = make_embed_fn(graphdef, "bn")(
+      state, jnp.asarray(np.repeat(eight_bit[None, ..., None], 3, axis=-1)))
+  np.testing.assert_allclose(features[0], expected[0], rtol=1e-4, atol=1e-4)
+  # White's feature lies well outside that tolerance (on main, the ramp decoded to white).
+  assert np.abs(features[0] - features[1]).max() > 10 * 1e-4
+
+
+def test_extract_replaces_the_previous_outputs_whole(setup, tmp_path):
+  _, config, _ = setup
+  config = config.copy_and_resolve_references()
+  config.extract.input_dir = str(tmp_path / "mine")
+  config.extract.gallery_dir = str(tmp_path / "gallery")
+  write_images(tmp_path / "mine", 3, seed=1)
+  write_images(tmp_path / "gallery", 4, seed=2)
+  inference.extract_folder(config, str(tmp_path / "run"))
+  config.extract.gallery_dir = ""  # the second run ranks nothing: no ranking may remain
+  inference.extract_folder(config, str(tmp_path / "run"))
+  assert sorted(p.name for p in (tmp_path / "run" / "extract").iterdir()) == [
+      "features.npy", "files.txt"]
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["extract"]
+
+
+@pytest.mark.parametrize("key, value", [("num_pictures", 0), ("top", 0), ("top", -3)])
+def test_extract_counts_below_one_are_refused_by_name(setup, tmp_path, key, value):
+  _, config, _ = setup
+  config = config.copy_and_resolve_references()
+  config.extract.input_dir = str(tmp_path)
+  config.extract[key] = value
+  with pytest.raises(ValueError, match=rf"config\.extract\.{key} is {value}"):
+    inference.extract_folder(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

@@ -184,7 +184,7 @@ def test_only_process_0_writes_logs_and_results(runs):
   assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
   assert len(os.listdir(os.path.join(pair, "tensorboard"))) == 1
   assert sorted(os.listdir(pair)) == sorted(os.listdir(runs["reference"])) == [
-      "checkpoints", "cmc.png", "config.json", "metrics.jsonl", "ranked_list.png",
+      ".lock", "checkpoints", "cmc.png", "config.json", "metrics.jsonl", "ranked_list.png",
       "results.json", "tensorboard"]
   # The results table and the progress bar: process 0 only.
   table = "     mAP    mINP"

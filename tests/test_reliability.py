@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from apnet_jax import checkpointing
+from apnet_jax import checkpointing, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # 4 epochs of 2 steps; a checkpoint at the end of each epoch
@@ -452,3 +452,128 @@ def test_a_users_array_handler_is_left_alone(tmp_path):
     assert ocp.type_handlers.get_type_handler(jax.Array) is mine
   finally:
     ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
+
+
+# --- Loader workers die with their parent -------------------------------------------------
+
+# Run as `python -c STARTS_WORKERS`: a train loader with 2 Grain workers, one
+# batch read, then it waits to be killed.
+STARTS_WORKERS = r"""
+import io, time
+import numpy as np
+from PIL import Image
+from apnet_jax.data import pipeline
+
+buffer = io.BytesIO()
+Image.fromarray(np.zeros((8, 4, 3), np.uint8)).save(buffer, format="PNG")
+records = [{"image": buffer.getvalue(), "pid": i // 4, "camid": 0, "label": i // 4,
+            "filename": f"{i}.png"} for i in range(16)]
+loader = pipeline.train_loader(records, [r["label"] for r in records], p=2, k=2, height=8,
+                               width=4, seed=0, num_workers=2, process_index=0,
+                               process_count=1)
+next(loader), next(loader)  # batches are dealt round-robin: both workers are up
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid):
+  found = set()
+  for task in os.listdir(f"/proc/{pid}/task"):
+    with open(f"/proc/{pid}/task/{task}/children") as f:
+      found.update(int(c) for c in f.read().split())
+  return found
+
+
+def _running(pid):
+  """False once ``pid`` has exited (a zombie nobody reaped counts as exited)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+  except FileNotFoundError:
+    return False
+
+
+def test_loader_workers_exit_when_their_parent_is_killed():
+  parent = subprocess.Popen([sys.executable, "-c", STARTS_WORKERS], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    assert parent.stdout.readline().strip() == "ready"
+    workers = _children(parent.pid)
+    assert len(workers) >= 2, workers  # the 2 workers (and perhaps a resource tracker)
+  finally:
+    parent.kill()
+    parent.wait(timeout=30)
+  deadline = time.time() + 20  # a loaded machine is slow to schedule them
+  while time.time() < deadline and any(_running(w) for w in workers):
+    time.sleep(0.2)
+  left = [w for w in workers if _running(w)]
+  for w in left:  # do not leave them to the next test
+    os.kill(w, signal.SIGKILL)
+  assert not left, f"workers {left} outlived their SIGKILLed parent by 20 s"
+
+
+# --- One run per workdir; outputs replaced whole -------------------------------------------
+
+
+def test_a_held_workdir_is_refused_naming_it_and_the_holder(tmp_path):
+  held = workdir.WorkdirLock.acquire(str(tmp_path), "training")
+  try:
+    with pytest.raises(workdir.WorkdirBusyError,
+                       match=rf"{re.escape(str(tmp_path))} is in use .*training, pid "
+                             rf"{os.getpid()}"):
+      workdir.WorkdirLock.acquire(str(tmp_path), "training")
+  finally:
+    held.release()
+  workdir.WorkdirLock.acquire(str(tmp_path), "training").release()  # free again
+
+
+def test_the_lock_of_a_killed_process_is_free(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time; from apnet_jax import workdir; "
+       "workdir.WorkdirLock.acquire(sys.argv[1], 'training'); print('held', flush=True); "
+       "time.sleep(600)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir.WorkdirBusyError, match=rf"pid {holder.pid}"):
+      workdir.WorkdirLock.acquire(str(tmp_path), "training")
+  finally:
+    holder.kill()
+    holder.wait(timeout=30)
+  workdir.WorkdirLock.acquire(str(tmp_path), "training").release()
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "run").write_text("notes")
+  with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(tmp_path / 'run'))} is a file"):
+    workdir.ensure_workdir(str(tmp_path / "run"))
+  assert (tmp_path / "run").read_text() == "notes"
+
+
+def test_a_replaced_folder_holds_one_invocation_and_survives_a_failed_one(tmp_path):
+  out = tmp_path / "extract"
+  with workdir.replace_folder(str(out)) as staging:
+    for name in ("features.npy", "ranking.json"):
+      open(os.path.join(staging, name), "w").write("first")
+  with workdir.replace_folder(str(out)) as staging:
+    open(os.path.join(staging, "features.npy"), "w").write("second")
+  assert sorted(p.name for p in out.iterdir()) == ["features.npy"]  # no stale ranking.json
+  with pytest.raises(RuntimeError, match="killed"):
+    with workdir.replace_folder(str(out)) as staging:
+      open(os.path.join(staging, "features.npy"), "w").write("third")
+      raise RuntimeError("killed mid-write")
+  assert (out / "features.npy").read_text() == "second"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["extract"]  # no staging left
+
+
+def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runner,
+                                                                            uninterrupted):
+  """Orbax's and TensorStore's thread tracebacks must not bury the error (run.py)."""
+  del uninterrupted  # its workdir, copied
+  workdir = runner.root / "damaged"
+  shutil.copytree(runner.root / "uninterrupted", workdir)
+  _truncate_arrays(workdir / "checkpoints" / str(STEPS) / "state")
+  runner.finish(runner.start(workdir), workdir, returncode=1)
+  last = log_path(workdir).read_text(errors="replace").rstrip().splitlines()[-1]
+  assert re.fullmatch(rf"CheckpointReadError: Cannot read the checkpoint of step {STEPS} in "
+                      rf"{re.escape(str(workdir / 'checkpoints' / str(STEPS)))} .*", last), last

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from apnet_jax import checkpointing, train
+from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import sources
 from configs.synthetic import get_config
 
@@ -126,8 +127,10 @@ def test_records_without_seed_still_resume():
     # pid 0 is a person on MSMT17: only Market-1501's conventions make it a distractor.
     ("eval", "drop_distractors", True, r"config\.eval\.drop_distractors is set, but msmt17 "
      r"has no distractors"),
+    ("model", "input_size", (64,), r"config\.model\.input_size is \(64,\); it must be "
+     r"\(height, width\)"),
 ], ids=["log_every_steps", "checkpoint_every_epochs", "epochs", "eval_epoch_0",
-        "drop_distractors"])
+        "drop_distractors", "input_size"])
 def test_bad_settings_are_refused_before_anything_is_written(data_dir, tmp_path, section, key,
                                                              value, expected):
   config = tiny_config(data_dir)
@@ -374,3 +377,128 @@ def test_eval_refuses_an_incomplete_official_checkpoint(tmp_path):
   config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
   with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
     train.restore_model(config, str(tmp_path))
+
+
+# --- One run per workdir, and only the run that wrote its records continues them ----------
+
+
+def copy_of(straight_run, tmp_path):
+  """A copy of the straight run's workdir, and its records' bytes (a test must not harm it)."""
+  workdir = tmp_path / "run"
+  shutil.copytree(straight_run[0], workdir)
+  records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  return workdir, records
+
+
+def assert_records_unchanged(workdir, records):
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == records
+
+
+def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_aside(
+    data_dir, straight_run, tmp_path):
+  workdir, records = copy_of(straight_run, tmp_path)
+  held = workdir_lib.WorkdirLock.acquire(str(workdir), "training")  # the running training
+  records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  try:
+    with pytest.raises(workdir_lib.WorkdirBusyError,
+                       match=rf"{re.escape(str(workdir))} is in use .*training, pid "):
+      train.train_and_evaluate(tiny_config(data_dir, max_steps=6), str(workdir))
+    results = train.evaluate_workdir(tiny_config(data_dir), str(workdir))
+    assert_records_unchanged(workdir, records)  # results.json and pictures untouched
+    with open(workdir / "eval" / "results.json") as f:
+      assert json.load(f)["checkpoint_step"] == results["checkpoint_step"] == 4
+    assert sorted(p.name for p in (workdir / "eval").iterdir()) == [
+        "cmc.png", "ranked_list.png", "results.json"]
+  finally:
+    held.release()
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(data_dir,
+                                                                            straight_run):
+  config = tiny_config(data_dir)
+  config.data.p, config.data.k = 2, 8  # another P x K: the same model and dataset
+  assert train.evaluate_workdir(config, straight_run[0])["checkpoint_step"] == 4
+
+
+def test_logs_without_a_checkpoint_of_another_run_are_refused(data_dir, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  other = tiny_config(data_dir)
+  other.model.level = 1
+  (workdir / "config.json").write_text(other.to_json_best_effort(indent=2))
+  (workdir / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 9.0}\n')
+  records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  with pytest.raises(ValueError, match=rf"{re.escape(str(workdir))} holds the records of a "
+                     r"run with another recipe.*model\.level: workdir 1, config 2"):
+    train.train_and_evaluate(tiny_config(data_dir, max_steps=1), str(workdir))
+  assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
+  assert not (workdir / "checkpoints").exists()
+
+
+def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
+    data_dir, straight_run, tmp_path):
+  workdir, records = copy_of(straight_run, tmp_path)
+  changed = tiny_config(data_dir, epochs=3, eval_epochs=(1, 2), keep_best=2)  # 6 steps
+  changed.optim.base_lr = 5e-3
+  with pytest.raises(ValueError, match=r"optim\.base_lr: workdir 0\.001, config 0\.005.*"
+                     r"--config\.train\.allow_changes=optim\.base_lr"):
+    train.train_and_evaluate(changed, str(workdir))
+  assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
+  changed.train.allow_changes = "optim.base_lr,optim.gamma"
+  train.train_and_evaluate(changed, str(workdir))
+  logged = [json.loads(line) for line in (workdir / "config_changes.jsonl").read_text()
+            .splitlines()]
+  assert [(r["step"], r["changes"]) for r in logged] == [
+      (4, {"optim.base_lr": {"from": 1e-3, "to": 5e-3}})]
+  assert json.loads((workdir / "config.json").read_text())["optim"]["base_lr"] == 5e-3
+  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text()
+           .splitlines() if '"train"' in line]
+  assert steps == [1, 2, 3, 4, 5, 6]  # appended to the same run's log
+  changed.train.allow_changes = "optim.base_rate"
+  with pytest.raises(ValueError, match=r"allow_changes names 'optim\.base_rate', which is not"):
+    train.train_and_evaluate(changed, str(workdir))
+
+
+def test_a_workdir_that_is_a_file_is_named(data_dir, tmp_path):
+  (tmp_path / "run").write_text("my notes")
+  with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(tmp_path / 'run'))} is a "
+                     "file"):
+    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "run"))
+  assert (tmp_path / "run").read_text() == "my notes"
+
+
+def test_use_best_without_an_evaluated_checkpoint_says_so():
+  class Unscored:  # a manager whose only checkpoint was saved between evaluations
+    directory = "w/checkpoints"
+
+    def all_steps(self):
+      return [2]
+
+    def metrics(self, step):
+      return None
+
+  config = tiny_config("unused")
+  config.eval.use_best = True
+  with pytest.raises(FileNotFoundError, match=r"config\.eval\.use_best: no checkpoint in "
+                     r"w/checkpoints was evaluated.*\[2\].*step 2.*eval\.step"):
+    train._restore_checkpoint(Unscored(), config, "w")
+
+
+@pytest.mark.parametrize("config_file", ["common", "market1501", "dukemtmc"])
+def test_a_config_file_that_takes_no_argument_refuses_one_by_name(config_file):
+  import importlib
+
+  get = importlib.import_module(f"configs.{config_file}").get_config
+  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py takes no argument, got "
+                     "'typo'"):
+    get("typo")
+  assert get() is not None and get("") is not None
+
+
+def test_the_command_line_refuses_a_config_argument_by_name():
+  result = subprocess.run(
+      [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr

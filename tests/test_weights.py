@@ -281,3 +281,15 @@ def test_missing_and_unexpected_are_reported():
 def test_unknown_layout_is_refused():
   with pytest.raises(ValueError, match="not a torchvision ResNet nor an official APNet"):
     load_torch_weights(small_model(), {"encoder.weight": np.zeros(3)})
+
+
+def test_nan_weights_are_named_as_such_not_as_disagreeing_aliases(tmp_path):
+  state = weights.torch_state_dict(small_model(seed=1))
+  # A diverged run: NaN in a tensor and, as the official code saves it, in its alias too.
+  for key in ("base.layer2.1.bn2.running_mean", "base_3.0.1.bn2.running_mean"):
+    state[key] = np.full_like(state[key], np.nan)
+  path = tmp_path / "diverged.pth"
+  torch_io.write_pth(state, path)
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: NaN or infinite values "
+                     r"in 1 tensor\(s\) \(base\.layer2\.1\.bn2\.running_mean\)"):
+    load_torch_weights(small_model(seed=2), path)

@@ -33,9 +33,12 @@ expects for a batch sharded along its first axis.
 
 from __future__ import annotations
 
-import io
+import functools
 import math
+import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -46,6 +49,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from apnet_jax import images
 from apnet_jax.data.sampler import (
     RandomIdentitySampler,
     check_int,
@@ -84,7 +88,7 @@ def _as_str(value: Any) -> str:
 def decode_and_resize(
     image: bytes, *, height: int, width: int, filename: str = "<unknown>"
 ) -> np.ndarray:
-  """Decodes an encoded image to RGB and resizes it like the official code.
+  """Decodes an image to 8-bit RGB (`apnet_jax.images`) and resizes it like the official code.
 
   The official transforms apply torchvision ``Resize((H, W))`` to a PIL image,
   which calls PIL's ``resize`` with bilinear filtering; so does this.
@@ -99,8 +103,8 @@ def decode_and_resize(
     uint8 (height, width, 3).
 
   Raises:
-    ValueError: If the bytes cannot be decoded; the message names
-      ``filename``.
+    ValueError: If the bytes cannot be decoded, or hold a pixel format with
+      no 8-bit RGB reading; the message names ``filename``.
   """
   if not isinstance(image, (bytes, np.bytes_)):
     raise ValueError(
@@ -108,11 +112,7 @@ def decode_and_resize(
         f" {type(image).__name__} (with TFDS, pass decoders={{'image':"
         " tfds.decode.SkipDecoding()}} to tfds.data_source)."
     )
-  try:
-    with Image.open(io.BytesIO(image)) as img:
-      rgb = img.convert("RGB")  # convert() forces the full decode here.
-  except Exception as e:  # PIL raises many types; all mean a broken file.
-    raise ValueError(f"cannot decode image {filename!r}: {e}") from e
+  rgb = images.decode_rgb(bytes(image), repr(filename))
   if rgb.size != (width, height):
     rgb = rgb.resize((width, height), Image.BILINEAR)
   return np.asarray(rgb, dtype=np.uint8)
@@ -175,9 +175,34 @@ def _make_iterator(
         grain.MultiprocessingOptions(
             num_workers=num_workers,
             per_worker_buffer_size=_PREFETCH_BATCHES,
-        )
+        ),
+        # The parent's pid from here: a worker that starts after its parent died
+        # would see its adopter's pid as its parent's.
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
     )
   return iter(iter_ds)
+
+
+_PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+  """Grain worker start-up: the worker exits as soon as the process that started it is gone.
+
+  A parent killed by SIGKILL (or the OOM killer) cannot stop its workers, and
+  Grain's would go on decoding, each holding its batches, for minutes. A
+  thread polls the parent pid: it changes only when the parent has died.
+  (``PR_SET_PDEATHSIG`` fires when the starting *thread* exits, and Grain may
+  start workers from a thread that ends before the process does.)
+  """
+  del worker_index, worker_count
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(_PARENT_POLL_S)
+    os._exit(1)  # no cleanup: the parent that would read anything is gone
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class _TrainBatch:

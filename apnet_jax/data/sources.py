@@ -122,13 +122,34 @@ def load_split(
 
   Raises:
     FileNotFoundError: the dataset was not prepared in ``data_dir``.
-    ValueError: unknown dataset or split.
+    ValueError: unknown dataset or split, or a damaged split file.
   """
   builder = get_builder(name_or_builder, data_dir=data_dir, config=config)
   _prepared_split(builder, split)
-  return builder.as_data_source(
+  source = builder.as_data_source(
       split, decoders={"image": tfds.decode.SkipDecoding()}
   )
+  _check_readable(builder, split, source)
+  return source
+
+
+def _check_readable(builder: tfds.core.DatasetBuilder, split: str,
+                    source: Sequence[dict[str, Any]]) -> None:
+  """Refuses a split whose ArrayRecord file is damaged, naming it and the fix.
+
+  A truncated file (a full disk or an interrupted copy) loses the index at
+  its end, and every record then reads as fields of None, which would fail
+  far downstream with a misleading message. Its first and last records show it.
+  """
+  for index in sorted({0, len(source) - 1}) if len(source) else ():
+    if source[index].get("image") is None:
+      files = sorted(p.name for p in builder.data_path.iterdir()
+                     if f"-{split}.array_record" in p.name)
+      raise ValueError(
+          f"{builder.data_path}: the {split} split ({', '.join(files)}) cannot be read "
+          f"(record {index} is empty): the file is damaged, e.g. truncated by a full disk "
+          f"or an interrupted copy. Delete {builder.data_path} and prepare the dataset "
+          "again (--mode prepare with its data.manual_dir).")
 
 
 @dataclasses.dataclass(frozen=True)

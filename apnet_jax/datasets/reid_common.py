@@ -36,6 +36,7 @@ import os
 import pathlib
 import re
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,8 @@ import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
 from etils import epath
+
+from apnet_jax.images import decode_rgb
 
 TRAIN_SPLIT = "train"
 SPLITS = ("train", "query", "gallery")
@@ -106,8 +109,10 @@ class _ZipIndex:
   def read(self, rel: str) -> bytes:
     try:
       return self.zip.read(self.files[rel])
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise ValueError(f"Cannot read {self.path}:{rel}: {e}") from e
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+      raise ValueError(f"Cannot read {self.path}:{rel} ({type(e).__name__}: {e}): the "
+                       "archive is damaged; download it again or extract it with another "
+                       "tool and pass the folder as manual_dir.") from e
 
 
 class ManualTree:
@@ -445,17 +450,22 @@ def read_market_style_folder(
 
 
 def check_image(data: bytes, location: str) -> None:
-  """Decodes ``data`` fully; a corrupt or non-JPEG/PNG image names the file."""
+  """Decodes ``data`` fully, as training will (`apnet_jax.images.decode_rgb`).
+
+  Raises:
+    ValueError: naming ``location``: a corrupt image, one that is not JPEG or
+      PNG, or a pixel format with no 8-bit RGB reading.
+  """
   try:
     with PIL.Image.open(io.BytesIO(data)) as image:
       image_format = image.format
-      image.load()  # a truncated file fails only here
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"Cannot decode image {location}: {e}") from e
   if image_format not in ("JPEG", "PNG"):
     raise ValueError(
         f"{location} is a {image_format} image; expected JPEG or PNG."
     )
+  decode_rgb(data, location)
 
 
 def assign_labels(

@@ -7,12 +7,12 @@ distance of the L2-normalized features.
 
 from __future__ import annotations
 
-import io
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from apnet_jax import images
 from apnet_jax.evaluation import metrics
 
 
@@ -136,6 +136,6 @@ def show_image(ax, image, color: str, **imshow_kwargs) -> None:
     spine.set_linewidth(3)
 
 
-def decode(image_bytes: bytes) -> np.ndarray:
-  """An encoded record image as RGB uint8."""
-  return np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+def decode(image_bytes: bytes, name: str = "<record image>") -> np.ndarray:
+  """An encoded image as RGB uint8, decoded as training and extraction decode it."""
+  return np.asarray(images.decode_rgb(image_bytes, name))

@@ -54,29 +54,35 @@ def main(argv):
     from apnet_jax import distributed  # before any JAX computation
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from apnet_jax import train  # after flag parsing: importing JAX takes a moment
+  # After flag parsing: importing JAX takes a moment.
+  from apnet_jax import config_check, train
 
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "eval":
-    train.evaluate_workdir(config, FLAGS.workdir)
-  elif FLAGS.mode in ("extract", "export"):
-    from apnet_jax import inference
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "eval":
+      train.evaluate_workdir(config, FLAGS.workdir)
+    elif FLAGS.mode in ("extract", "export"):
+      from apnet_jax import inference
 
-    if FLAGS.mode == "extract":
-      inference.extract_folder(config, FLAGS.workdir)
+      if FLAGS.mode == "extract":
+        inference.extract_folder(config, FLAGS.workdir)
+      else:
+        inference.export_workdir(config, FLAGS.workdir)
+    elif FLAGS.mode == "visualize":
+      from apnet_jax import visualize
+
+      visualize.visualize_workdir(config, FLAGS.workdir)
+    elif FLAGS.mode == "prepare":
+      train.check_config(config, "prepare")
+      train.prepare_dataset(config.data)
     else:
-      inference.export_workdir(config, FLAGS.workdir)
-  elif FLAGS.mode == "visualize":
-    from apnet_jax import visualize
+      from apnet_jax.models.summary import describe
 
-    visualize.visualize_workdir(config, FLAGS.workdir)
-  elif FLAGS.mode == "prepare":
-    train.prepare_dataset(config.data)
-  else:
-    from apnet_jax.models.summary import describe
-
-    print(describe(config.model, train.num_train_ids(config.data)))
+      train.check_config(config, "summary")
+      print(describe(config.model, train.num_train_ids(config.data)))
+  except config_check.ConfigError as e:  # the user's settings: a message, not a traceback
+    raise SystemExit(f"run.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -68,8 +68,7 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   image's ``extract.top`` nearest gallery images with distances) and
   ``ranked_list.png`` (the first ``extract.num_pictures`` images).
   """
-  if not config.extract.input_dir:
-    raise ValueError("--mode extract needs --config.extract.input_dir=FOLDER")
+  train.check_config(config, "extract")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, source = train.restore_model(config, workdir)
   out_dir = os.path.join(workdir, "extract")
@@ -107,6 +106,7 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``--mode export``: writes ``workdir/feature_extractor.jaxexport``; returns its path."""
+  train.check_config(config, "export")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, _ = train.restore_model(config, workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from apnet_jax import checkpointing, optim, train_step
+from apnet_jax import checkpointing, config_check, optim, train_step
 from apnet_jax.data import pipeline, prepare, sources
 from apnet_jax.evaluation import evaluate, plots
 from apnet_jax.evaluation.features import extract_features
@@ -131,25 +131,9 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
 # --- Evaluation ------------------------------------------------------------------
 
 
-# Datasets whose gallery marks distractors with pid 0: Market-1501, and the
-# synthetic benchmark that follows its conventions. Elsewhere (MSMT17) pid 0 is
-# a real person, and dropping it would quietly change the benchmark.
-_DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid")
-
-
-def check_drop_distractors(config: ml_collections.ConfigDict, dataset: str) -> None:
-  """Refuses ``eval.drop_distractors`` for a dataset without pid-0 distractors."""
-  if config.eval.drop_distractors and dataset not in _DATASETS_WITH_DISTRACTORS:
-    raise ValueError(
-        f"config.eval.drop_distractors is set, but {dataset} has no distractors: only "
-        f"{' and '.join(_DATASETS_WITH_DISTRACTORS)} mark them with pid 0, and on {dataset} "
-        "pid 0 is a real person. Leave it False.")
-
-
 def extract_eval_features(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
                           mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, Any]]:
   """Query and gallery features (image + flip, summed), pids and camids."""
-  check_drop_distractors(config, builder.name)
   features = {}
   for split in ("query", "gallery"):
     features[split] = extract_features(
@@ -239,30 +223,14 @@ def format_results(results: dict[str, Any]) -> str:
 # --- Training --------------------------------------------------------------------
 
 
-def check_train_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses ``config.train`` settings that would fail mid-run; warns of skipped evaluations.
+def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Refuses every key ``mode`` uses that is out of range, before anything is run or written.
 
   Raises:
-    ValueError: naming ``config.train.<key>`` and its value.
+    config_check.ConfigError: naming each bad key, its value and what is allowed.
   """
-  train = config.train
-  for key in ("epochs", "log_every_steps", "checkpoint_every_epochs"):
-    if not _is_count(train[key]) or train[key] < 1:
-      raise ValueError(f"config.train.{key} is {train[key]!r}; it must be a whole number >= 1.")
-  invalid = [e for e in train.eval_epochs if not _is_count(e) or e < 1]
-  if invalid:
-    raise ValueError(f"config.train.eval_epochs is {tuple(train.eval_epochs)!r}: {invalid} "
-                     "are not epochs (whole numbers >= 1).")
-  # A shortened run (--config.train.epochs=40 with the recipe's (120, 160))
-  # never reaches them; its final evaluation still runs, so say it, not fail.
-  past_end = [e for e in train.eval_epochs if e > train.epochs]
-  if past_end:
-    logging.warning("config.train.eval_epochs %s lie past config.train.epochs=%d and are "
-                    "skipped; the run is evaluated at its end.", past_end, train.epochs)
-
-
-def _is_count(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+  config_check.check(config, mode, num_devices=jax.device_count(),
+                     datasets=tuple(sources.BUILDERS))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -276,13 +244,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   as a run of these settings; one exactly at the last step is evaluated again.
 
   Raises:
-    ValueError: an invalid ``config.train`` or ``config.eval`` setting (before
-      anything is computed or written), or a ``workdir`` checkpoint of another
-      run or seed, or of a longer run (before any compute).
+    config_check.ConfigError: settings out of range (before anything is
+      computed or written).
+    ValueError: a ``workdir`` checkpoint of another run or seed, or of a
+      longer run (before any compute).
     checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
-  check_train_config(config)
-  check_drop_distractors(config, config.data.name)
+  check_config(config, "train")
 
   # Setup: workdir, resolved config, mesh.
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -564,7 +532,7 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
 
 def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode eval``: evaluates a checkpoint (see `restore_model`); writes the report."""
-  check_drop_distractors(config, config.data.name)
+  check_config(config, "eval")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = train_step.make_mesh()
   builder = open_dataset(config.data)

@@ -13,6 +13,9 @@ Only parses flags and calls library functions (`apnet_jax.train`), so a
 notebook can make the same calls.
 """
 
+import shlex
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -59,7 +62,7 @@ def main(argv):
 
   try:
     if FLAGS.mode == "train":
-      train.train_and_evaluate(config, FLAGS.workdir)
+      train.train_and_evaluate(config, FLAGS.workdir, eval_command=_eval_command())
     elif FLAGS.mode == "eval":
       train.evaluate_workdir(config, FLAGS.workdir)
     elif FLAGS.mode in ("extract", "export"):
@@ -83,6 +86,15 @@ def main(argv):
       print(describe(config.model, train.num_train_ids(config.data)))
   except config_check.ConfigError as e:  # the user's settings: a message, not a traceback
     raise SystemExit(f"run.py: {e}") from None
+
+
+def _eval_command() -> str:
+  """This command line in --mode eval: what finishes a final evaluation stopped by a signal."""
+  args = sys.argv[1:]
+  kept = [a for i, a in enumerate(args)
+          if not a.startswith(("--mode=", "-mode=")) and a not in ("--mode", "-mode")
+          and (i == 0 or args[i - 1] not in ("--mode", "-mode"))]
+  return shlex.join(["python", "run.py", *kept, "--mode", "eval"])
 
 
 if __name__ == "__main__":

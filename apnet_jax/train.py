@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -233,15 +234,23 @@ def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
                      datasets=tuple(sources.BUILDERS))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       eval_command: str | None = None) -> dict[str, Any]:
   """Trains APNet as ``config`` says, resuming from ``workdir``; returns the results.
 
   Writes ``workdir/config.json``, ``metrics.jsonl``, TensorBoard events,
-  ``checkpoints/`` and, at the end, ``results.json``.
+  ``checkpoints/`` and, at the end, ``results.json``. On a resume from step S,
+  log records past S (the killed run's steps that are trained again) are moved
+  to ``workdir/discarded_after_step_S/``.
 
   A workdir whose latest checkpoint lies past this config's last step (a rerun
   with fewer epochs or a smaller ``max_steps``) is refused rather than reported
   as a run of these settings; one exactly at the last step is evaluated again.
+
+  SIGTERM and SIGINT (single process) stop the run at the next step: that step
+  is saved, then the process exits 143 or 130; a signal during the final save
+  waits for it. A signal during the final evaluation stops it and says that
+  ``eval_command`` (default: the ``--mode eval`` command line) finishes it.
 
   Raises:
     config_check.ConfigError: settings out of range (before anything is
@@ -251,9 +260,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
   check_config(config, "train")
-
-  # Setup: workdir, resolved config, mesh.
   workdir = os.path.abspath(os.path.expanduser(workdir))
+  if eval_command is None:
+    eval_command = f"python run.py --config CONFIG --workdir {workdir} --mode eval"
+  with _StopSignals() as stop:
+    return _train_and_evaluate(config, workdir, stop, eval_command)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: _StopSignals,
+                        eval_command: str) -> dict[str, Any]:
+  # Setup: workdir, resolved config, mesh.
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
   logging.info("Config:\n%s", config)
@@ -261,6 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Data: the train split's size, in identities and steps.
   builder = open_dataset(config.data)
+  stop.exit_if_set("nothing trained yet")
   train_labels = sources.split_annotations(builder, "train").label
   num_classes = int(len(np.unique(train_labels)))
   steps_per_epoch = pipeline.steps_per_epoch(train_labels, p=config.data.p, k=config.data.k)
@@ -299,24 +316,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # The loop. Device metrics are fetched only at logging steps.
   step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
                                        mesh=mesh, seed=config.train.seed)
-  writer = MetricWriter(workdir, enabled=is_main)
+  writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   results: dict[str, Any] | None = None
   final_features = None  # set when the last step was an evaluation epoch
   window, window_start, tick = [], start_step, time.time()
-  with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
-        tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
-                  unit="step") as bar):
+  with tqdm.tqdm(total=total_steps, initial=start_step, disable=not is_main, desc="train",
+                 unit="step") as bar:
     for step in range(start_step, total_steps):
       batch = next(loader)
       state, metrics = step_fn(state, train_step.shard_batch(
           {"image": batch["image"], "label": batch["label"]}, mesh))
       window.append(metrics)
       done = step + 1
-      preempted.poll(done)
+      stop.poll(done)
       epoch_end = done % steps_per_epoch == 0
       epoch = done // steps_per_epoch
       last = done == total_steps
-      if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
+      if done % config.train.log_every_steps == 0 or epoch_end or last or stop.set:
         record = _reduce_window(window, window_start)
         record.update(epoch=done / steps_per_epoch,
                       img_per_s=len(window) * config.data.p * config.data.k
@@ -329,27 +345,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       evaluated = None
       if epoch_end and epoch in config.train.eval_epochs:
-        features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
-                                         builder, config, mesh=mesh)
-        results = evaluate_features(features, builder, config)
+        try:
+          features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+                                           builder, config, mesh=mesh)
+          results = evaluate_features(features, builder, config)
+        except BaseException:
+          # The step is trained: keep it (without an mAP) whatever stopped the evaluation.
+          checkpointing.save(manager, done, state, dict(meta, epoch=epoch))
+          checkpointing.wait_until_finished(manager)
+          manager.close()
+          raise
         final_features = features if last else None
         evaluated = {"mAP": results["mAP"]}
         writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                      kind="eval")
       if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
-          or last or preempted.set):
+          or last or stop.set):
         checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
                            metrics=evaluated)
-      if preempted.set:
+      if stop.set and not last:
         checkpointing.wait_until_finished(manager)
         manager.close()
-        logging.warning("SIGTERM: saved step %d and stopped.", done)
         writer.close()
-        raise SystemExit(143)
+        stop.exit_if_set(f"saved step {done}")
+  # Signals stay flags until the final checkpoint is committed.
   checkpointing.wait_until_finished(manager)
   manager.close()  # its threads would outlive the call (in a notebook, say)
+  if stop.set:
+    writer.close()
+    stop.exit_if_set(f"saved the final step {total_steps}")
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
+  # From here on a signal ends the evaluation at once: the checkpoint is complete.
+  stop.stop_at_once(f"the final evaluation was stopped; the final checkpoint (step "
+                    f"{total_steps}) is saved in {workdir}; finish the evaluation with: "
+                    f"{eval_command}")
   features = final_features
   if features is None:
     features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest), builder,
@@ -402,46 +432,80 @@ def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, f
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks after each step (a context manager).
+class _StopSignals:
+  """SIGTERM and SIGINT as a flag the loop checks after each step (a context manager).
+
+  Installed before anything compiles: a KeyboardInterrupt raised while XLA
+  compiles can crash the process, a flag cannot. The first signal sets the flag
+  and gives that signal its default action back, so that a second one (Ctrl-C
+  twice) ends the process at once; Orbax commits a checkpoint by renaming it
+  whole, so the last committed one stays intact. After `stop_at_once`, a signal
+  ends the process with a message instead of setting the flag.
 
   With several processes, JAX's preemption service takes SIGTERM instead (a
   Python handler would hide it from the service) and names one step at which
-  every process sees the flag, so that all save that step together. On exit
-  the previous handler is back: after training returns (in a notebook, say),
-  SIGTERM must not just set a flag that nothing reads.
+  every process sees the flag, so that all save that step together; SIGINT is
+  left alone there, as one process alone cannot stop them all at one step. On
+  exit the previous handlers are back: after training returns (in a notebook,
+  say), a signal must not just set a flag that nothing reads.
   """
 
-  def __init__(self):
-    self.set = False
-    self._multihost = jax.process_count() > 1
-    self._previous = None
-    self._installed = False
+  EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
-  def __enter__(self) -> _SigtermFlag:
+  def __init__(self):
+    self.signum: int | None = None
+    self._multihost = jax.process_count() > 1
+    self._previous: dict[int, Any] = {}
+    self._message: str | None = None
+
+  @property
+  def set(self) -> bool:
+    return self.signum is not None
+
+  def __enter__(self) -> _StopSignals:
     if not self._multihost:
       try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._installed = True
+        for signum in self.EXIT_CODES:
+          self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread (e.g. some notebook kernels)
         pass
     return self
 
   def __exit__(self, *exc_info) -> None:
-    if self._installed:
+    for signum, previous in self._previous.items():
       # None: a handler set outside Python, which cannot be put back; the default is closest.
-      signal.signal(signal.SIGTERM,
-                    signal.SIG_DFL if self._previous is None else self._previous)
-      self._installed = False
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
   def poll(self, step: int) -> None:
     """Every process calls this after each step, from the same first step."""
     if self._multihost and multihost_utils.reached_preemption_sync_point(step):
-      self.set = True
+      self.signum = signal.SIGTERM
+
+  def exit_if_set(self, what_was_done: str) -> None:
+    """Ends the process (SystemExit 143 or 130) if a signal came; logs what was done."""
+    if self.set:
+      logging.warning("%s: %s; stopped.", signal.Signals(self.signum).name, what_was_done)
+      raise SystemExit(self.EXIT_CODES[self.signum])
+
+  def stop_at_once(self, message: str) -> None:
+    """From now on a signal ends the process with ``message`` (one line, on stderr)."""
+    self._message = message
+    if self.set:  # it came between the last check and now
+      self._stop(self.signum)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.set = True
+    del frame
+    if self.signum is None:
+      self.signum = signum
+    if signum in self._previous:
+      signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    if self._message is not None:
+      self._stop(signum)
+
+  def _stop(self, signum: int) -> None:
+    print(f"{signal.Signals(signum).name}: {self._message}", file=sys.stderr, flush=True)
+    raise SystemExit(self.EXIT_CODES[signum])
 
 
 # --- Evaluating a finished (or running) training ------------------------------

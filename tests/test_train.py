@@ -17,6 +17,7 @@ from configs.synthetic import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGTERM_AT_IMPORT = signal.getsignal(signal.SIGTERM)  # before any training in this process
+SIGINT_AT_IMPORT = signal.getsignal(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +116,31 @@ def test_records_without_seed_still_resume():
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
 
 
-def test_training_gives_sigterm_back(straight_run):
-  """After train_and_evaluate returns (in a notebook, say), SIGTERM acts as before."""
+def test_training_gives_the_signals_back(straight_run):
+  """After train_and_evaluate returns (in a notebook, say), SIGTERM and SIGINT act as before."""
   assert signal.getsignal(signal.SIGTERM) == SIGTERM_AT_IMPORT
+  assert signal.getsignal(signal.SIGINT) == SIGINT_AT_IMPORT
 
 
-def test_sigterm_flag_puts_the_previous_handler_back_on_exit():
+def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
   def mine(signum, frame):
     del signum, frame
 
-  previous = signal.signal(signal.SIGTERM, mine)
+  previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    with pytest.raises(SystemExit):
-      with train._SigtermFlag() as preempted:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert preempted.set
-        raise SystemExit(143)  # what the loop does on SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == mine
+    with pytest.raises(SystemExit) as stopped:
+      with train._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.set
+        # The default action: a second Ctrl-C ends the process even inside XLA.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)
+        stop.exit_if_set("saved step 3")  # what the loop does after saving
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) == mine and signal.getsignal(signal.SIGINT) == mine
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def test_non_finite_loss_names_the_step():
@@ -281,8 +288,9 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
     train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
-  import signal
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_stops(data_dir, tmp_path, signum, returncode):
   import time
 
   workdir, log = tmp_path / "preempted", tmp_path / "preempted.log"
@@ -297,14 +305,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
     assert process.poll() is None, log.read_text(errors="replace")[-2000:]
     time.sleep(0.5)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   try:
     process.wait(timeout=120)
   finally:  # a hang fails the test; no training process outlives it
     if process.poll() is None:
       process.kill()
       process.wait()
-  assert process.returncode == 143, log.read_text(errors="replace")[-2000:]
+  assert process.returncode == returncode, log.read_text(errors="replace")[-2000:]
   steps = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved
@@ -328,3 +336,14 @@ def test_eval_refuses_an_incomplete_official_checkpoint(tmp_path):
   config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
   with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
     train.restore_model(config, str(tmp_path))
+
+
+def test_a_failed_evaluation_keeps_the_step_it_evaluated(data_dir, tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise RuntimeError("the evaluation broke")
+
+  monkeypatch.setattr(train, "evaluate_features", broken)
+  config = tiny_config(data_dir, max_steps=2, eval_epochs=(1,), checkpoint_every_epochs=2)
+  with pytest.raises(RuntimeError, match="the evaluation broke"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]

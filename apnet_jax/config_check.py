@@ -317,12 +317,11 @@ def check(config: ml_collections.ConfigDict, mode: str, *, num_devices: int | No
     if isinstance(node, ml_collections.ConfigDict):
       problems += [(f"{section}.{k}", node[k], "not a config key of apnet-jax")
                    for k in node.keys() if f"{section}.{k}" not in RULES]
-  missing = object()
   for key in keys:
-    value = context.get(key) if _has(config, key) else missing
-    if value is missing:
+    if not _has(config, key):
       problems.append((key, None, "missing from the config"))
       continue
+    value = context.get(key)
     allowed = RULES[key](value, context)
     if allowed is None and value == "" and key in _REQUIRED.get(mode, {}):
       allowed = _REQUIRED[mode][key]

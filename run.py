@@ -13,6 +13,9 @@ Only parses flags and calls library functions (`apnet_jax.train`), so a
 notebook can make the same calls.
 """
 
+import shlex
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -54,17 +57,20 @@ def main(argv):
     from apnet_jax import distributed  # before any JAX computation
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from apnet_jax import train  # after flag parsing: importing JAX takes a moment
+  # After flag parsing: importing JAX takes a moment.
+  from apnet_jax import config_check, train
 
   try:
     _run(config, train)
+  except config_check.ConfigError as e:  # the user's settings: a message, not a traceback
+    raise SystemExit(f"run.py: {e}") from None
   except train.USER_ERRORS as e:
     train.exit_with_error(e)  # its message is the last line, not Orbax's thread tracebacks
 
 
 def _run(config, train):
   if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, FLAGS.workdir, eval_command=_eval_command())
   elif FLAGS.mode == "eval":
     train.evaluate_workdir(config, FLAGS.workdir)
   elif FLAGS.mode in ("extract", "export"):
@@ -79,11 +85,22 @@ def _run(config, train):
 
     visualize.visualize_workdir(config, FLAGS.workdir)
   elif FLAGS.mode == "prepare":
+    train.check_config(config, "prepare")
     train.prepare_dataset(config.data)
   else:
     from apnet_jax.models.summary import describe
 
+    train.check_config(config, "summary")
     print(describe(config.model, train.num_train_ids(config.data)))
+
+
+def _eval_command() -> str:
+  """This command line in --mode eval: what finishes a final evaluation stopped by a signal."""
+  args = sys.argv[1:]
+  kept = [a for i, a in enumerate(args)
+          if not a.startswith(("--mode=", "-mode=")) and a not in ("--mode", "-mode")
+          and (i == 0 or args[i - 1] not in ("--mode", "-mode"))]
+  return shlex.join(["python", "run.py", *kept, "--mode", "eval"])
 
 
 if __name__ == "__main__":

@@ -72,12 +72,7 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   holds this invocation's outputs only: they are written beside it and
   swapped in whole when complete (`apnet_jax.workdir.replace_folder`).
   """
-  if not config.extract.input_dir:
-    raise ValueError("--mode extract needs --config.extract.input_dir=FOLDER")
-  for key in ("top", "num_pictures"):
-    value = config.extract[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"config.extract.{key} is {value!r}; it must be a whole number >= 1.")
+  train.check_config(config, "extract")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, source = train.restore_model(config, workdir)
   out_dir = os.path.join(workdir, "extract")
@@ -120,6 +115,7 @@ def _read(path: str) -> np.ndarray:
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``--mode export``: writes ``workdir/feature_extractor.jaxexport``; returns its path."""
+  train.check_config(config, "export")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, _ = train.restore_model(config, workdir)
   path = os.path.join(workdir, "feature_extractor.jaxexport")

@@ -55,7 +55,8 @@ def make_schedule(optim_config: Any, steps_per_epoch: int) -> Callable[[jax.Arra
   Args:
     optim_config: the config's ``optim`` section: ``base_lr``,
       ``warmup_factor``, ``warmup_epochs``, ``milestones`` (epochs, sorted)
-      and ``gamma``.
+      and ``gamma``, in the ranges of `apnet_jax.config_check.RULES` (the
+      modes check them before they get here).
     steps_per_epoch: optimiser steps per epoch (>= 1).
 
   Returns:
@@ -68,12 +69,6 @@ def make_schedule(optim_config: Any, steps_per_epoch: int) -> Callable[[jax.Arra
   warmup_epochs = int(optim_config.warmup_epochs)
   milestones = tuple(int(m) for m in optim_config.milestones)
   gamma = float(optim_config.gamma)
-  if base_lr <= 0:
-    raise ValueError(f"config.optim.base_lr must be > 0, got {base_lr}.")
-  if warmup_epochs < 0:
-    raise ValueError(f"config.optim.warmup_epochs must be >= 0, got {warmup_epochs}.")
-  if list(milestones) != sorted(milestones):
-    raise ValueError(f"config.optim.milestones must be increasing, got {milestones}.")
   steps_per_epoch = int(steps_per_epoch)
   milestone_array = np.asarray(milestones, np.int32)
 
@@ -132,12 +127,6 @@ def make_optimizer(
   weight_decay = float(optim.weight_decay)
   weight_decay_bias = float(optim.weight_decay_bias)
   bias_lr_factor = float(optim.bias_lr_factor)
-  if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-    raise ValueError(f"config.optim.betas must be in [0, 1), got {tuple(optim.betas)}.")
-  if weight_decay < 0 or weight_decay_bias < 0 or bias_lr_factor < 0:
-    raise ValueError(
-        "config.optim.weight_decay, weight_decay_bias and bias_lr_factor must be >= 0; "
-        f"got {weight_decay}, {weight_decay_bias}, {bias_lr_factor}.")
 
   def adam(learning_rate: jax.Array) -> optax.GradientTransformation:
     # Coupled decay per group, one Adam (elementwise, so one Adam over both

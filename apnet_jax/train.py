@@ -24,7 +24,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from apnet_jax import checkpointing, optim, progress, train_step
+from apnet_jax import checkpointing, config_check, optim, progress, train_step
 from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import pipeline, prepare, sources
 from apnet_jax.evaluation import evaluate, plots
@@ -168,25 +168,9 @@ def init_from_imagenet(model: nnx.Module, path: str) -> None:
 # --- Evaluation ------------------------------------------------------------------
 
 
-# Datasets whose gallery marks distractors with pid 0: Market-1501, and the
-# synthetic benchmark and reid_folder that follow its conventions. Elsewhere
-# (MSMT17) pid 0 is a real person, and dropping it would quietly change the benchmark.
-_DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid", "reid_folder")
-
-
-def check_drop_distractors(config: ml_collections.ConfigDict, dataset: str) -> None:
-  """Refuses ``eval.drop_distractors`` for a dataset without pid-0 distractors."""
-  if config.eval.drop_distractors and dataset not in _DATASETS_WITH_DISTRACTORS:
-    raise ValueError(
-        f"config.eval.drop_distractors is set, but {dataset} has no distractors: only "
-        f"{' and '.join(_DATASETS_WITH_DISTRACTORS)} mark them with pid 0, and on {dataset} "
-        "pid 0 is a real person. Leave it False.")
-
-
 def extract_eval_features(model: nnx.Module, builder, config: ml_collections.ConfigDict, *,
                           mesh: jax.sharding.Mesh | None = None) -> dict[str, dict[str, Any]]:
   """Query and gallery features (image + flip, summed), pids and camids."""
-  check_drop_distractors(config, builder.name)
   features = {}
   for split in ("query", "gallery"):
     features[split] = extract_features(
@@ -280,46 +264,24 @@ def format_results(results: dict[str, Any]) -> str:
 # --- Training --------------------------------------------------------------------
 
 
-def check_train_config(config: ml_collections.ConfigDict) -> None:
-  """Refuses ``config.train`` settings that would fail mid-run; warns of skipped evaluations.
+def check_config(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Refuses every key ``mode`` uses that is out of range, before anything is run or written.
 
   Raises:
-    ValueError: naming ``config.train.<key>`` and its value.
+    config_check.ConfigError: naming each bad key, its value and what is allowed.
   """
-  train = config.train
-  for key in ("epochs", "log_every_steps", "checkpoint_every_epochs"):
-    if not _is_count(train[key]) or train[key] < 1:
-      raise ValueError(f"config.train.{key} is {train[key]!r}; it must be a whole number >= 1.")
-  invalid = [e for e in train.eval_epochs if not _is_count(e) or e < 1]
-  if invalid:
-    raise ValueError(f"config.train.eval_epochs is {tuple(train.eval_epochs)!r}: {invalid} "
-                     "are not epochs (whole numbers >= 1).")
-  # A shortened run (--config.train.epochs=40 with the recipe's (120, 160))
-  # never reaches them; its final evaluation still runs, so say it, not fail.
-  past_end = [e for e in train.eval_epochs if e > train.epochs]
-  if past_end:
-    logging.warning("config.train.eval_epochs %s lie past config.train.epochs=%d and are "
-                    "skipped; the run is evaluated at its end.", past_end, train.epochs)
+  config_check.check(config, mode, num_devices=jax.device_count(),
+                     datasets=tuple(sources.BUILDERS))
 
 
-def check_input_size(config: ml_collections.ConfigDict) -> None:
-  """Refuses a ``model.input_size`` that is not (height, width) in whole pixels >= 1."""
-  size = config.model.input_size
-  if (not isinstance(size, (tuple, list)) or len(size) != 2
-      or not all(_is_count(v) and v >= 1 for v in size)):
-    raise ValueError(f"config.model.input_size is {size!r}; it must be (height, width), two "
-                     "whole numbers >= 1, e.g. --config.model.input_size='(384, 192)'.")
-
-
-def _is_count(value: Any) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       eval_command: str | None = None) -> dict[str, Any]:
   """Trains APNet as ``config`` says, resuming from ``workdir``; returns the results.
 
   Writes ``workdir/config.json``, ``metrics.jsonl``, TensorBoard events,
-  ``checkpoints/`` and, at the end, ``results.json``.
+  ``checkpoints/`` and, at the end, ``results.json``. On a resume from step S,
+  log records past S (the killed run's steps that are trained again) are moved
+  to ``workdir/discarded_after_step_S/``.
 
   A workdir whose latest checkpoint lies past this config's last step (a rerun
   with fewer epochs or a smaller ``max_steps``) is refused rather than reported
@@ -332,29 +294,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with or without checkpoints, is refused unless ``train.allow_changes``
   lists the changed keys; accepted changes go to ``config_changes.jsonl``.
 
+  SIGTERM and SIGINT (single process) stop the run at the next step: that step
+  is saved, then the process exits 143 or 130; a signal during the final save
+  waits for it. A signal during the final evaluation stops it and says that
+  ``eval_command`` (default: the ``--mode eval`` command line) finishes it.
+
   Raises:
-    ValueError: an invalid ``config.train`` or ``config.eval`` setting (before
-      anything is computed or written), or a ``workdir`` checkpoint or record
-      of another run or seed, or of a longer run (before any compute).
+    config_check.ConfigError: settings out of range (before anything is
+      computed or written).
+    ValueError: a ``workdir`` checkpoint or record of another run or seed, or
+      of a longer run (before any compute).
     NotADirectoryError: ``workdir`` is a file.
     apnet_jax.workdir.WorkdirBusyError: another process holds ``workdir``.
     checkpointing.CheckpointReadError: the latest checkpoint cannot be read.
   """
-  check_train_config(config)
-  check_input_size(config)
-  check_drop_distractors(config, config.data.name)
+  check_config(config, "train")
   workdir = workdir_lib.ensure_workdir(workdir)
-  held = _on_process_0_first(lambda: workdir_lib.WorkdirLock.acquire(workdir, "training"),
-                             f"{workdir}: process 0 could not take the workdir")
-  try:
-    return _train_and_evaluate_locked(config, workdir)
-  finally:
-    if held is not None:
-      held.release()
+  if eval_command is None:
+    eval_command = f"python run.py --config CONFIG --workdir {workdir} --mode eval"
+  with _StopSignals() as stop:
+    held = _on_process_0_first(lambda: workdir_lib.WorkdirLock.acquire(workdir, "training"),
+                               f"{workdir}: process 0 could not take the workdir")
+    try:
+      return _train_and_evaluate_locked(config, workdir, stop, eval_command)
+    finally:
+      if held is not None:
+        held.release()
 
 
-def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
-                               workdir: str) -> dict[str, Any]:
+def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
+                               stop: _StopSignals, eval_command: str) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir (absolute, existing) is this run's."""
   # Setup: resolved config, mesh.
   is_main = jax.process_index() == 0
@@ -363,6 +332,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
 
   # Data: the train split's size, in identities and steps.
   builder = open_dataset(config.data)
+  stop.exit_if_set("nothing trained yet")
   train_labels = sources.split_annotations(builder, "train").label
   num_classes = int(len(np.unique(train_labels)))
   steps_per_epoch = pipeline.steps_per_epoch(train_labels, p=config.data.p, k=config.data.k)
@@ -412,23 +382,22 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
     # The loop. Device metrics are fetched only at logging steps.
     step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
                                          mesh=mesh, seed=config.train.seed)
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     results: dict[str, Any] | None = None
     final_features = None  # set when the last step was an evaluation epoch
     window, window_start, tick = [], start_step, time.time()
-    with (_SigtermFlag() as preempted,  # the previous SIGTERM handler is back after the loop
-          progress.bar(total_steps, "train", "step", initial=start_step) as bar):
+    with progress.bar(total_steps, "train", "step", initial=start_step) as bar:
       for step in range(start_step, total_steps):
         batch = next(loader)
         state, metrics = step_fn(state, train_step.shard_batch(
             {"image": batch["image"], "label": batch["label"]}, mesh))
         window.append(metrics)
         done = step + 1
-        preempted.poll(done)
+        stop.poll(done)
         epoch_end = done % steps_per_epoch == 0
         epoch = done // steps_per_epoch
         last = done == total_steps
-        if done % config.train.log_every_steps == 0 or epoch_end or last or preempted.set:
+        if done % config.train.log_every_steps == 0 or epoch_end or last or stop.set:
           record = _reduce_window(window, window_start)
           record.update(epoch=done / steps_per_epoch,
                         img_per_s=len(window) * config.data.p * config.data.k
@@ -441,29 +410,42 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict,
 
         evaluated = None
         if epoch_end and epoch in config.train.eval_epochs:
-          features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
-                                           builder, config, mesh=mesh)
-          results = evaluate_features(features, builder, config)
+          try:
+            features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+                                             builder, config, mesh=mesh)
+            results = evaluate_features(features, builder, config)
+          except BaseException:
+            # The step is trained: keep it (without an mAP) whatever stopped the evaluation.
+            checkpointing.save(manager, done, state, dict(meta, epoch=epoch))
+            checkpointing.wait_until_finished(manager)
+            raise
           final_features = features if last else None
           evaluated = {"mAP": results["mAP"]}
           writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                        kind="eval")
         if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
-            or last or preempted.set):
+            or last or stop.set):
           checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
                              metrics=evaluated)
-        if preempted.set:
+        if stop.set and not last:
           checkpointing.wait_until_finished(manager)  # closed on the way out, below
-          logging.warning("SIGTERM: saved step %d and stopped.", done)
           writer.close()
-          raise SystemExit(143)
+          stop.exit_if_set(f"saved step {done}")
+    # Signals stay flags until the final checkpoint is committed.
     checkpointing.wait_until_finished(manager)
   except BaseException:
     checkpointing.close_quietly(manager)
     raise
   manager.close()  # its threads would outlive the call (in a notebook, say)
+  if stop.set:
+    writer.close()
+    stop.exit_if_set(f"saved the final step {total_steps}")
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
+  # From here on a signal ends the evaluation at once: the checkpoint is complete.
+  stop.stop_at_once(f"the final evaluation was stopped; the final checkpoint (step "
+                    f"{total_steps}) is saved in {workdir}; finish the evaluation with: "
+                    f"{eval_command}")
   features = final_features
   if features is None:
     features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest), builder,
@@ -516,46 +498,80 @@ def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, f
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks after each step (a context manager).
+class _StopSignals:
+  """SIGTERM and SIGINT as a flag the loop checks after each step (a context manager).
+
+  Installed before anything compiles: a KeyboardInterrupt raised while XLA
+  compiles can crash the process, a flag cannot. The first signal sets the flag
+  and gives that signal its default action back, so that a second one (Ctrl-C
+  twice) ends the process at once; Orbax commits a checkpoint by renaming it
+  whole, so the last committed one stays intact. After `stop_at_once`, a signal
+  ends the process with a message instead of setting the flag.
 
   With several processes, JAX's preemption service takes SIGTERM instead (a
   Python handler would hide it from the service) and names one step at which
-  every process sees the flag, so that all save that step together. On exit
-  the previous handler is back: after training returns (in a notebook, say),
-  SIGTERM must not just set a flag that nothing reads.
+  every process sees the flag, so that all save that step together; SIGINT is
+  left alone there, as one process alone cannot stop them all at one step. On
+  exit the previous handlers are back: after training returns (in a notebook,
+  say), a signal must not just set a flag that nothing reads.
   """
 
-  def __init__(self):
-    self.set = False
-    self._multihost = jax.process_count() > 1
-    self._previous = None
-    self._installed = False
+  EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
-  def __enter__(self) -> _SigtermFlag:
+  def __init__(self):
+    self.signum: int | None = None
+    self._multihost = jax.process_count() > 1
+    self._previous: dict[int, Any] = {}
+    self._message: str | None = None
+
+  @property
+  def set(self) -> bool:
+    return self.signum is not None
+
+  def __enter__(self) -> _StopSignals:
     if not self._multihost:
       try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        self._installed = True
+        for signum in self.EXIT_CODES:
+          self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread (e.g. some notebook kernels)
         pass
     return self
 
   def __exit__(self, *exc_info) -> None:
-    if self._installed:
+    for signum, previous in self._previous.items():
       # None: a handler set outside Python, which cannot be put back; the default is closest.
-      signal.signal(signal.SIGTERM,
-                    signal.SIG_DFL if self._previous is None else self._previous)
-      self._installed = False
+      signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+    self._previous = {}
 
   def poll(self, step: int) -> None:
     """Every process calls this after each step, from the same first step."""
     if self._multihost and multihost_utils.reached_preemption_sync_point(step):
-      self.set = True
+      self.signum = signal.SIGTERM
+
+  def exit_if_set(self, what_was_done: str) -> None:
+    """Ends the process (SystemExit 143 or 130) if a signal came; logs what was done."""
+    if self.set:
+      logging.warning("%s: %s; stopped.", signal.Signals(self.signum).name, what_was_done)
+      raise SystemExit(self.EXIT_CODES[self.signum])
+
+  def stop_at_once(self, message: str) -> None:
+    """From now on a signal ends the process with ``message`` (one line, on stderr)."""
+    self._message = message
+    if self.set:  # it came between the last check and now
+      self._stop(self.signum)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.set = True
+    del frame
+    if self.signum is None:
+      self.signum = signum
+    if signum in self._previous:
+      signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    if self._message is not None:
+      self._stop(signum)
+
+  def _stop(self, signum: int) -> None:
+    print(f"{signal.Signals(signum).name}: {self._message}", file=sys.stderr, flush=True)
+    raise SystemExit(self.EXIT_CODES[signum])
 
 
 # --- Evaluating a finished (or running) training ------------------------------
@@ -581,7 +597,6 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str) -> tuple[nnx.
   ``eval.use_best``, or the latest. The model is in eval mode. A checkpoint
   is checked only on what evaluation depends on (`checkpointing.EVAL_KEYS`).
   """
-  check_input_size(config)
   if config.eval.torch_checkpoint:
     path = config.eval.torch_checkpoint
     state_dict = read_state_dict(os.path.expanduser(path))
@@ -665,7 +680,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   itself when no training holds it (eval holds the lock while writing), and
   into ``workdir/eval/`` otherwise, a folder replaced whole at each evaluation.
   """
-  check_drop_distractors(config, config.data.name)
+  check_config(config, "eval")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   mesh = train_step.make_mesh()
   builder = open_dataset(config.data)

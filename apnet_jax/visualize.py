@@ -221,9 +221,8 @@ def visualize_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   the ``visualize.num_queries`` queries are spread evenly over the query
   split. Returns the PNG's path (written by process 0 only).
   """
+  train.check_config(config, "visualize")
   num_queries = config.visualize.num_queries
-  if num_queries < 1:
-    raise ValueError(f"visualize.num_queries must be at least 1, got {num_queries}")
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, _ = train.restore_model(config, workdir)
   query = sources.load_split(train.open_dataset(config.data), "query")

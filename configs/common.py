@@ -1,5 +1,7 @@
 """The official APNet recipe as defaults; every other config starts from it.
 
+The allowed values of every key are in `apnet_jax.config_check.RULES`.
+
 Values from the official implementation (github.com/Gutianpei/APNet,
 configs/default.yml, modeling/ and solver/). Each dataset config changes only
 what differs.
@@ -75,7 +77,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.train = train = ml_collections.ConfigDict()
   train.epochs = 160
-  train.max_steps = -1  # > 0 stops after that many steps (smoke tests).
+  train.max_steps = -1  # -1: the whole schedule; >= 1 stops after that many steps (smoke tests).
   train.seed = 0
   train.log_every_steps = 50
   train.checkpoint_every_epochs = 10

@@ -38,6 +38,7 @@ def get_config(arg=None):
     config.model.input_size = (64, 32)
     config.augment.pad = 2
     config.train.epochs = 2
+    config.optim.milestones = ()  # the small run's decays lie past these 2 epochs
     config.train.eval_epochs = (2,)
     config.train.checkpoint_every_epochs = 1
     config.eval.batch_size = 32

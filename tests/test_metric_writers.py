@@ -83,3 +83,34 @@ def test_disabled_writer_writes_nothing(tmp_path):
   writer.write(1, {"loss": 1.0})
   writer.close()
   assert not os.path.exists(tmp_path / "run")
+
+
+def _event_steps(folder):
+  steps = []
+  for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+    steps += [_parse(r)[2][0] for r in _read_records(path) if 2 in _parse(r)]
+  return steps
+
+
+def test_a_resumed_writer_moves_the_records_past_its_step_aside(tmp_path):
+  writer = metric_writers.MetricWriter(str(tmp_path))
+  for step in range(1, 6):
+    writer.write(step, {"loss": float(step)})
+  writer.write(4, {"mAP": 50.0}, kind="eval")
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"kind": "train", "st')  # a line cut short by a kill
+
+  metric_writers.MetricWriter(str(tmp_path), resume_step=3).close()
+  kept = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [(r["kind"], r["step"]) for r in kept] == [("train", 1), ("train", 2), ("train", 3)]
+  assert _event_steps(tmp_path / "tensorboard") == [1, 2, 3]
+  aside = tmp_path / "discarded_after_step_3"
+  lines = (aside / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["step"] for l in lines[:3]] == [4, 5, 4]
+  assert lines[3] == '{"kind": "train", "st'
+  assert sorted(_event_steps(aside / "tensorboard")) == [4, 4, 5]
+
+  metric_writers.MetricWriter(str(tmp_path), resume_step=3).close()  # nothing past 3 now
+  assert (aside / "metrics.jsonl").read_text().count("\n") == 4
+  assert len(glob.glob(str(tmp_path / "discarded_after_step_*"))) == 1

@@ -241,7 +241,7 @@ except Exception as e:
   print("DATASET:", type(e).__name__, str(e).splitlines()[0][:300])
 
 # SIGTERM to process 1 alone: both stop at one step (the train loop's flag).
-preempted = train._SigtermFlag()
+preempted = train._StopSignals()
 for step in range(1, 1000):
   multihost_utils.sync_global_devices("step")  # what a train step's collectives do
   if i == 1 and step == 5:

@@ -69,14 +69,10 @@ def test_schedule_other_settings_match_official_formula():
   np.testing.assert_allclose(no_warmup(0), 1e-3, rtol=1e-6)
 
 
-def test_schedule_rejects_bad_config():
+def test_schedule_rejects_a_step_count_of_zero():
   cfg = get_config().optim
   with pytest.raises(ValueError, match="steps_per_epoch"):
     optim.make_schedule(cfg, 0)
-  bad = ml_collections.ConfigDict(cfg.to_dict())
-  bad.milestones = (80, 40)
-  with pytest.raises(ValueError, match="config.optim.milestones"):
-    optim.make_schedule(bad, 10)
 
 
 class Tiny(nnx.Module):
@@ -172,17 +168,6 @@ def test_is_bias_uses_the_parameter_name():
                    "fc/kernel/value": False, "neck/scale/value": False}
   assert optim.is_bias((jax.tree_util.DictKey("bias_free"), jax.tree_util.DictKey("kernel"))) \
       is False
-
-
-def test_make_optimizer_rejects_bad_config():
-  config = get_config()
-  config.optim.betas = (0.9, 1.0)
-  with pytest.raises(ValueError, match="config.optim.betas"):
-    optim.make_optimizer(config, 10)
-  config = get_config()
-  config.optim.weight_decay_bias = -1.0
-  with pytest.raises(ValueError, match="weight_decay_bias"):
-    optim.make_optimizer(config, 10)
 
 
 def test_current_learning_rate_needs_make_optimizer_state():

@@ -196,9 +196,10 @@ def interrupted(runner):
   record["steps_seen_after_kill_in_save"] = list(reader.all_steps())
   record["meta_after_kill_in_save"] = checkpointing.restore_meta(reader, previous)
 
-  logged_before = len(train_steps(workdir))
   runner.train(workdir)
-  record["steps_of_last_process"] = train_steps(workdir)[logged_before:]
+  record["steps_at_end"] = train_steps(workdir)
+  # Each resume moved the killed runs' steps past the checkpoint aside.
+  record["set_aside"] = train_steps(workdir / f"discarded_after_step_{previous}")
   record["at_end"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   return workdir, record
 
@@ -207,8 +208,9 @@ def test_sigkill_at_a_random_point_then_restart_ends_bitwise_identical(
     uninterrupted, interrupted):
   workdir, record = interrupted
   assert record["after_sigkill"], record  # it was killed after a checkpoint existed
-  assert record["steps_of_last_process"][0] == record["previous"] + 1, record
-  assert record["steps_of_last_process"][-1] == STEPS
+  # The log holds each step once: the last run resumed at previous + 1.
+  assert record["steps_at_end"] == list(range(1, STEPS + 1)), record
+  assert record["set_aside"] and min(record["set_aside"]) == record["previous"] + 1, record
   assert_bitwise_equal(uninterrupted, final_state(workdir))
 
 
@@ -223,8 +225,9 @@ def test_kill_inside_an_async_save_keeps_the_previous_checkpoint(interrupted):
   assert any(name.startswith("state/") for name in record["previous_digest"])
   assert record["steps_seen_after_kill_in_save"] == [previous]
   assert record["meta_after_kill_in_save"]["epoch"] == previous // 2
-  # The restart resumed from it (step previous + 1 first) and removed the partial save.
-  assert record["steps_of_last_process"][0] == previous + 1
+  # The restart resumed from it (the killed save's steps set aside) and removed the
+  # partial save.
+  assert killed in record["set_aside"], record
   assert record["at_end"] == [str(STEPS)], record
 
 

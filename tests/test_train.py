@@ -1,7 +1,6 @@
 """The training job end to end on the tiny synthetic dataset, and its failure paths."""
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from configs.synthetic import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIGTERM_AT_IMPORT = signal.getsignal(signal.SIGTERM)  # before any training in this process
+SIGINT_AT_IMPORT = signal.getsignal(signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
@@ -118,64 +118,31 @@ def test_records_without_seed_still_resume():
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
 
 
-@pytest.mark.parametrize("section, key, value, expected", [
-    ("train", "log_every_steps", 0, r"config\.train\.log_every_steps is 0"),
-    ("train", "checkpoint_every_epochs", 0, r"config\.train\.checkpoint_every_epochs is 0"),
-    ("train", "epochs", 0, r"config\.train\.epochs is 0"),
-    ("train", "eval_epochs", (0, 2), r"config\.train\.eval_epochs is \(0, 2\): \[0\] are "
-     r"not epochs"),
-    # pid 0 is a person on MSMT17: only Market-1501's conventions make it a distractor.
-    ("eval", "drop_distractors", True, r"config\.eval\.drop_distractors is set, but msmt17 "
-     r"has no distractors"),
-    ("model", "input_size", (64,), r"config\.model\.input_size is \(64,\); it must be "
-     r"\(height, width\)"),
-], ids=["log_every_steps", "checkpoint_every_epochs", "epochs", "eval_epoch_0",
-        "drop_distractors", "input_size"])
-def test_bad_settings_are_refused_before_anything_is_written(data_dir, tmp_path, section, key,
-                                                             value, expected):
-  config = tiny_config(data_dir)
-  setattr(config[section], key, value)
-  if key == "drop_distractors":
-    config.data.name = "msmt17"
-  with pytest.raises(ValueError, match=expected):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert not (tmp_path / "run").exists()
-  if key == "drop_distractors":  # --mode eval refuses it too, before opening the dataset
-    with pytest.raises(ValueError, match=expected):
-      train.evaluate_workdir(config, str(tmp_path / "run"))
-
-
-def test_evaluation_epochs_past_the_end_are_said_to_be_skipped(data_dir, caplog):
-  config = tiny_config(data_dir, epochs=40, eval_epochs=(40, 120, 160))
-  with caplog.at_level(logging.WARNING):
-    train.check_train_config(config)
-  assert "config.train.eval_epochs [120, 160] lie past config.train.epochs=40" in caplog.text
-  caplog.clear()
-  config.train.eval_epochs = (40,)
-  with caplog.at_level(logging.WARNING):
-    train.check_train_config(config)
-  assert "eval_epochs" not in caplog.text
-
-
-def test_training_gives_sigterm_back(straight_run):
-  """After train_and_evaluate returns (in a notebook, say), SIGTERM acts as before."""
+def test_training_gives_the_signals_back(straight_run):
+  """After train_and_evaluate returns (in a notebook, say), SIGTERM and SIGINT act as before."""
   assert signal.getsignal(signal.SIGTERM) == SIGTERM_AT_IMPORT
+  assert signal.getsignal(signal.SIGINT) == SIGINT_AT_IMPORT
 
 
-def test_sigterm_flag_puts_the_previous_handler_back_on_exit():
+def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
   def mine(signum, frame):
     del signum, frame
 
-  previous = signal.signal(signal.SIGTERM, mine)
+  previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
-    with pytest.raises(SystemExit):
-      with train._SigtermFlag() as preempted:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert preempted.set
-        raise SystemExit(143)  # what the loop does on SIGTERM
-    assert signal.getsignal(signal.SIGTERM) == mine
+    with pytest.raises(SystemExit) as stopped:
+      with train._StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.set
+        # The default action: a second Ctrl-C ends the process even inside XLA.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) not in (mine, signal.SIG_DFL)
+        stop.exit_if_set("saved step 3")  # what the loop does after saving
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGTERM) == mine and signal.getsignal(signal.SIGINT) == mine
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def test_non_finite_loss_names_the_step():
@@ -330,8 +297,9 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
     train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
-  import signal
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_stops(data_dir, tmp_path, signum, returncode):
   import time
 
   workdir, log = tmp_path / "preempted", tmp_path / "preempted.log"
@@ -346,14 +314,14 @@ def test_sigterm_saves_a_checkpoint_and_stops(data_dir, tmp_path):
   while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
     assert process.poll() is None, log.read_text(errors="replace")[-2000:]
     time.sleep(0.5)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   try:
     process.wait(timeout=120)
   finally:  # a hang fails the test; no training process outlives it
     if process.poll() is None:
       process.kill()
       process.wait()
-  assert process.returncode == 143, log.read_text(errors="replace")[-2000:]
+  assert process.returncode == returncode, log.read_text(errors="replace")[-2000:]
   steps = ocp.CheckpointManager(str(workdir / "checkpoints")).all_steps()
   logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
   assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved
@@ -502,3 +470,14 @@ def test_the_command_line_refuses_a_config_argument_by_name():
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr
+
+
+def test_a_failed_evaluation_keeps_the_step_it_evaluated(data_dir, tmp_path, monkeypatch):
+  def broken(*args, **kwargs):
+    raise RuntimeError("the evaluation broke")
+
+  monkeypatch.setattr(train, "evaluate_features", broken)
+  config = tiny_config(data_dir, max_steps=2, eval_epochs=(1,), checkpoint_every_epochs=2)
+  with pytest.raises(RuntimeError, match="the evaluation broke"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]

@@ -235,7 +235,7 @@ def test_visualize_workdir_errors_name_the_problem(workdir_config, tmp_path):
   _, config = workdir_config
   config = config.copy_and_resolve_references()
   config.visualize.num_queries = 0
-  with pytest.raises(ValueError, match="visualize.num_queries must be at least 1, got 0"):
+  with pytest.raises(ValueError, match=r"visualize\.num_queries=0: a whole number >= 1"):
     visualize.visualize_workdir(config, str(tmp_path / "run"))
   config.visualize.num_queries = 2
   config.eval.torch_checkpoint = ""
@@ -255,7 +255,7 @@ def test_command_line_visualize_mode():
                                   "--config.visualize.num_queries=-1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode != 0
-  assert "visualize.num_queries must be at least 1, got -1" in result.stderr
+  assert "visualize.num_queries=-1: a whole number >= 1" in result.stderr
 
 
 def test_compare_runs_puts_the_paper_beside(tmp_path):

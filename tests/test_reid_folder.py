@@ -207,7 +207,10 @@ def test_a_name_that_is_no_folder_name_is_refused(tmp_path, name):
 def test_distractors_can_be_dropped_at_evaluation():
   config = get_config()
   config.eval.drop_distractors = True
-  train.check_drop_distractors(config, "reid_folder")  # pid 0 means a distractor here
+  train.check_config(config, "eval")  # pid 0 means a distractor here, as on Market-1501
+  config.data.name = "msmt17"  # where pid 0 is a person
+  with pytest.raises(ValueError, match=r"eval\.drop_distractors"):
+    train.check_config(config, "eval")
 
 
 # --- Bad input --------------------------------------------------------------------

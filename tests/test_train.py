@@ -424,7 +424,7 @@ def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
            .splitlines() if '"train"' in line]
   assert steps == [1, 2, 3, 4, 5, 6]  # appended to the same run's log
   changed.train.allow_changes = "optim.base_rate"
-  with pytest.raises(ValueError, match=r"allow_changes names 'optim\.base_rate', which is not"):
+  with pytest.raises(ValueError, match=r"train\.allow_changes.*optim\.base_rate"):
     train.train_and_evaluate(changed, str(workdir))
 
 

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -210,9 +211,35 @@ def evaluate_features(features: dict[str, dict[str, Any]], builder,
   return results
 
 
-def write_report(workdir: str, results: dict[str, Any], features: dict[str, dict[str, Any]],
-                 builder, *, num_queries: int = 8) -> None:
-  """Prints the table; writes results.json, cmc.png and ranked_list.png (process 0).
+def report_pictures(results: dict[str, Any], features: dict[str, dict[str, Any]], builder, *,
+                    num_queries: int = 8) -> dict[str, np.ndarray]:
+  """An evaluation's pictures, uint8 (H, W, 3): ``cmc`` and ``ranked_list``.
+
+  The CMC curve (re-ranked too when asked), and ``num_queries`` queries spread
+  over the query split beside their top 10 (true matches framed green).
+  """
+  curves = {"APNet": results["cmc"]}
+  if "rerank" in results:
+    curves["re-ranked"] = results["rerank"]["cmc"]
+  query, gallery = features["query"], features["gallery"]
+  picked = np.linspace(0, len(query["pid"]) - 1, min(num_queries, len(query["pid"]))).astype(int)
+  order, matches = plots.ranked_lists(
+      query["features"][picked], gallery["features"], query["pid"][picked], gallery["pid"],
+      query["camid"][picked], gallery["camid"], top=min(10, len(gallery["pid"])))
+  query_source = sources.load_split(builder, "query")
+  gallery_source = sources.load_split(builder, "gallery")
+  return {
+      "cmc": plots.plot_cmc(curves, title=results["protocol"]["dataset"]),
+      "ranked_list": plots.plot_ranked_lists(
+          [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
+          [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
+           for row in order],
+          matches, query_labels=[f"pid {query['pid'][i]}" for i in picked]),
+  }
+
+
+def write_report(workdir: str, results: dict[str, Any], pictures: dict[str, np.ndarray]) -> None:
+  """Prints the table; writes results.json and ``<name>.png`` of each picture (process 0).
 
   Each file is written beside its place and renamed into it when complete.
   """
@@ -223,24 +250,9 @@ def write_report(workdir: str, results: dict[str, Any], features: dict[str, dict
   with workdir_lib.replace_file(os.path.join(workdir, "results.json")) as path:
     with open(path, "w") as f:
       json.dump(results, f, indent=2, default=str)
-  curves = {"APNet": results["cmc"]}
-  if "rerank" in results:
-    curves["re-ranked"] = results["rerank"]["cmc"]
-  with workdir_lib.replace_file(os.path.join(workdir, "cmc.png")) as path:
-    plots.plot_cmc(curves, path, title=results["protocol"]["dataset"])
-  query, gallery = features["query"], features["gallery"]
-  picked = np.linspace(0, len(query["pid"]) - 1, min(num_queries, len(query["pid"]))).astype(int)
-  order, matches = plots.ranked_lists(
-      query["features"][picked], gallery["features"], query["pid"][picked], gallery["pid"],
-      query["camid"][picked], gallery["camid"], top=min(10, len(gallery["pid"])))
-  query_source = sources.load_split(builder, "query")
-  gallery_source = sources.load_split(builder, "gallery")
-  with workdir_lib.replace_file(os.path.join(workdir, "ranked_list.png")) as path:
-    plots.plot_ranked_lists(
-        [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
-        [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
-         for row in order],
-        matches, path, query_labels=[f"pid {query['pid'][i]}" for i in picked])
+  for name, picture in pictures.items():
+    with workdir_lib.replace_file(os.path.join(workdir, f"{name}.png")) as path:
+      PIL.Image.fromarray(picture).save(path)
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -423,6 +435,8 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
           evaluated = {"mAP": results["mAP"]}
           writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                        kind="eval")
+          if is_main:
+            writer.write_images(done, report_pictures(results, features, builder))
         if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
             or last or stop.set):
           checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
@@ -453,9 +467,12 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
     results = evaluate_features(features, builder, config)
     writer.write(total_steps, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                  kind="eval")
+  pictures = report_pictures(results, features, builder) if is_main else {}
+  if final_features is None:  # a reused evaluation logged its pictures already
+    writer.write_images(total_steps, pictures)
   writer.close()
   results.update(step=int(total_steps), config=config.to_dict())
-  write_report(workdir, results, features, builder)
+  write_report(workdir, results, pictures)
   return results
 
 
@@ -690,15 +707,16 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   results.update(source, config=config.to_dict())
   if jax.process_index() != 0:
     return results
+  pictures = report_pictures(results, features, builder)
   workdir = workdir_lib.ensure_workdir(workdir)  # new when evaluating eval.torch_checkpoint
   try:
     held = workdir_lib.WorkdirLock.acquire(workdir, "evaluation")
   except workdir_lib.WorkdirBusyError as e:
     with workdir_lib.replace_folder(os.path.join(workdir, EVAL_FOLDER)) as folder:
-      write_report(folder, results, features, builder)
+      write_report(folder, results, pictures)
     print(f"{workdir} is in use ({e.holder}): the report went to {workdir}/{EVAL_FOLDER}/, "
           "not beside the training's files.")
   else:
     with held:
-      write_report(workdir, results, features, builder)
+      write_report(workdir, results, pictures)
   return results

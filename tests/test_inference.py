@@ -124,7 +124,8 @@ def test_a_16_bit_png_is_described_by_its_content_not_as_white(setup, tmp_path):
   # Its feature is the model's on the 8-bit ramp (scaled with numpy here), not on white.
   eight_bit = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
   features = inference.folder_features(model, [str(tmp_path / "ramp16.png"),
-                                               str(tmp_path / "white.png")], config)
+                                               str(tmp_path / "white.png")], config,
+                                       desc="extract")
   graphdef, state = nnx.split(model)
   expected = make_embed_fn(graphdef, "bn")(
       state, jnp.asarray(np.repeat(eight_bit[None, ..., None], 3, axis=-1)))

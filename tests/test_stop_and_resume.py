@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_metric_writers import _parse, _read_records
+from test_metric_writers import raw_scalar_steps, tensorboard_view
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds for one process; a hang fails instead of stalling CI
@@ -120,20 +120,6 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(data_dir, tm
   assert "Traceback" not in output
 
 
-def scalar_steps(folder):
-  """{(tag, step): count} of the scalars in the TensorBoard event files of ``folder``."""
-  counts = {}
-  for path in sorted(folder.glob("events.out.tfevents.*")):
-    if path.name.endswith(".unfinished"):
-      continue
-    for record in (_parse(r) for r in _read_records(str(path))):
-      for summary in record.get(5, []):
-        for value in _parse(summary)[1]:
-          key = (_parse(value)[1][0].decode(), record[2][0])
-          counts[key] = counts.get(key, 0) + 1
-  return counts
-
-
 def test_a_resumed_run_logs_each_step_once(data_dir, tmp_path):
   workdir = tmp_path / "run"
   returncode, output = run(workdir, data_dir, hook="kill_after_logging", kill_after_step=3)
@@ -145,13 +131,12 @@ def test_a_resumed_run_logs_each_step_once(data_dir, tmp_path):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["kind"], r["step"]) for r in rows] == [
       ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
-  scalars = scalar_steps(workdir / "tensorboard")
-  assert {step for _, step in scalars} == {1, 2, 3, 4}
-  assert set(scalars.values()) == {1}, scalars  # no (tag, step) twice
-  assert ("eval/mAP", 4) in scalars and ("train/loss", 3) in scalars
+  scalars, _ = tensorboard_view(workdir / "tensorboard")  # as TensorBoard shows them
+  assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  assert [step for step, _ in scalars["eval/mAP"]] == [4]
 
   # The killed run's step 3 is moved aside, named, not lost.
   aside = workdir / "discarded_after_step_2"
   moved = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
   assert [(r["kind"], r["step"]) for r in moved] == [("train", 3)]
-  assert {step for _, step in scalar_steps(aside / "tensorboard")} == {3}
+  assert raw_scalar_steps(workdir / "tensorboard")[("train/loss", 3)] == 2  # both runs' events

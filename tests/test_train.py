@@ -10,7 +10,9 @@ import sys
 
 import numpy as np
 import orbax.checkpoint as ocp
+import PIL.Image
 import pytest
+from test_metric_writers import tensorboard_view
 
 from apnet_jax import checkpointing, train
 from apnet_jax import workdir as workdir_lib
@@ -184,7 +186,15 @@ def test_run_writes_the_report(straight_run):
     with open(os.path.join(workdir, picture), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert results["protocol"]["distractors"] == "kept (standard)"
-  assert len(results["cmc"]) == 50 and results["cmc"][0] * 100 == pytest.approx(results["R1"])
+  # TensorBoard, read by its own reader, shows each evaluation (epochs 1 and 2 of
+  # 2 steps): its metrics and its pictures, the last ones those of the report.
+  scalars, images = tensorboard_view(os.path.join(workdir, "tensorboard"))
+  assert [step for step, _ in scalars["eval/mAP"]] == [2, 4]
+  assert scalars["eval/mAP"][-1][1] == pytest.approx(results["mAP"], rel=1e-6)
+  assert scalars["eval/R1"][-1][1] == pytest.approx(results["R1"], rel=1e-6)
+  ranked = PIL.Image.open(os.path.join(workdir, "ranked_list.png"))
+  assert images["eval/ranked_list"] == [(2, *ranked.size), (4, *ranked.size)]
+  assert [step for step, _, _ in images["eval/cmc"]] == [2, 4]
 
 
 def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path, capsys):

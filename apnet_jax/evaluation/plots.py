@@ -16,10 +16,15 @@ from apnet_jax import images
 from apnet_jax.evaluation import metrics
 
 
-def plot_cmc(curves: dict[str, Sequence[float]], path: str, *, title: str = "") -> None:
-  """CMC curves (rank-k accuracy in %, k = 1..len) of one or more runs, to a PNG."""
+def plot_cmc(curves: dict[str, Sequence[float]], path: str | None = None, *,
+             title: str = "") -> np.ndarray:
+  """CMC curves (rank-k accuracy in %, k = 1..len) of one or more runs.
+
+  Returns the picture, uint8 (H, W, 3); writes it to ``path`` (a PNG) if given.
+  """
   # The object-oriented API: no pyplot state, and the caller's backend (a
   # notebook's, say) is left alone. Imported here: loading matplotlib takes 0.4 s.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   fig = Figure(figsize=(5, 3.6), dpi=120)
@@ -35,7 +40,12 @@ def plot_cmc(curves: dict[str, Sequence[float]], path: str, *, title: str = "") 
   if title:
     ax.set_title(title)
   fig.tight_layout()
-  fig.savefig(path)
+  canvas = FigureCanvasAgg(fig)
+  canvas.draw()
+  picture = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+  if path is not None:
+    Image.fromarray(picture).save(path)
+  return picture
 
 
 def rank(query_features: np.ndarray, gallery_features: np.ndarray, *, top: int,
@@ -75,8 +85,8 @@ _MATCH, _MISMATCH, _UNKNOWN, _QUERY = "#1a9641", "#d7191c", "#888888", "#333333"
 
 
 def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequence[Sequence[Any]],
-                      matches: np.ndarray | None, path: str, *,
-                      query_labels: Sequence[str] | None = None) -> None:
+                      matches: np.ndarray | None, path: str | None = None, *,
+                      query_labels: Sequence[str] | None = None) -> np.ndarray:
   """Each query beside its top gallery images: true matches framed green, others red.
 
   Drawn with PIL, image by image (matplotlib took ~2 s for a grid of 8 x 11).
@@ -85,8 +95,11 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
     query_images: N images (H, W, 3) uint8.
     gallery_images: N rows of ``top`` images each.
     matches: (N, top) booleans, or None when identities are unknown (grey frames).
-    path: the PNG to write.
+    path: the PNG to write, if any.
     query_labels: optional caption above each query.
+
+  Returns:
+    The picture, uint8 (H, W, 3).
   """
   n, top = len(gallery_images), len(gallery_images[0])
   cell_h, cell_w = _CELL_HW
@@ -114,7 +127,9 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
     for j in range(top):
       color = _UNKNOWN if matches is None else _MATCH if matches[i, j] else _MISMATCH
       put(gallery_images[i][j], color, i, j + 1, str(j + 1) if i == 0 else "")
-  canvas.save(path)
+  if path is not None:
+    canvas.save(path)
+  return np.asarray(canvas)
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:

@@ -191,6 +191,16 @@ def dataset_name(value, context):
 DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid", "reid_folder")
 
 
+def use_best(value, context):
+  # Two ways to pick the checkpoint: the other one would be silently ignored.
+  if not isinstance(value, bool):
+    return "True or False"
+  step = context.get("eval.step")
+  if value and _is_int(step) and step >= 0:
+    return f"False while eval.step={step} picks the checkpoint (set one or the other)"
+  return None
+
+
 def drop_distractors(value, context):
   if not isinstance(value, bool):
     return "True or False"
@@ -255,7 +265,7 @@ RULES: dict[str, Rule] = {
     "train.allow_changes": dotted_keys,
     "eval.batch_size": eval_batch_size,
     "eval.step": integer(-1),
-    "eval.use_best": boolean,
+    "eval.use_best": use_best,
     "eval.torch_checkpoint": text,
     "eval.drop_distractors": drop_distractors,
     "eval.rerank": boolean,

@@ -118,6 +118,14 @@ def test_schedule_keys_must_lie_inside_the_schedule(tmp_path):
   assert "epochs in [1, 40]" in str(refusal.value)
 
 
+def test_one_way_to_pick_the_checkpoint_to_evaluate(tmp_path):
+  config = tiny(tmp_path, **{"eval.use_best": True})
+  train.check_config(config, "eval")
+  config.eval.step = 2  # use_best used to be ignored silently here
+  with pytest.raises(config_check.ConfigError, match=r"eval\.use_best=True.*eval\.step=2"):
+    train.check_config(config, "eval")
+
+
 def test_allow_changes_names_config_keys(tmp_path):
   config = tiny(tmp_path, **{"train.allow_changes": "optim.base_lr, train.epochs"})
   config_check.check(config, "train")

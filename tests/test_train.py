@@ -217,10 +217,10 @@ def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_pa
   best = max(evals, key=lambda r: r["mAP"])["step"]
   config.eval.step, config.eval.use_best = -1, True
   assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == best
-  config.eval.step = 3
+  config.eval.step, config.eval.use_best = 3, False
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3.*\[2, 4\]"):
     train.evaluate_workdir(config, workdir)
-  config.eval.step, config.eval.use_best = -1, False
+  config.eval.step = -1
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train.evaluate_workdir(config, str(tmp_path / "empty"))
 

@@ -86,6 +86,9 @@ class MetricWriter:
     self._tensorboard = tensorboardX.SummaryWriter(
         os.path.join(workdir, TENSORBOARD),
         purge_step=resume_step + 1 if resume_step else None,
+        # tensorboardX writes from a thread, to disk every flush_secs whatever
+        # flush() says: soon enough to follow a run live.
+        flush_secs=5,
         # Its own file even when another writer started in the same second.
         filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 

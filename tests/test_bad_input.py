@@ -88,6 +88,7 @@ prepare.prepare("market1501", manual_dir=sys.argv[1], data_dir=sys.argv[2])
 """
 
 
+@pytest.mark.slow
 def test_killed_prepare_leaves_nothing_loadable_and_the_next_cleans_up(tmp_path):
   manual, data_dir = fx.dummy_data("market1501"), tmp_path / "data"
   killed = subprocess.run([sys.executable, "-c", KILL_IN_PREPARE, str(manual), str(data_dir)],

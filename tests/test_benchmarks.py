@@ -47,6 +47,7 @@ def tiny_forward_flops_per_image():
   return forward_flops(model, np.zeros((16, 96, 48, 3), np.float32)) / 16
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_report(tmp_path, tiny_forward_flops_per_image):
   out = tmp_path / "train.json"
   # --level 1 differs from the config's 2: the flag must reach the model.
@@ -234,6 +235,7 @@ def test_table_bad_flags(argv, message, tmp_path, capsys):
   assert not list(tmp_path.iterdir())  # nothing ran, nothing written
 
 
+@pytest.mark.slow
 def test_table_runs_a_case_and_reports_a_failed_one(tmp_path, capsys, monkeypatch):
   # The real rows take minutes; the tiny network of the tests above runs the same way.
   # --level 1 as in test_train_step_benchmark_report: the compilation cache has its program.

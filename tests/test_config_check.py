@@ -164,6 +164,7 @@ def test_extract_needs_an_input_folder(tmp_path):
     inference.extract_folder(tiny(tmp_path), str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_the_command_line_ends_with_one_message_naming_every_bad_key(tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run(
@@ -179,6 +180,7 @@ def test_the_command_line_ends_with_one_message_naming_every_bad_key(tmp_path):
   assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_summary_checks_the_model_keys():
   result = subprocess.run(
       [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode", "summary",

@@ -70,6 +70,7 @@ def _mean_ap(query, gallery):
   return float(np.mean(aps))
 
 
+@pytest.mark.slow
 def test_identities_are_not_given_away_by_mean_colour():
   config = dataclasses.replace(
       synthetic.Builder.builder_configs["small"], name="check",

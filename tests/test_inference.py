@@ -43,6 +43,7 @@ def write_images(folder, count, seed):
   return sorted(paths)
 
 
+@pytest.mark.slow
 def test_extract_writes_features_and_rankings(setup, tmp_path, capsys):
   root, config, model = setup
   queries = write_images(tmp_path / "mine", 5, seed=1)
@@ -97,6 +98,7 @@ def test_extract_bad_input_is_named(setup, tmp_path):
     inference.extract_folder(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_exported_extractor_equals_the_model(setup, tmp_path):
   _, config, model = setup
   path = inference.export_workdir(config, str(tmp_path / "run"))

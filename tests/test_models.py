@@ -36,6 +36,7 @@ def forward_backward(model, x):
   return model(x, return_stages=True), nnx.grad(loss)(model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["channel", "spatial"])
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_forward_backward_shapes(kind, level):
@@ -53,6 +54,7 @@ def test_forward_backward_shapes(kind, level):
   assert any(p[0] == "pyramids" for p, _ in params) == (level > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["channel", "spatial"])
 def test_every_parameter_of_the_deepest_pyramid_gets_a_gradient(kind):
   """Level 3 holds every kind of gate of levels 1 and 2: all are wired in."""
@@ -386,6 +388,7 @@ def test_initialisation_follows_the_official_code():
   np.testing.assert_allclose(fc1.std(), 1 / np.sqrt(3 * fc1.shape[0]), rtol=0.05)
 
 
+@pytest.mark.slow
 def test_initialisers_draw_on_the_host_from_the_key():
   """Values are a function of the key alone, jitted or not, and cost no program per shape."""
   shape = (3, 3, 8, 16)

@@ -35,6 +35,9 @@ import pytest
 from apnet_jax import train
 from configs.synthetic import get_config
 
+# Every test here starts processes; the two-process runs are the slowest of the suite.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # Generous (a run takes ~30 s alone): it only turns a hang into a failure.

@@ -46,6 +46,7 @@ def test_the_repository_address_is_one_variable():
   assert code.count("github.com") == 1  # the assignment alone
 
 
+@pytest.mark.slow
 def test_the_install_line_keeps_the_installed_jax(tmp_path):
   # The install cell's own pip line, run as Colab's shell would (here against
   # this environment: Colab's versions in CI's floor run), as a dry run: it must
@@ -72,6 +73,7 @@ def test_notebook_is_committed_without_outputs():
       assert cell["outputs"] == [] and cell["execution_count"] is None, f"cell {i}"
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(tmp_path, monkeypatch, capsys):
   workdir = tmp_path / "run"
   monkeypatch.chdir(ROOT)  # Colab's working directory is the clone (`%cd` in the install cell)

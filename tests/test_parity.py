@@ -30,6 +30,9 @@ from flax import nnx
 from apnet_jax import build_model, compat, load_torch_weights
 from configs.common import get_config
 
+# The full-size ResNet-50 against the official model's outputs.
+pytestmark = pytest.mark.slow
+
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden"
 FREQ = 0.37
 

@@ -187,6 +187,7 @@ def test_a_loader_from_a_step_continues_exactly():
     _assert_same_batches(list(_loader(records, labels, start_step=start)), reference[start:])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_from_any_step():
   records, labels = _train_source()
   reference = list(_loader(records, labels))
@@ -314,6 +315,7 @@ def test_eval_batches_shard_over_processes():
   assert not shards[1][-1]["mask"].any()
 
 
+@pytest.mark.slow
 def test_eval_worker_batches_match_and_decode_errors_name_the_file():
   records = _eval_source(10)
   reference = list(pipeline.eval_batches(

@@ -177,6 +177,7 @@ def _tiny_model():
   return model
 
 
+@pytest.mark.slow
 def test_the_model_is_plain_lax_outside_the_cpu_context():
   # What other platforms get: forward-mode differentiation works through the
   # whole model. Checked by the adjoint identity u.(J v) = (J^T u).v against

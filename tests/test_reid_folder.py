@@ -160,6 +160,7 @@ def test_a_zip_in_the_folder_is_read_as_extracted(tmp_path):
   assert split_records(build(manual, tmp_path / "data")) == CSV
 
 
+@pytest.mark.slow
 def test_prepare_command_prints_the_statistics_table(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   result = subprocess.run(
@@ -338,6 +339,7 @@ def test_an_image_format_the_records_cannot_hold(tmp_path):
 # --- Training end to end -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_end_to_end(tmp_path):
   """run.py with configs/folder.py prepares the folder under its name, trains, evaluates."""
   manual = tmp_path / "mine"

@@ -151,6 +151,7 @@ def uninterrupted(runner):
   return final_state(runner.train(runner.root / "uninterrupted"))
 
 
+@pytest.mark.slow
 def test_same_seed_and_devices_give_bitwise_identical_runs(runner, uninterrupted):
   again = final_state(runner.train(runner.root / "again"))
   assert int(again[("step",)]) == STEPS
@@ -204,6 +205,7 @@ def interrupted(runner):
   return workdir, record
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_then_restart_ends_bitwise_identical(
     uninterrupted, interrupted):
   workdir, record = interrupted
@@ -497,6 +499,7 @@ def _running(pid):
     return False
 
 
+@pytest.mark.slow
 def test_loader_workers_exit_when_their_parent_is_killed():
   parent = subprocess.Popen([sys.executable, "-c", STARTS_WORKERS], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -569,6 +572,7 @@ def test_a_replaced_folder_holds_one_invocation_and_survives_a_failed_one(tmp_pa
   assert sorted(p.name for p in tmp_path.iterdir()) == ["extract"]  # no staging left
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runner,
                                                                             uninterrupted):
   """Orbax's and TensorStore's thread tracebacks must not bury the error (run.py)."""

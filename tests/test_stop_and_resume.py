@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from test_metric_writers import raw_scalar_steps, tensorboard_view
+from test_metric_writers import tensorboard_view
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300  # seconds for one process; a hang fails instead of stalling CI
@@ -94,6 +94,7 @@ def committed_steps(workdir):
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_final_save_waits_for_it(data_dir, tmp_path):
   workdir = tmp_path / "run"
   returncode, output = run(workdir, data_dir, hook="signal_in_final_save", final_step=4,
@@ -104,6 +105,7 @@ def test_a_signal_during_the_final_save_waits_for_it(data_dir, tmp_path):
   assert "SIGTERM: saved the final step 4; stopped." in output
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(data_dir, tmp_path):
   workdir = tmp_path / "run"
   returncode, output = run(workdir, data_dir, "--config.train.eval_epochs=()",
@@ -120,6 +122,7 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(data_dir, tm
   assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_each_step_once(data_dir, tmp_path):
   workdir = tmp_path / "run"
   returncode, output = run(workdir, data_dir, hook="kill_after_logging", kill_after_step=3)
@@ -139,4 +142,3 @@ def test_a_resumed_run_logs_each_step_once(data_dir, tmp_path):
   aside = workdir / "discarded_after_step_2"
   moved = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
   assert [(r["kind"], r["step"]) for r in moved] == [("train", 3)]
-  assert raw_scalar_steps(workdir / "tensorboard")[("train/loss", 3)] == 2  # both runs' events

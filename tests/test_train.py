@@ -52,6 +52,7 @@ def straight_run(data_dir, tmp_path_factory):
   return workdir, train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow
 def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
   """2N steps == N steps + restart + N steps, parameter for parameter.
 
@@ -89,6 +90,7 @@ def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
   assert saved["train"]["max_steps"] == 4 and saved["data"]["num_workers"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section, key, value, expected", [
     ("model", "level", 1, r"model\.level: checkpoint 2, config 1"),
     ("train", "seed", 1, r"train\.seed: checkpoint 0, config 1"),
@@ -120,6 +122,7 @@ def test_records_without_seed_still_resume():
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
 
 
+@pytest.mark.slow
 def test_training_gives_the_signals_back(straight_run):
   """After train_and_evaluate returns (in a notebook, say), SIGTERM and SIGINT act as before."""
   assert signal.getsignal(signal.SIGTERM) == SIGTERM_AT_IMPORT
@@ -180,6 +183,7 @@ def test_command_line_rejects_an_unknown_key():
   assert "levle" in result.stderr and "level" in result.stderr
 
 
+@pytest.mark.slow
 def test_run_writes_the_report(straight_run):
   workdir, results = straight_run
   for picture in ("cmc.png", "ranked_list.png"):
@@ -197,6 +201,7 @@ def test_run_writes_the_report(straight_run):
   assert [step for step, _, _ in images["eval/cmc"]] == [2, 4]
 
 
+@pytest.mark.slow
 def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path, capsys):
   workdir, results = straight_run
   config = tiny_config(data_dir)
@@ -225,6 +230,7 @@ def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_pa
     train.evaluate_workdir(config, str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, tmp_path):
   from flax import nnx
   from apnet_jax import save_torch_weights
@@ -244,6 +250,7 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
   assert from_torch["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_features_are_image_plus_flip(data_dir, straight_run):
   import jax.numpy as jnp
   from flax import nnx
@@ -269,6 +276,7 @@ def test_features_are_image_plus_flip(data_dir, straight_run):
     extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=12)
 
 
+@pytest.mark.slow
 def test_drop_distractors_switch(data_dir, straight_run):
   from flax import nnx
 
@@ -307,6 +315,7 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
     train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_a_checkpoint_and_stops(data_dir, tmp_path, signum, returncode):
@@ -372,6 +381,7 @@ def assert_records_unchanged(workdir, records):
   assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == records
 
 
+@pytest.mark.slow
 def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_aside(
     data_dir, straight_run, tmp_path):
   workdir, records = copy_of(straight_run, tmp_path)
@@ -392,6 +402,7 @@ def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_a
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
+@pytest.mark.slow
 def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(data_dir,
                                                                             straight_run):
   config = tiny_config(data_dir)
@@ -414,6 +425,7 @@ def test_logs_without_a_checkpoint_of_another_run_are_refused(data_dir, tmp_path
   assert not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
     data_dir, straight_run, tmp_path):
   workdir, records = copy_of(straight_run, tmp_path)
@@ -482,6 +494,7 @@ def test_the_command_line_refuses_a_config_argument_by_name():
   assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_failed_evaluation_keeps_the_step_it_evaluated(data_dir, tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError("the evaluation broke")

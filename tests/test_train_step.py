@@ -110,6 +110,7 @@ def adam_first_moment(opt_state):
   return _adam_state(opt_state).mu
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["8-explicit", "8-auto"])
 def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind):
   """Same loss, gradients and BatchNorm statistics on 8 devices as on 1.
@@ -222,6 +223,7 @@ def test_augmentation_rng_comes_from_seed_and_step(harness):
   assert float(first["loss"]) != float(later["loss"])
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_tiny_batch(harness):
   step_fn = harness.step_fn("1")
   state, batch = harness.state("1"), harness.batch("1")
@@ -235,6 +237,7 @@ def test_loss_decreases_on_a_tiny_batch(harness):
   assert np.mean([m["acc"] for m in history[-5:]]) > np.mean([m["acc"] for m in history[:5]])
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_state_and_loss():
   harness = Harness("bfloat16")
   step_fn = harness.step_fn("1")

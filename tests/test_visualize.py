@@ -154,6 +154,7 @@ def test_attention_weights_equal_a_recomputation_of_the_gates(channel):
   assert [k for k, _ in before] == [k for k, _ in after]  # the calls added no variables
 
 
+@pytest.mark.slow
 def test_spatial_maps_are_the_stripes_gates(tmp_path):
   """APNet-S level 2: each stripe attended on its own, stacked; then the whole map."""
   _, model = small_model("spatial", 2, seed=2)
@@ -245,6 +246,7 @@ def test_visualize_workdir_errors_name_the_problem(workdir_config, tmp_path):
   assert not (empty / "attention.png").exists()
 
 
+@pytest.mark.slow
 def test_command_line_visualize_mode():
   base = [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode",
           "visualize"]

@@ -137,6 +137,7 @@ def test_official_key_set_equals_the_official_model():
     assert shapes == canonical
 
 
+@pytest.mark.slow
 def test_save_then_load_is_exact(tmp_path):
   model = small_model(level=3, seed=1)
   model.train()

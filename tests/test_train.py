@@ -120,6 +120,10 @@ def test_records_without_seed_still_resume():
   """Records written before the seed was checked are let through, not refused."""
   current = {"seed": 3, "num_classes": 8, "model": {}, "data": {"num_workers": 2}}
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
+  # ... while a seed that is recorded, and differs, is refused by name.
+  with pytest.raises(ValueError, match=r"train\.seed: checkpoint 2, config 3"):
+    checkpointing.check_compatible({"seed": 2, "num_classes": 8, "model": {}, "data": {}},
+                                   current, "w")
 
 
 @pytest.mark.slow
@@ -232,6 +236,12 @@ def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_pa
 
 @pytest.mark.slow
 def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, tmp_path):
+  """--mode eval on eval.torch_checkpoint scores the model as its Orbax checkpoint does.
+
+  The .pth is written by save_torch_weights, so this is the eval path, not the
+  file format: test_weights.py reads files real PyTorch wrote and checks the
+  official key list.
+  """
   from flax import nnx
   from apnet_jax import save_torch_weights
 

@@ -60,7 +60,8 @@ def exit_with_error(error: BaseException) -> NoReturn:
   devnull = os.open(os.devnull, os.O_WRONLY)
   os.dup2(devnull, 1)
   os.dup2(devnull, 2)
-  os.write(stderr, f"{type(error).__name__}: {error}\n".encode())
+  # On a line of its own: a thread may have been cut off mid-line.
+  os.write(stderr, f"\n{type(error).__name__}: {error}\n".encode())
   os._exit(1)
 
 

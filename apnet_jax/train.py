@@ -397,7 +397,8 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
                                          mesh=mesh, seed=config.train.seed)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     results: dict[str, Any] | None = None
-    final_features = None  # set when the last step was an evaluation epoch
+    # Set when the last step was an evaluation epoch: the final report reuses them.
+    final_features = final_pictures = None
     window, window_start, tick = [], start_step, time.time()
     with progress.bar(total_steps, "train", "step", initial=start_step) as bar:
       for step in range(start_step, total_steps):
@@ -432,12 +433,13 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
             checkpointing.save(manager, done, state, dict(meta, epoch=epoch))
             checkpointing.wait_until_finished(manager)
             raise
-          final_features = features if last else None
           evaluated = {"mAP": results["mAP"]}
           writer.write(done, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                        kind="eval")
-          if is_main:
-            writer.write_images(done, report_pictures(results, features, builder))
+          pictures = report_pictures(results, features, builder) if is_main else {}
+          writer.write_images(done, pictures)
+          if last:
+            final_features, final_pictures = features, pictures
         if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
             or last or stop.set):
           checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
@@ -461,15 +463,14 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
   stop.stop_at_once(f"the final evaluation was stopped; the final checkpoint (step "
                     f"{total_steps}) is saved in {workdir}; finish the evaluation with: "
                     f"{eval_command}")
-  features = final_features
+  features, pictures = final_features, final_pictures
   if features is None:
     features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest), builder,
                                      config, mesh=mesh)
     results = evaluate_features(features, builder, config)
     writer.write(total_steps, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
                  kind="eval")
-  pictures = report_pictures(results, features, builder) if is_main else {}
-  if final_features is None:  # a reused evaluation logged its pictures already
+    pictures = report_pictures(results, features, builder) if is_main else {}
     writer.write_images(total_steps, pictures)
   writer.close()
   results.update(step=int(total_steps), config=config.to_dict())

@@ -9,8 +9,8 @@
   python run.py --config configs/msmt17.py --mode prepare --config.data.manual_dir=DIR
   python run.py --config configs/common.py --mode summary
 
-Only parses flags and calls library functions (`apnet_jax.train`), so a
-notebook can make the same calls.
+Only parses flags and calls library functions (`apnet_jax.train`,
+`apnet_jax.evaluate`, ...), so a notebook can make the same calls.
 """
 
 import shlex
@@ -58,40 +58,37 @@ def main(argv):
 
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   # After flag parsing: importing JAX takes a moment.
-  from apnet_jax import config_check, train
+  from apnet_jax import config_check, errors
 
   try:
-    _run(config, train)
+    _run(config)
   except config_check.ConfigError as e:  # the user's settings: a message, not a traceback
     raise SystemExit(f"run.py: {e}") from None
-  except train.USER_ERRORS as e:
-    train.exit_with_error(e)  # its message is the last line, not Orbax's thread tracebacks
+  except errors.USER_ERRORS as e:
+    errors.exit_with_error(e)  # its message is the last line, not Orbax's thread tracebacks
 
 
-def _run(config, train):
+def _run(config):
+  from apnet_jax import config_check, evaluate, inference, train, visualize
+  from apnet_jax.data import opening
+  from apnet_jax.models import summary
+
   if FLAGS.mode == "train":
     train.train_and_evaluate(config, FLAGS.workdir, eval_command=_eval_command())
   elif FLAGS.mode == "eval":
-    train.evaluate_workdir(config, FLAGS.workdir)
-  elif FLAGS.mode in ("extract", "export"):
-    from apnet_jax import inference
-
-    if FLAGS.mode == "extract":
-      inference.extract_folder(config, FLAGS.workdir)
-    else:
-      inference.export_workdir(config, FLAGS.workdir)
+    evaluate.evaluate_workdir(config, FLAGS.workdir)
+  elif FLAGS.mode == "extract":
+    inference.extract_folder(config, FLAGS.workdir)
+  elif FLAGS.mode == "export":
+    inference.export_workdir(config, FLAGS.workdir)
   elif FLAGS.mode == "visualize":
-    from apnet_jax import visualize
-
     visualize.visualize_workdir(config, FLAGS.workdir)
   elif FLAGS.mode == "prepare":
-    train.check_config(config, "prepare")
-    train.prepare_dataset(config.data)
+    config_check.check_mode(config, "prepare")
+    opening.prepare_data(config.data)
   else:
-    from apnet_jax.models.summary import describe
-
-    train.check_config(config, "summary")
-    print(describe(config.model, train.num_train_ids(config.data)))
+    config_check.check_mode(config, "summary")
+    print(summary.describe(config.model, opening.num_train_ids(config.data)))
 
 
 def _eval_command() -> str:

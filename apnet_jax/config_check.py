@@ -15,7 +15,10 @@ import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+import jax
 import ml_collections
+
+from apnet_jax.data import sources
 
 
 class ConfigError(ValueError):
@@ -191,6 +194,17 @@ def dataset_name(value, context):
 DATASETS_WITH_DISTRACTORS = ("market1501", "synthetic_reid", "reid_folder")
 
 
+def eval_datasets(value, context):
+  if not isinstance(value, str):
+    return "comma-separated name[:config] entries, or '' for the training dataset(s)"
+  if value:
+    try:
+      sources.parse_datasets(value, separator=",", key="eval.datasets")
+    except ValueError as e:
+      return str(e).removeprefix("eval.datasets: ")
+  return None
+
+
 def use_best(value, context):
   # Two ways to pick the checkpoint: the other one would be silently ignored.
   if not isinstance(value, bool):
@@ -263,6 +277,7 @@ RULES: dict[str, Rule] = {
     "train.keep_best": integer(0),
     "train.eval_epochs": epochs_of_the_schedule(increasing=False),
     "train.allow_changes": dotted_keys,
+    "eval.datasets": eval_datasets,
     "eval.batch_size": eval_batch_size,
     "eval.step": integer(-1),
     "eval.use_best": use_best,
@@ -272,6 +287,9 @@ RULES: dict[str, Rule] = {
     "eval.rerank_k1": integer(1),
     "eval.rerank_k2": integer(1),
     "eval.rerank_lambda": PROBABILITY,
+    "eval.query_expansion": boolean,
+    "eval.query_expansion_k": integer(1),
+    "eval.query_expansion_alpha": number(0.0),
     "eval.max_rank": integer(1),
     "extract.input_dir": text,
     "extract.gallery_dir": text,
@@ -345,3 +363,12 @@ def check(config: ml_collections.ConfigDict, mode: str, *, num_devices: int | No
 def _has(config: ml_collections.ConfigDict, dotted: str) -> bool:
   section, key = dotted.split(".")
   return isinstance(config.get(section), ml_collections.ConfigDict) and key in config[section]
+
+
+def check_mode(config: ml_collections.ConfigDict, mode: str) -> None:
+  """`check` with this run's devices and the known datasets: what every mode calls first.
+
+  Raises:
+    ConfigError: naming each bad key, its value and what is allowed.
+  """
+  check(config, mode, num_devices=jax.device_count(), datasets=tuple(sources.BUILDERS))

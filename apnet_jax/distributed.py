@@ -3,7 +3,7 @@
 Every process of a multi-host run calls :func:`initialize` once, before any
 JAX computation; afterwards ``jax.devices()`` lists the devices of all
 processes, the training mesh spans them, and each process feeds only its
-share of every global batch (see ``train_step.shard_batch``). A plain
+share of every global batch (see ``sharding.shard_batch``). A plain
 single-process run calls it too and nothing happens.
 
 Where the coordinator address, the process count and the process id come from:
@@ -16,6 +16,9 @@ Where the coordinator address, the process count and the process id come from:
   and Open MPI with GPUs, JAX then gives each process one GPU, the one of its
   local rank, unless ``JAX_LOCAL_DEVICE_IDS`` lists others.
 
+`on_process_0_first` runs what must have one writer (preparing a dataset,
+taking a workdir's lock) on process 0 while the others wait.
+
 On the CPU, cross-process collectives use gloo, JAX's default
 (``jax_cpu_collectives_implementation``).
 """
@@ -23,9 +26,13 @@ On the CPU, cross-process collectives use gloo, JAX's default
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -83,3 +90,30 @@ def _single_task_launch() -> bool:
     if os.environ.get(variable) == "1":
       return True
   return False
+
+
+def on_process_0_first(fn: Callable[[], Any], failed: str) -> Any:
+  """``fn()`` on process 0 alone (its result there, None elsewhere); every process waits.
+
+  The barrier carries process 0's error, so that no process waits for what
+  will not come: the others raise ``failed`` with its text.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  failure, result = None, None
+  if jax.process_index() == 0:
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below)
+      failure = e
+  text = f"{type(failure).__name__}: {failure}" if failure is not None else ""
+  sent = np.frombuffer(text.encode()[:_ERROR_BYTES].ljust(_ERROR_BYTES, b"\0"), np.uint8)
+  received = bytes(np.asarray(multihost_utils.broadcast_one_to_all(sent))).rstrip(b"\0")
+  if failure is not None:
+    raise failure
+  if received:
+    raise RuntimeError(f"{failed}: {received.decode(errors='replace')}")
+  return result
+
+
+_ERROR_BYTES = 4096  # of process 0's error message, sent to the other processes

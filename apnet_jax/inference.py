@@ -16,10 +16,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from apnet_jax import export, train
+from apnet_jax import config_check, export, restore
 from apnet_jax import workdir as workdir_lib
+from apnet_jax.evaluation import evaluator as evaluator_lib
 from apnet_jax.evaluation import plots
-from apnet_jax.evaluation.features import extract_features
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -55,10 +55,9 @@ class _FolderSource:
 def folder_features(model, files: list[str], config: ml_collections.ConfigDict, *,
                     desc: str) -> np.ndarray:
   """Evaluation features (image + flip) of image files, in order; ``desc`` names the bar."""
-  out = extract_features(model, _FolderSource(files), eval_feature=config.model.eval_feature,
-                         input_size=tuple(config.model.input_size),
-                         batch_size=config.eval.batch_size, desc=desc)
-  return out["features"]
+  # The evaluator's extractor, so that these features compare with a benchmark's.
+  evaluator = evaluator_lib.ReidEvaluator(config, datasets=())
+  return evaluator.features(model, _FolderSource(files), desc=desc)["features"]
 
 
 def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -72,9 +71,9 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   holds this invocation's outputs only: they are written beside it and
   swapped in whole when complete (`apnet_jax.workdir.replace_folder`).
   """
-  train.check_config(config, "extract")
+  config_check.check_mode(config, "extract")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  model, source = train.restore_model(config, workdir)
+  model, source = restore.restore_model(config, workdir)
   out_dir = os.path.join(workdir, "extract")
   files = list_images(config.extract.input_dir)
   # Every process takes part in the (sharded) extraction; process 0 writes.
@@ -115,9 +114,9 @@ def _read(path: str) -> np.ndarray:
 
 def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``--mode export``: writes ``workdir/feature_extractor.jaxexport``; returns its path."""
-  train.check_config(config, "export")
+  config_check.check_mode(config, "export")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  model, _ = train.restore_model(config, workdir)
+  model, _ = restore.restore_model(config, workdir)
   path = os.path.join(workdir, "feature_extractor.jaxexport")
   if jax.process_index() == 0:  # one file, written by one process
     workdir_lib.ensure_workdir(workdir)

@@ -19,49 +19,36 @@ no host synchronisation is needed.
 
 Typical use::
 
-  mesh = make_mesh()
+  mesh = sharding.make_mesh()
   tx, _ = optim.make_optimizer(config, steps_per_epoch)
   graphdef, state = create_train_state(model, tx)
-  state = jax.device_put(state, replicated_sharding(mesh))
+  state = jax.device_put(state, sharding.replicated_sharding(mesh))
   train_step = make_train_step(graphdef, tx, num_classes=n, config=config,
                                mesh=mesh, seed=config.seed)
   for host_batch in loader:
-    state, metrics = train_step(state, shard_batch(host_batch, mesh))
+    state, metrics = train_step(state, sharding.shard_batch(host_batch, mesh))
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from apnet_jax import losses, optim
+from apnet_jax import losses, optim, sharding
 from apnet_jax.data import augment
 from apnet_jax.models import layers
 from apnet_jax.platform import cpu
 
-__all__ = [
-    "DATA_AXIS",
-    "TrainState",
-    "TrainStep",
-    "create_train_state",
-    "data_sharding",
-    "make_mesh",
-    "make_train_step",
-    "replicated_sharding",
-    "shard_batch",
-]
+__all__ = ["TrainState", "TrainStep", "create_train_state", "make_train_step"]
 
-DATA_AXIS = "data"
 # The batch entries the step consumes; anything else in a loader batch
 # (pid, camid, index) stays on the host.
 _STEP_KEYS = ("image", "label")
@@ -113,88 +100,6 @@ def create_train_state(
   return graphdef, state
 
 
-def make_mesh() -> Mesh:
-  """The training mesh: all devices on one ``'data'`` axis, grouped by process.
-
-  ``jax.make_mesh`` orders devices for the interconnect; regrouping them (a
-  stable sort, so nothing moves on one host) makes process ``i`` hold the
-  ``i``-th contiguous block of every global batch, the slice that
-  ``pipeline.train_loader`` and ``pipeline.eval_batches`` load for it.
-  """
-  mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
-  devices = sorted(mesh.devices.flat, key=lambda device: device.process_index)
-  return Mesh(np.array(devices), (DATA_AXIS,), axis_types=mesh.axis_types)
-
-
-def data_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of batch arrays: first axis split over the mesh's ``'data'`` axis."""
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated_sharding(mesh: Mesh) -> NamedSharding:
-  """Sharding of the train state: a full copy on every device."""
-  return NamedSharding(mesh, P())
-
-
-def _check_mesh(mesh: Mesh) -> None:
-  if DATA_AXIS not in mesh.axis_names:
-    raise ValueError(
-        f"the mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}; build it with "
-        "train_step.make_mesh().")
-
-
-@functools.lru_cache(maxsize=8)  # called every step; a failing check is not cached
-def _check_process_rows(sharding: NamedSharding) -> None:
-  # The pipelines load block i of each batch on process i; its devices must hold that block.
-  shards = sharding.mesh.shape[DATA_AXIS]
-  rows = sorted({index[0].start for index in
-                 sharding.addressable_devices_indices_map((shards,)).values()})
-  first = jax.process_index() * len(rows)
-  if rows != list(range(first, first + len(rows))):
-    raise ValueError(
-        f"shard_batch: process {jax.process_index()} loads block {jax.process_index()} of each "
-        f"batch, but its devices hold the mesh's shards {rows} of {shards}; build the mesh "
-        "with train_step.make_mesh(), which groups the devices by process.")
-
-
-def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
-  """Host numpy batch -> global device arrays sharded along ``'data'``.
-
-  Every entry whose first axis is the batch is placed; strings and other
-  non-numeric entries are dropped. Single process: ``batch`` is the global
-  batch (``jax.device_put``). Multi-process: ``batch`` is this process's
-  contiguous slice of the global batch, as ``train_loader`` yields it, and
-  the global array is assembled with ``jax.make_array_from_process_local_data``.
-
-  Args:
-    batch: dict of numpy (or array-like) entries with a common first axis.
-    mesh: the training mesh.
-
-  Returns:
-    A dict of sharded ``jax.Array``.
-  """
-  _check_mesh(mesh)
-  sharding = data_sharding(mesh)
-  # Each process holds the rows of its own devices (the whole batch when single-process).
-  local_shards = len(mesh.local_devices)
-  if jax.process_count() > 1:
-    _check_process_rows(sharding)
-  out = {}
-  for key, value in batch.items():
-    array = np.asarray(value)
-    if array.dtype.kind not in "biuf":
-      continue
-    if array.ndim == 0 or array.shape[0] % local_shards:
-      raise ValueError(
-          f"shard_batch: batch[{key!r}] has shape {array.shape}; its first axis must be "
-          f"divisible by the {local_shards} devices this process feeds.")
-    if jax.process_count() == 1:
-      out[key] = jax.device_put(array, sharding)
-    else:
-      out[key] = jax.make_array_from_process_local_data(sharding, array)
-  return out
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -215,23 +120,23 @@ def make_train_step(
     config: the full config; reads ``config.loss.margin``,
       ``config.loss.label_smoothing`` and ``config.augment.{pad, flip_p,
       erase_p}``.
-    mesh: a mesh with a ``'data'`` axis, e.g. :func:`make_mesh`.
+    mesh: a mesh with a ``'data'`` axis, e.g. `apnet_jax.sharding.make_mesh`.
     seed: the training seed; the augmentation key of step ``s`` is
       ``fold_in(key(seed), s)``.
 
   Returns:
     A `TrainStep`: ``train_step(state, batch) -> (state, metrics)``. ``batch`` needs
     ``image`` (uint8 (B, H, W, 3)) and ``label`` (int (B,)), ideally
-    already sharded with :func:`shard_batch`; other entries are ignored.
+    already sharded with `apnet_jax.sharding.shard_batch`; other entries are ignored.
     ``state`` must be replicated on the mesh (``jax.device_put(state,
-    replicated_sharding(mesh))``) and is donated: do not use it after the
+    sharding.replicated_sharding(mesh))``) and is donated: do not use it after the
     call. ``metrics`` are float32 device scalars: ``loss``, ``ce``,
     ``triplet``, ``acc``, ``lr``, ``grad_norm`` (of the loss gradient,
     before weight decay), ``param_norm`` (after the update), ``dist_ap``,
     ``dist_an``. On CPU devices the model convolves with
     `apnet_jax.platform.cpu.conv_general_dilated` inside the step.
   """
-  _check_mesh(mesh)
+  sharding.check_mesh(mesh)
   margin = float(config.loss.margin)
   epsilon = float(config.loss.label_smoothing)
   augment_kwargs = {
@@ -273,10 +178,10 @@ def make_train_step(
                            step=state.step + 1)
     return new_state, metrics
 
-  replicated = replicated_sharding(mesh)
+  replicated = sharding.replicated_sharding(mesh)
   jitted = jax.jit(
       step,
-      in_shardings=(replicated, data_sharding(mesh)),
+      in_shardings=(replicated, sharding.data_sharding(mesh)),
       out_shardings=(replicated, replicated),
       donate_argnums=(0,),
       compiler_options=cpu.compiler_options(mesh),
@@ -314,7 +219,7 @@ class TrainStep:
     if label.shape != image.shape[:1] or not jnp.issubdtype(label.dtype, jnp.integer):
       raise ValueError(f"train_step: batch['label'] must be integer ({image.shape[0]},), got "
                        f"{label.dtype} {label.shape}.")
-    devices = self.mesh.shape[DATA_AXIS]
+    devices = self.mesh.shape[sharding.DATA_AXIS]
     if image.shape[0] % devices:
       raise ValueError(f"train_step: batch size {image.shape[0]} is not divisible by the "
                        f"{devices} devices of the mesh's 'data' axis.")

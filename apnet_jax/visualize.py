@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from apnet_jax import progress, train
+from apnet_jax import config_check, progress, restore
 from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import augment, pipeline, sources
+from apnet_jax.evaluation import evaluator as evaluator_lib
 from apnet_jax.evaluation import plots
 
 matplotlib.use("Agg")  # files only; no display needed (servers, CI, Colab)
@@ -217,15 +218,17 @@ def plot_attention(maps: AttentionMaps, path: str, *,
 def visualize_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """``--mode visualize``: attention maps of query images to ``workdir/attention.png``.
 
-  The model is restored as ``--mode eval`` does (see `train.restore_model`);
+  The model is restored as ``--mode eval`` does (see `restore.restore_model`);
   the ``visualize.num_queries`` queries are spread evenly over the query
-  split. Returns the PNG's path (written by process 0 only).
+  split of the evaluator's first dataset. Returns the PNG's path (written by
+  process 0 only).
   """
-  train.check_config(config, "visualize")
+  config_check.check_mode(config, "visualize")
   num_queries = config.visualize.num_queries
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  model, _ = train.restore_model(config, workdir)
-  query = sources.load_split(train.open_dataset(config.data), "query")
+  model, _ = restore.restore_model(config, workdir)
+  dataset = evaluator_lib.open_eval_datasets(config)[0]  # the first the evaluator scores
+  query = sources.load_split(dataset.builder, "query")
   picked = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
   height, width = config.model.input_size
   batch = next(iter(pipeline.eval_batches(

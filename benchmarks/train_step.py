@@ -162,9 +162,9 @@ def per_image_flops(build: Callable[[Any], Any], args: Sequence[Any],
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
 
-  from apnet_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from apnet_jax import sharding  # pylint: disable=g-import-not-at-top
 
-  mesh = Mesh(np.array(jax.devices("cpu")[:1]), (train_step_lib.DATA_AXIS,))
+  mesh = Mesh(np.array(jax.devices("cpu")[:1]), (sharding.DATA_AXIS,))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tuple(args))
   cost = build(mesh).lower(*abstract).cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per device
@@ -214,14 +214,14 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  from apnet_jax import build_model, optim  # pylint: disable=g-import-not-at-top
+  from apnet_jax import build_model, optim, sharding  # pylint: disable=g-import-not-at-top
   from apnet_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
 
   compile_counter.register()
   k = int(config.data.k)
   batch_size = fv.batch_size or int(config.data.p) * k
   height, width = config.model.input_size
-  mesh = jax.make_mesh((jax.device_count(),), (train_step_lib.DATA_AXIS,))
+  mesh = jax.make_mesh((jax.device_count(),), (sharding.DATA_AXIS,))
   num_pids = batch_size // k
   if batch_size % k or num_pids > fv.num_classes:
     raise SystemExit(
@@ -236,13 +236,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   tx, _ = optim.make_optimizer(config, steps_per_epoch=1)
   graphdef, state = train_step_lib.create_train_state(model, tx)
   del model
-  state = jax.device_put(state, train_step_lib.replicated_sharding(mesh))
+  state = jax.device_put(state, sharding.replicated_sharding(mesh))
   step_fn = train_step_lib.make_train_step(graphdef, tx, num_classes=fv.num_classes,
                                            config=config, mesh=mesh, seed=config.train.seed)
 
   rng = np.random.default_rng(0)
   pids = rng.choice(fv.num_classes, size=num_pids, replace=False)
-  batch = train_step_lib.shard_batch({
+  batch = sharding.shard_batch({
       "image": rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8),
       "label": np.repeat(pids, k).astype(np.int32),
   }, mesh)

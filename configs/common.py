@@ -88,6 +88,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   train.allow_changes = ""
 
   config.eval = ev = ml_collections.ConfigDict()
+  # The datasets the evaluator scores: comma-separated name[:config] entries
+  # (e.g. 'dukemtmc_reid,msmt17:train'); '' = the training dataset(s).
+  ev.datasets = ""
   ev.batch_size = 128  # Images per forward pass (padded; sharded over devices).
   ev.step = -1  # Checkpoint step for --mode eval; -1 = latest.
   ev.use_best = False  # --mode eval: restore the best checkpoint by mAP instead.
@@ -97,6 +100,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ev.rerank_k1 = 20
   ev.rerank_k2 = 6
   ev.rerank_lambda = 0.3
+  # Also report alpha query expansion (fast-reid's AQE): each feature becomes
+  # the mean of its k nearest, weighted by similarity**alpha.
+  ev.query_expansion = False
+  ev.query_expansion_k = 5
+  ev.query_expansion_alpha = 3.0
   ev.max_rank = 50
 
   config.extract = extract = ml_collections.ConfigDict()

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import data_fixtures as fx
-from apnet_jax import build_model, torch_io, train, weights
+from apnet_jax import build_model, restore, torch_io, weights
 from apnet_jax.data import sources
 from configs.synthetic import get_config
 
@@ -44,7 +44,7 @@ def test_imagenet_weights_of_another_width_name_the_file_and_keys(tmp_path):
   path = tmp_path / "resnet50-19c8e357.pth"
   torch_io.write_pth(full_width, path)
   with pytest.raises(ValueError) as error:
-    train.init_from_imagenet(model, str(path))
+    restore.init_from_imagenet(model, str(path))
   message = str(error.value)
   assert message.startswith(f"model.init_from: {path}: ")
   assert "conv1.weight: expected (16, 3, 7, 7), got (64, 3, 7, 7)" in message
@@ -62,11 +62,11 @@ def test_official_checkpoint_of_another_model_names_the_file_and_settings(tmp_pa
   with pytest.raises(ValueError, match=rf"eval\.torch_checkpoint: {re.escape(str(path))} holds "
                      r"\d+ weights this model does not use, e\.g\. \['BN1\.bottleneck2.*"
                      r"model\.level \(1\) and model\.kind \('channel'\)"):
-    train.restore_model(config, str(tmp_path))
+    restore.restore_model(config, str(tmp_path))
   config.model.level, config.model.width = 2, 0.5
   with pytest.raises(ValueError, match=rf"^eval\.torch_checkpoint: {re.escape(str(path))}: .*"
                      r"base\.conv1\.weight: expected \(32, 3, 7, 7\), got \(16, 3, 7, 7\)"):
-    train.restore_model(config, str(tmp_path))
+    restore.restore_model(config, str(tmp_path))
 
 
 # Run as `python -c KILL_IN_PREPARE manual_dir data_dir`: prepares market1501

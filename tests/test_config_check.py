@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from apnet_jax import config_check, inference, train, visualize
+from apnet_jax import config_check, evaluate, inference, train, visualize
 from configs import common
 from configs.synthetic import get_config
 
@@ -31,13 +31,16 @@ OUT_OF_RANGE = {
     "train.allow_changes": "optim.lr",
     "eval.batch_size": 0, "eval.step": -2, "eval.drop_distractors": True, "eval.rerank_k1": 0,
     "eval.rerank_k2": 0, "eval.rerank_lambda": 1.5, "eval.max_rank": 0,
+    "eval.datasets": "market1501,nosuchset", "eval.query_expansion_k": 0,
+    "eval.query_expansion_alpha": -1.0,
     "extract.top": 0, "extract.num_pictures": 0,
     "visualize.num_queries": 0,
 }
 NEEDS = {"eval.drop_distractors": {"data.name": "msmt17"}}
 # Keys where every value of their type is allowed (paths are checked when opened).
 ANY_VALUE = {"model.stem_relu", "model.init_from", "data.config", "data.manual_dir",
-             "eval.use_best", "eval.torch_checkpoint", "eval.rerank", "extract.input_dir",
+             "eval.use_best", "eval.torch_checkpoint", "eval.rerank", "eval.query_expansion",
+             "extract.input_dir",
              "extract.gallery_dir"}
 
 
@@ -101,7 +104,7 @@ def test_a_key_the_table_does_not_know_is_refused(tmp_path):
 def test_the_batches_must_split_over_the_devices(tmp_path):
   config = tiny(tmp_path, **{"data.p": 3, "data.k": 2, "eval.batch_size": 12})
   with pytest.raises(config_check.ConfigError) as refusal:
-    train.check_config(config, "train")  # the suite runs on 8 devices
+    config_check.check_mode(config, "train")  # the suite runs on 8 devices
   assert [name for name, _, _ in refusal.value.problems] == ["data.k", "eval.batch_size"]
 
 
@@ -120,10 +123,10 @@ def test_schedule_keys_must_lie_inside_the_schedule(tmp_path):
 
 def test_one_way_to_pick_the_checkpoint_to_evaluate(tmp_path):
   config = tiny(tmp_path, **{"eval.use_best": True})
-  train.check_config(config, "eval")
+  config_check.check_mode(config, "eval")
   config.eval.step = 2  # use_best used to be ignored silently here
   with pytest.raises(config_check.ConfigError, match=r"eval\.use_best=True.*eval\.step=2"):
-    train.check_config(config, "eval")
+    config_check.check_mode(config, "eval")
 
 
 def test_allow_changes_names_config_keys(tmp_path):
@@ -135,9 +138,9 @@ def test_allow_changes_names_config_keys(tmp_path):
 
 
 @pytest.mark.parametrize("mode, run, key, value", [
-    ("eval", train.evaluate_workdir, "eval.max_rank", 0),
-    ("eval", train.evaluate_workdir, "model.eval_feature", "logit"),
-    ("eval", train.evaluate_workdir, "eval.drop_distractors", True),
+    ("eval", evaluate.evaluate_workdir, "eval.max_rank", 0),
+    ("eval", evaluate.evaluate_workdir, "model.eval_feature", "logit"),
+    ("eval", evaluate.evaluate_workdir, "eval.drop_distractors", True),
     ("extract", inference.extract_folder, "extract.num_pictures", 0),
     ("export", inference.export_workdir, "eval.batch_size", 0),
     ("visualize", visualize.visualize_workdir, "visualize.num_queries", 0),
@@ -156,7 +159,7 @@ def test_a_mode_ignores_keys_it_does_not_use(tmp_path):
   assert "augment.erase_p" not in config_check.keys_of("eval")
   # Past the check: the (missing) checkpoint is what stops it.
   with pytest.raises(FileNotFoundError, match="has no checkpoint"):
-    train.evaluate_workdir(config, str(tmp_path / "run"))
+    evaluate.evaluate_workdir(config, str(tmp_path / "run"))
 
 
 def test_extract_needs_an_input_folder(tmp_path):

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from apnet_jax import train
+from apnet_jax.data import opening
 from configs.synthetic import get_config
 
 # Every test here starts processes; the two-process runs are the slowest of the suite.
@@ -109,7 +109,7 @@ def runs(tmp_path_factory):
   data_dir = str(tmp / "tfds")
   config = get_config("tiny")
   config.data.data_dir = data_dir
-  train.prepare_dataset(config.data)  # once, before the runs read it
+  opening.prepare_data(config.data)  # once, before the runs read it
   flags = [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
            f"--config.data.data_dir={data_dir}", f"--config.train.max_steps={STEPS}",
            "--config.train.log_every_steps=1", "--config.train.checkpoint_every_epochs=100",
@@ -219,18 +219,19 @@ assert distributed.initialize()  # no settings: JAX reads SLURM's variables
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from apnet_jax import train, train_step
+from apnet_jax import preemption, sharding
+from apnet_jax.data import opening
 
 i = jax.process_index()
 rows = np.arange(2 * i, 2 * i + 2, dtype=np.int32)  # this process's 2 of the 4 rows
-batch = train_step.shard_batch({"row": rows}, train_step.make_mesh())
-assert [d.process_index for d in train_step.make_mesh().devices] == [0, 1]
-gathered = jax.jit(lambda x: x, out_shardings=train_step.replicated_sharding(
-    train_step.make_mesh()))(batch["row"])
+batch = sharding.shard_batch({"row": rows}, sharding.make_mesh())
+assert [d.process_index for d in sharding.make_mesh().devices] == [0, 1]
+gathered = jax.jit(lambda x: x, out_shardings=sharding.replicated_sharding(
+    sharding.make_mesh()))(batch["row"])
 assert np.asarray(gathered).tolist() == [0, 1, 2, 3], gathered
 reversed_mesh = Mesh(np.array(jax.devices()[::-1]), ("data",))
 try:
-  train_step.shard_batch({"row": rows}, reversed_mesh)
+  sharding.shard_batch({"row": rows}, reversed_mesh)
 except ValueError as e:
   print("REFUSED:", e)
 
@@ -239,12 +240,12 @@ from configs import market1501
 data_config = market1501.get_config().data
 data_config.data_dir = "/nonexistent/apnet-multihost-test"
 try:
-  train.open_dataset(data_config)
+  opening.open_dataset(data_config)
 except Exception as e:
   print("DATASET:", type(e).__name__, str(e).splitlines()[0][:300])
 
 # SIGTERM to process 1 alone: both stop at one step (the train loop's flag).
-preempted = train._StopSignals()
+preempted = preemption.StopSignals()
 for step in range(1, 1000):
   multihost_utils.sync_global_devices("step")  # what a train step's collectives do
   if i == 1 and step == 5:
@@ -272,7 +273,7 @@ def test_slurm_processes_meet_share_batches_and_preemption(tmp_path):
       for i in range(2)])
   for i, out in enumerate(outputs):
     assert f"REFUSED: shard_batch: process {i} loads block {i}" in out, out[-2000:]
-    assert "train_step.make_mesh()" in out
+    assert "sharding.make_mesh()" in out
     assert "DATASET:" in out and "market1501" in out, out[-2000:]
   assert "process 0 could not open the dataset" in outputs[1]
   stops = [[line for line in out.splitlines() if line.startswith("STOPPED AT")]

@@ -16,7 +16,8 @@ import PIL.Image
 import pytest
 
 import data_fixtures as fx
-from apnet_jax import train
+from apnet_jax import config_check
+from apnet_jax.data import opening
 from apnet_jax.data import sources
 from apnet_jax.datasets.reid_folder import UnmatchedQueryWarning
 from configs.folder import get_config
@@ -195,7 +196,7 @@ def test_two_names_stay_apart_and_another_folder_under_a_name_is_refused(tmp_pat
   config = get_config()
   config.data.data_dir, config.data.manual_dir, config.data.config = str(data), str(csv), "cams_a"
   with pytest.raises(ValueError, match=rf"{re.escape(str(named))}.*{re.escape(str(csv))}"):
-    train.open_dataset(config.data)
+    opening.open_dataset(config.data)
 
 
 @pytest.mark.parametrize("name", ["../elsewhere", "a/b", "a:b", ".hidden", ""])
@@ -208,10 +209,10 @@ def test_a_name_that_is_no_folder_name_is_refused(tmp_path, name):
 def test_distractors_can_be_dropped_at_evaluation():
   config = get_config()
   config.eval.drop_distractors = True
-  train.check_config(config, "eval")  # pid 0 means a distractor here, as on Market-1501
+  config_check.check_mode(config, "eval")  # pid 0 means a distractor here, as on Market-1501
   config.data.name = "msmt17"  # where pid 0 is a person
   with pytest.raises(ValueError, match=r"eval\.drop_distractors"):
-    train.check_config(config, "eval")
+    config_check.check_mode(config, "eval")
 
 
 # --- Bad input --------------------------------------------------------------------

@@ -410,7 +410,7 @@ def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypat
   """On CPU, no replica-parallel slicing (an eager slice per device and array)."""
   from jax.sharding import NamedSharding, PartitionSpec
 
-  from apnet_jax import train_step
+  from apnet_jax import sharding
   from orbax.checkpoint._src.serialization import replica_slices
 
   seen = []
@@ -421,7 +421,7 @@ def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypat
     return real(arr, replica_id, use_replica_parallel, *args, **kwargs)
 
   monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
-  replicated = NamedSharding(train_step.make_mesh(), PartitionSpec())
+  replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
   assert len(replicated.device_set) == 8
   state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)

@@ -35,15 +35,15 @@ if hook == "signal_in_final_save":  # while Orbax commits the last step
 
   atomicity.AtomicRenameTemporaryPath.finalize = signal_then_commit
 elif hook == "signal_in_final_evaluation":
-  from apnet_jax import train
+  from apnet_jax.evaluation import evaluator
 
-  extract = train.extract_eval_features
+  run = evaluator.ReidEvaluator.run
 
-  def signal_then_extract(*args, **kwargs):
+  def signal_then_run(*args, **kwargs):
     os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
-    return extract(*args, **kwargs)
+    return run(*args, **kwargs)
 
-  train.extract_eval_features = signal_then_extract
+  evaluator.ReidEvaluator.run = signal_then_run
 elif hook == "kill_after_logging":  # a step logged past the last committed checkpoint
   from apnet_jax import metric_writers
 

@@ -14,9 +14,9 @@ import PIL.Image
 import pytest
 from test_metric_writers import tensorboard_view
 
-from apnet_jax import checkpointing, train
+from apnet_jax import build_model, checkpointing, errors, evaluate, preemption, restore, train
 from apnet_jax import workdir as workdir_lib
-from apnet_jax.data import sources
+from apnet_jax.data import opening, sources
 from configs.synthetic import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
   previous = {s: signal.signal(s, mine) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     with pytest.raises(SystemExit) as stopped:
-      with train._StopSignals() as stop:
+      with preemption.StopSignals() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.set
         # The default action: a second Ctrl-C ends the process even inside XLA.
@@ -156,7 +156,7 @@ def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
 
 def test_non_finite_loss_names_the_step():
   window = [{"loss": np.float32(1.0)}, {"loss": np.float32(np.nan)}]
-  with pytest.raises(train.NonFiniteLossError, match="at step 8"):
+  with pytest.raises(errors.NonFiniteLossError, match="at step 8"):
     train._reduce_window(window, first_step=6)
 
 
@@ -166,7 +166,7 @@ def test_missing_imagenet_file_says_which_and_where(tmp_path):
 
   model = build_model(get_config("tiny").model, 4, rngs=nnx.Rngs(0))
   with pytest.raises(FileNotFoundError, match=r"nothere\.pth.*resnet50-19c8e357\.pth"):
-    train.init_from_imagenet(model, str(tmp_path / "nothere.pth"))
+    restore.init_from_imagenet(model, str(tmp_path / "nothere.pth"))
 
 
 def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
@@ -175,7 +175,7 @@ def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
   config = market()
   config.data.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError, match=r"market1501 is not prepared.*manual_dir"):
-    train.open_dataset(config.data)
+    opening.open_dataset(config.data)
 
 
 def test_command_line_rejects_an_unknown_key():
@@ -210,28 +210,28 @@ def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_pa
   workdir, results = straight_run
   config = tiny_config(data_dir)
   capsys.readouterr()  # not the training run's bars
-  latest = train.evaluate_workdir(config, workdir)
+  latest = evaluate.evaluate_workdir(config, workdir)
   assert latest["checkpoint_step"] == 4
   # Progress on stderr, a bar per split counting its images (each fits one batch of 32).
   err = capsys.readouterr().err
-  builder = train.open_dataset(config.data)
+  builder = opening.open_dataset(config.data)
   for split in ("query", "gallery"):
     n = len(sources.load_split(builder, split))
     assert re.search(rf"{split}: 100%\|[^|]*\| {n}/{n} \[[^]]*img", err), (split, n, err)
   assert latest["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
   config.eval.step = 2
-  assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == 2
+  assert evaluate.evaluate_workdir(config, workdir)["checkpoint_step"] == 2
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if '"eval"' in line]
   best = max(evals, key=lambda r: r["mAP"])["step"]
   config.eval.step, config.eval.use_best = -1, True
-  assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == best
+  assert evaluate.evaluate_workdir(config, workdir)["checkpoint_step"] == best
   config.eval.step, config.eval.use_best = 3, False
   with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3.*\[2, 4\]"):
-    train.evaluate_workdir(config, workdir)
+    evaluate.evaluate_workdir(config, workdir)
   config.eval.step = -1
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.evaluate_workdir(config, str(tmp_path / "empty"))
+    evaluate.evaluate_workdir(config, str(tmp_path / "empty"))
 
 
 @pytest.mark.slow
@@ -249,13 +249,13 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
 
   workdir, results = straight_run
   config = tiny_config(data_dir)
-  model = train.build_model(config.model, 8, rngs=nnx.Rngs(0))
+  model = build_model(config.model, 8, rngs=nnx.Rngs(0))
   graphdef, template = train_step.create_train_state(model, optim.make_optimizer(config, 2)[0])
   state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
                                    template)
   save_torch_weights(nnx.merge(graphdef, state.params, state.rest), tmp_path / "official.pth")
   config.eval.torch_checkpoint = str(tmp_path / "official.pth")
-  from_torch = train.evaluate_workdir(config, str(tmp_path / "report"))
+  from_torch = evaluate.evaluate_workdir(config, str(tmp_path / "report"))
   assert from_torch["torch_checkpoint"].endswith("official.pth")
   assert from_torch["mAP"] == pytest.approx(results["mAP"], abs=1e-6)
 
@@ -268,9 +268,9 @@ def test_features_are_image_plus_flip(data_dir, straight_run):
   from apnet_jax.evaluation.features import extract_features
 
   config = tiny_config(data_dir)
-  model = train.build_model(config.model, 8, rngs=nnx.Rngs(3))
+  model = build_model(config.model, 8, rngs=nnx.Rngs(3))
   model.eval()
-  builder = train.open_dataset(config.data)
+  builder = opening.open_dataset(config.data)
   query = sources.load_split(builder, "query")
   out = extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=16)
   assert out["features"].shape == (len(query), model.feature_dim)  # padding dropped
@@ -290,16 +290,21 @@ def test_features_are_image_plus_flip(data_dir, straight_run):
 def test_drop_distractors_switch(data_dir, straight_run):
   from flax import nnx
 
+  from apnet_jax.evaluation import evaluator as evaluator_lib
+
   config = tiny_config(data_dir)
-  builder = train.open_dataset(config.data)
-  model = train.build_model(config.model, 8, rngs=nnx.Rngs(0))
-  standard = train.extract_eval_features(model, builder, config)
+  model = build_model(config.model, 8, rngs=nnx.Rngs(0))
+  entry = f"{config.data.name}:{config.data.config}"
+  standard = evaluator_lib.ReidEvaluator(config, evaluator_lib.open_eval_datasets(config))
+  standard_gallery = standard.run(model).features[entry]["gallery"]
   config.eval.drop_distractors = True
-  dropped = train.extract_eval_features(model, builder, config)
-  assert (standard["gallery"]["pid"] == 0).sum() == 4  # the tiny config's distractors
-  assert (dropped["gallery"]["pid"] != 0).all()
-  assert len(dropped["gallery"]["pid"]) == len(standard["gallery"]["pid"]) - 4
-  assert train.evaluate_features(dropped, builder, config)["protocol"]["distractors"] == "dropped"
+  dropped = evaluator_lib.ReidEvaluator(config, evaluator_lib.open_eval_datasets(config))
+  report = dropped.run(model)
+  dropped_gallery = report.features[entry]["gallery"]
+  assert (standard_gallery["pid"] == 0).sum() == 4  # the tiny config's distractors
+  assert (dropped_gallery["pid"] != 0).all()
+  assert len(dropped_gallery["pid"]) == len(standard_gallery["pid"]) - 4
+  assert report.results["datasets"][entry]["protocol"]["distractors"] == "dropped"
 
 
 def test_init_from_loads_a_torchvision_backbone(tmp_path):
@@ -307,22 +312,22 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
   from apnet_jax import torch_io, weights
 
   config = get_config("tiny")
-  source = train.build_model(config.model, 8, rngs=nnx.Rngs(1))
+  source = build_model(config.model, 8, rngs=nnx.Rngs(1))
   torchvision = {k[len("base."):]: v for k, v in weights.torch_state_dict(source).items()
                  if k.startswith("base.")}
   torch_io.write_pth(torchvision, tmp_path / "resnet.pth")
-  model = train.build_model(config.model, 8, rngs=nnx.Rngs(2))
-  train.init_from_imagenet(model, str(tmp_path / "resnet.pth"))
+  model = build_model(config.model, 8, rngs=nnx.Rngs(2))
+  restore.init_from_imagenet(model, str(tmp_path / "resnet.pth"))
   np.testing.assert_array_equal(model.backbone.layer4[1].conv2.kernel[...],
                                 source.backbone.layer4[1].conv2.kernel[...])
   # A whole official checkpoint is not an ImageNet backbone: refused by name.
   torch_io.write_pth(weights.torch_state_dict(source), tmp_path / "apnet.pth")
   with pytest.raises(ValueError, match=r"apnet.pth is a whole official APNet checkpoint"):
-    train.init_from_imagenet(model, str(tmp_path / "apnet.pth"))
+    restore.init_from_imagenet(model, str(tmp_path / "apnet.pth"))
   del torchvision["layer2.0.conv1.weight"]
   torch_io.write_pth(torchvision, tmp_path / "partial.pth")
   with pytest.raises(ValueError, match=r"partial.pth lacks backbone keys: \['layer2.0.conv1"):
-    train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
+    restore.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
 @pytest.mark.slow
@@ -362,18 +367,18 @@ def test_eval_refuses_an_incomplete_official_checkpoint(tmp_path):
   from apnet_jax import torch_io, weights
 
   config = get_config("tiny")
-  state = weights.torch_state_dict(train.build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  state = weights.torch_state_dict(build_model(config.model, 8, rngs=nnx.Rngs(0)))
   del state["bottleneck.running_var"]  # the BNNeck's: no alias stands in for it
   torch_io.write_pth(state, tmp_path / "partial.pth")
   config.eval.torch_checkpoint = str(tmp_path / "partial.pth")
   with pytest.raises(ValueError, match=r"partial\.pth is not a complete official APNet "
                      r"checkpoint.*bottleneck\.running_var"):
-    train.restore_model(config, str(tmp_path))
+    restore.restore_model(config, str(tmp_path))
   del state["classifier.weight"]
   torch_io.write_pth(state, tmp_path / "headless.pth")
   config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
   with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
-    train.restore_model(config, str(tmp_path))
+    restore.restore_model(config, str(tmp_path))
 
 
 # --- One run per workdir, and only the run that wrote its records continues them ----------
@@ -401,7 +406,7 @@ def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_a
     with pytest.raises(workdir_lib.WorkdirBusyError,
                        match=rf"{re.escape(str(workdir))} is in use .*training, pid "):
       train.train_and_evaluate(tiny_config(data_dir, max_steps=6), str(workdir))
-    results = train.evaluate_workdir(tiny_config(data_dir), str(workdir))
+    results = evaluate.evaluate_workdir(tiny_config(data_dir), str(workdir))
     assert_records_unchanged(workdir, records)  # results.json and pictures untouched
     with open(workdir / "eval" / "results.json") as f:
       assert json.load(f)["checkpoint_step"] == results["checkpoint_step"] == 4
@@ -417,7 +422,7 @@ def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(data_
                                                                             straight_run):
   config = tiny_config(data_dir)
   config.data.p, config.data.k = 2, 8  # another P x K: the same model and dataset
-  assert train.evaluate_workdir(config, straight_run[0])["checkpoint_step"] == 4
+  assert evaluate.evaluate_workdir(config, straight_run[0])["checkpoint_step"] == 4
 
 
 def test_logs_without_a_checkpoint_of_another_run_are_refused(data_dir, tmp_path):
@@ -482,7 +487,7 @@ def test_use_best_without_an_evaluated_checkpoint_says_so():
   config.eval.use_best = True
   with pytest.raises(FileNotFoundError, match=r"config\.eval\.use_best: no checkpoint in "
                      r"w/checkpoints was evaluated.*\[2\].*step 2.*eval\.step"):
-    train._restore_checkpoint(Unscored(), config, "w")
+    restore._restore_checkpoint(Unscored(), config, "w")
 
 
 @pytest.mark.parametrize("config_file", ["common", "market1501", "dukemtmc"])
@@ -509,7 +514,9 @@ def test_a_failed_evaluation_keeps_the_step_it_evaluated(data_dir, tmp_path, mon
   def broken(*args, **kwargs):
     raise RuntimeError("the evaluation broke")
 
-  monkeypatch.setattr(train, "evaluate_features", broken)
+  from apnet_jax.evaluation import evaluator as evaluator_lib
+
+  monkeypatch.setattr(evaluator_lib.ReidEvaluator, "run", broken)
   config = tiny_config(data_dir, max_steps=2, eval_epochs=(1,), checkpoint_every_epochs=2)
   with pytest.raises(RuntimeError, match="the evaluation broke"):
     train.train_and_evaluate(config, str(tmp_path / "run"))

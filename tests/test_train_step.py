@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from apnet_jax import build_model, checkpointing, optim
+from apnet_jax import build_model, checkpointing, optim, sharding
 from apnet_jax import train_step as ts
 from apnet_jax.platform import cpu
 from configs.common import get_config
@@ -82,10 +82,10 @@ class Harness:
 
   def state(self, kind):
     _, state = self._new_state()
-    return jax.device_put(state, ts.replicated_sharding(self.mesh(kind)))
+    return jax.device_put(state, sharding.replicated_sharding(self.mesh(kind)))
 
   def batch(self, kind, batch=None):
-    return ts.shard_batch(make_batch() if batch is None else batch, self.mesh(kind))
+    return sharding.shard_batch(make_batch() if batch is None else batch, self.mesh(kind))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
   ref_state, ref_metrics = one_device_result
   mesh = harness.mesh(kind)
   state, metrics = harness.step_fn(kind)(harness.state(kind), harness.batch(kind))
-  replicated = ts.replicated_sharding(mesh)
+  replicated = sharding.replicated_sharding(mesh)
   assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(state))
   state, metrics = jax.device_get((state, metrics))
 
@@ -275,10 +275,10 @@ def test_train_state_roundtrips_through_the_checkpoints(harness, tmp_path):
 
 def test_shard_batch_places_numeric_entries_along_data(harness):
   mesh = harness.mesh("8-explicit")
-  sharded = ts.shard_batch(make_batch(), mesh)
+  sharded = sharding.shard_batch(make_batch(), mesh)
   assert sorted(sharded) == ["image", "label", "pid"]  # 'filename' (strings) is dropped.
   for value in sharded.values():
-    assert value.sharding.is_equivalent_to(ts.data_sharding(mesh), value.ndim)
+    assert value.sharding.is_equivalent_to(sharding.data_sharding(mesh), value.ndim)
   np.testing.assert_array_equal(sharded["image"], make_batch()["image"])
 
 
@@ -286,7 +286,7 @@ def test_shard_batch_rejects_a_batch_not_divisible_by_devices(harness):
   batch = make_batch()
   batch["label"] = batch["label"][:12]
   with pytest.raises(ValueError, match=r"batch\['label'\].*divisible by the 8 devices"):
-    ts.shard_batch(batch, harness.mesh("8-explicit"))
+    sharding.shard_batch(batch, harness.mesh("8-explicit"))
 
 
 def test_train_step_rejects_bad_batches(harness):
@@ -312,4 +312,4 @@ def test_make_train_step_needs_a_data_axis(harness):
     ts.make_train_step(harness.graphdef, harness.tx, num_classes=NUM_IDS,
                        config=harness.config, mesh=mesh, seed=SEED)
   with pytest.raises(ValueError, match="'data' axis"):
-    ts.shard_batch(make_batch(), mesh)
+    sharding.shard_batch(make_batch(), mesh)

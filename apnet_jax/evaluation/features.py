@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from apnet_jax import progress, train_step
+from apnet_jax import progress, sharding
 from apnet_jax.data import augment, pipeline
 from apnet_jax.models import layers
 from apnet_jax.platform import cpu
@@ -64,7 +64,7 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
     input_size: (height, width) the images are resized to.
     batch_size: images per forward pass (all processes together); a multiple
       of the mesh size.
-    mesh: a 1-D mesh with axis 'data'; ``train_step.make_mesh()`` when None.
+    mesh: a 1-D mesh with axis 'data'; ``sharding.make_mesh()`` when None.
     num_workers: Grain worker processes for decoding.
     desc: what the progress bar calls the images (e.g. 'query', 'gallery'). The
       bar counts images, not batches, and is drawn by process 0 only.
@@ -74,12 +74,12 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
     on every process.
   """
   if mesh is None:
-    mesh = train_step.make_mesh()
+    mesh = sharding.make_mesh()
   if batch_size % mesh.size:
     raise ValueError(f"eval.batch_size={batch_size} must be a multiple of the "
                      f"{mesh.size} devices")
   graphdef, state = nnx.split(model)
-  replicated = train_step.replicated_sharding(mesh)
+  replicated = sharding.replicated_sharding(mesh)
   if jax.process_count() > 1:
     # JAX moves no array across hosts: one on this process's devices alone (a
     # restored checkpoint) joins the global mesh from host memory.
@@ -92,7 +92,7 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
   embed_and_gather = jax.jit(
       lambda state, batch: (embed(state, batch["image"]), batch["pid"], batch["camid"],
                             batch["mask"]),
-      in_shardings=(replicated, train_step.data_sharding(mesh)), out_shardings=replicated,
+      in_shardings=(replicated, sharding.data_sharding(mesh)), out_shardings=replicated,
       compiler_options=cpu.compiler_options(mesh))
   height, width = input_size
   features, pids, camids = [], [], []
@@ -102,7 +102,7 @@ def extract_features(model: nnx.Module, source: Any, *, eval_feature: str,
       local = {key: batch[key] for key in ("image", "pid", "camid", "mask")}
       # device_get waits for the batch, so the bar follows the device, not the dispatch.
       out, pid, camid, mask = jax.device_get(
-          embed_and_gather(state, train_step.shard_batch(local, mesh)))
+          embed_and_gather(state, sharding.shard_batch(local, mesh)))
       features.append(out[mask])
       pids.append(pid[mask])
       camids.append(camid[mask])

@@ -49,8 +49,8 @@ _SLOT_ROUNDING = 256
 # Squared euclidean distances are clamped here before the square root, as the
 # official code does.
 _MIN_SQUARED_DISTANCE = 1e-12
-# torch.nn.functional.normalize's epsilon: a zero feature stays zero.
-NORM_EPS = 1e-12
+# The normalisation epsilon, under the name plots.py reads.
+NORM_EPS = rerank_lib.NORM_EPS
 
 
 class _GalleryFeatures(NamedTuple):
@@ -78,11 +78,6 @@ class _QueryChunk(NamedTuple):
   num_matches: jax.Array  # (C,) int32 true matches of each query
 
 
-def _l2_normalize(features: jax.Array) -> jax.Array:
-  norms = jnp.linalg.norm(features, axis=1, keepdims=True)
-  return features / jnp.maximum(norms, NORM_EPS)
-
-
 @functools.partial(jax.jit, static_argnames=("normalize", "padded_size"))
 def _prepare_features(features: jax.Array, normalize: bool,
                       padded_size: int) -> tuple[jax.Array, jax.Array]:
@@ -93,7 +88,7 @@ def _prepare_features(features: jax.Array, normalize: bool,
   for every output element, which doubles the cost of a chunk.
   """
   if normalize:
-    features = _l2_normalize(features)
+    features = rerank_lib.l2_normalize(features)
   features = jnp.pad(features, ((0, padded_size - features.shape[0]), (0, 0)))
   return features, jnp.sum(features * features, axis=1)
 
@@ -387,9 +382,9 @@ def evaluate(query_features: Any,
           query_chunk(start), metric=metric))
   else:
     if normalize:
-      query_features = np.asarray(_l2_normalize(jnp.asarray(query_features)))
+      query_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(query_features)))
       gallery_features = np.asarray(
-          _l2_normalize(jnp.asarray(gallery_features)))
+          rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
     blocks = rerank_lib.k_reciprocal_rerank_chunks(
         query_features, gallery_features, chunk_size=chunk_size, **rerank)
     for start, block in blocks:

@@ -1,9 +1,10 @@
-"""Tests of alpha query expansion against a per-item numpy reference."""
+"""Tests of alpha query expansion against a per-item numpy reference, and in evaluate."""
 
 import numpy as np
 import pytest
+from test_evaluation import _assert_same, _planted
 
-from apnet_jax.evaluation import alpha_query_expansion
+from apnet_jax.evaluation import alpha_query_expansion, evaluate
 
 
 # -- Reference: fast-reid's aqe, item by item, in float64 ----------------------
@@ -107,6 +108,39 @@ def test_ties_go_to_the_lower_pool_index():
   np.testing.assert_array_equal(expanded_gallery, [query[0], gallery[1]])
 
 
+# -- In evaluate -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "metric, normalize", [("euclidean", True), ("euclidean", False), ("cosine", False)]
+)
+def test_evaluate_scores_the_expanded_features(metric, normalize):
+  query, gallery, qp, gp, qc, gc = _planted(seed=8, num_query=30, num_gallery=170)
+  params = dict(k=4, alpha=3.0, times=2)
+  options = dict(metric=metric, normalize=normalize, chunk_size=8)
+  result = evaluate(query, gallery, qp, gp, qc, gc, query_expansion=params, **options)
+  if normalize or metric == "cosine":  # first normalise, then expand, as re-ranking does
+    query = query / np.linalg.norm(query, axis=1, keepdims=True)
+    gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  by_hand = _reference_expansion(query, gallery, **params)
+  expected = evaluate(*by_hand, qp, gp, qc, gc, **options)
+  _assert_same(result, expected)
+  assert result["mAP"] != evaluate(query, gallery, qp, gp, qc, gc)["mAP"]
+
+
+def test_evaluate_expands_before_reranking():
+  query, gallery, qp, gp, qc, gc = _planted(seed=9, num_query=30, num_gallery=170)
+  expansion, rerank = dict(k=3, alpha=3.0), dict(k1=6, k2=3, lambda_value=0.3)
+  result = evaluate(
+      query, gallery, qp, gp, qc, gc, query_expansion=expansion, rerank=rerank, chunk_size=8
+  )
+  query = query / np.linalg.norm(query, axis=1, keepdims=True)
+  gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  by_hand = _reference_expansion(query, gallery, times=1, **expansion)
+  expected = evaluate(*by_hand, qp, gp, qc, gc, rerank=rerank, chunk_size=8)
+  _assert_same(result, expected)
+
+
 # -- Bad input -------------------------------------------------------------------
 
 
@@ -153,3 +187,18 @@ def test_rejects_a_fractional_power_of_a_negative_similarity():
   assert np.isfinite(expanded).all()
   with pytest.raises(ValueError, match=r"alpha = 2\.5 is not an integer .* k = 3"):
     alpha_query_expansion(query, gallery, k=3, alpha=2.5)
+
+
+@pytest.mark.parametrize(
+    "query_expansion, message",
+    [
+        (dict(k=2, beta=1), r"Unknown query_expansion keys \['beta'\]"),
+        ([("k", 2)], "query_expansion must be None or a dict"),
+        (dict(k=0), "k must be at least 1"),
+        (dict(alpha=-2), "alpha must be a finite number >= 0"),
+    ],
+)
+def test_evaluate_rejects_bad_query_expansion(query_expansion, message):
+  data = _planted(seed=7, num_query=6, num_gallery=30)
+  with pytest.raises(ValueError, match=message):
+    evaluate(*data, query_expansion=query_expansion)

@@ -6,7 +6,6 @@ from test_evaluation import _assert_same, _planted
 
 from apnet_jax.evaluation import alpha_query_expansion, evaluate
 
-
 # -- Reference: fast-reid's aqe, item by item, in float64 ----------------------
 
 

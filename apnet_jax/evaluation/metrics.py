@@ -15,6 +15,10 @@ evaluation:
   ``k + 1``; AP is the mean of the precision at each true match; INP is
   ``num_matches / (rank of the last true match)``.
 
+Two optional steps change what is ranked, in fast-reid's order: alpha query
+expansion replaces the (normalised) features (``query_expansion``), then
+k-reciprocal re-ranking replaces the distance (``rerank``).
+
 How it runs: the gallery is uploaded once, the queries are processed chunk by
 chunk by jitted functions with fixed (padded) shapes, so an evaluation
 compiles once. A full sort of each distance row (82k gallery items on MSMT17)
@@ -37,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from apnet_jax.evaluation import query_expansion as query_expansion_lib
 from apnet_jax.evaluation import rerank as rerank_lib
 
 _METRICS = ("euclidean", "cosine")
@@ -49,8 +54,8 @@ _SLOT_ROUNDING = 256
 # Squared euclidean distances are clamped here before the square root, as the
 # official code does.
 _MIN_SQUARED_DISTANCE = 1e-12
-# torch.nn.functional.normalize's epsilon: a zero feature stays zero.
-NORM_EPS = 1e-12
+# The normalisation epsilon, under the name plots.py reads.
+NORM_EPS = rerank_lib.NORM_EPS
 
 
 class _GalleryFeatures(NamedTuple):
@@ -78,11 +83,6 @@ class _QueryChunk(NamedTuple):
   num_matches: jax.Array  # (C,) int32 true matches of each query
 
 
-def _l2_normalize(features: jax.Array) -> jax.Array:
-  norms = jnp.linalg.norm(features, axis=1, keepdims=True)
-  return features / jnp.maximum(norms, NORM_EPS)
-
-
 @functools.partial(jax.jit, static_argnames=("normalize", "padded_size"))
 def _prepare_features(features: jax.Array, normalize: bool,
                       padded_size: int) -> tuple[jax.Array, jax.Array]:
@@ -93,7 +93,7 @@ def _prepare_features(features: jax.Array, normalize: bool,
   for every output element, which doubles the cost of a chunk.
   """
   if normalize:
-    features = _l2_normalize(features)
+    features = rerank_lib.l2_normalize(features)
   features = jnp.pad(features, ((0, padded_size - features.shape[0]), (0, 0)))
   return features, jnp.sum(features * features, axis=1)
 
@@ -258,6 +258,20 @@ def _check_rerank(rerank: Mapping[str, Any] | None,
   return dict(rerank)
 
 
+def _check_query_expansion(
+    query_expansion: Mapping[str, Any] | None) -> dict[str, Any] | None:
+  if query_expansion is None:
+    return None
+  if not isinstance(query_expansion, Mapping):
+    raise ValueError("query_expansion must be None or a dict with keys k, alpha, "
+                     f"times; got {type(query_expansion).__name__}.")
+  unknown = set(query_expansion) - {"k", "alpha", "times"}
+  if unknown:
+    raise ValueError(f"Unknown query_expansion keys {sorted(unknown)}; expected k, "
+                     "alpha, times.")
+  return dict(query_expansion)
+
+
 def evaluate(query_features: Any,
              gallery_features: Any,
              query_pids: Any,
@@ -268,6 +282,7 @@ def evaluate(query_features: Any,
              metric: str = "euclidean",
              normalize: bool = True,
              max_rank: int = 50,
+             query_expansion: Mapping[str, Any] | None = None,
              rerank: Mapping[str, Any] | None = None,
              chunk_size: int = 256) -> dict[str, Any]:
   """Scores a query set against a gallery with CMC, mAP and mINP.
@@ -286,6 +301,11 @@ def evaluate(query_features: Any,
     max_rank: length of the returned CMC curve. Ranks beyond the number of
       kept gallery items repeat the last value (the official code shortens
       the curve to the gallery size instead).
+    query_expansion: ``None``, or ``dict(k=5, alpha=3.0, times=1)`` (any
+      subset; these are the defaults) to replace the (normalised) features by
+      their alpha query expansion over the query and gallery pool first; see
+      :func:`apnet_jax.evaluation.query_expansion.alpha_query_expansion`.
+      It comes before re-ranking when both are given, as in fast-reid.
     rerank: ``None``, or ``dict(k1=20, k2=6, lambda_value=0.3)`` (any subset;
       these are the defaults) to score the k-reciprocal re-ranked distance
       (Zhong et al., CVPR 2017) of the (normalised) features instead; see
@@ -312,6 +332,7 @@ def evaluate(query_features: Any,
   if isinstance(chunk_size, bool) or not isinstance(
       chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+  query_expansion = _check_query_expansion(query_expansion)
   rerank = _check_rerank(rerank, metric)
   query_features = rerank_lib.as_feature_matrix("query_features",
                                                 query_features)
@@ -337,6 +358,14 @@ def evaluate(query_features: Any,
 
   padded_gallery = -(-num_gallery // _GALLERY_BLOCK) * _GALLERY_BLOCK
   normalize_features = normalize or metric == "cosine"
+  if query_expansion is not None:
+    # The expansion averages the features this protocol scores: unit vectors
+    # when it normalises (its output is normalised again below).
+    if normalize_features:
+      query_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(query_features)))
+      gallery_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
+    query_features, gallery_features = query_expansion_lib.alpha_query_expansion(
+        query_features, gallery_features, chunk_size=chunk_size, **query_expansion)
   label_padding = ((0, padded_gallery - num_gallery),)
   gallery_labels = _GalleryLabels(
       pids=jnp.asarray(np.pad(gallery_pid_codes, label_padding,
@@ -387,9 +416,9 @@ def evaluate(query_features: Any,
           query_chunk(start), metric=metric))
   else:
     if normalize:
-      query_features = np.asarray(_l2_normalize(jnp.asarray(query_features)))
+      query_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(query_features)))
       gallery_features = np.asarray(
-          _l2_normalize(jnp.asarray(gallery_features)))
+          rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
     blocks = rerank_lib.k_reciprocal_rerank_chunks(
         query_features, gallery_features, chunk_size=chunk_size, **rerank)
     for start, block in blocks:

@@ -37,6 +37,9 @@ memory saving this layout does not need; it only loses precision), and ties
 between neighbour distances are broken by index (``top_k``) where the
 reference's unstable ``np.argsort`` breaks them arbitrarily; with continuous
 features ties do not occur.
+
+The module also owns the feature checks and the L2 normalisation that the
+evaluator and the query expansion share.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ _ENCODING_ROWS = 32
 # Rows (and columns) per block of the neighbour search, and rows per step of
 # the other passes over all items. A multiple of _ENCODING_ROWS.
 _NEIGHBOUR_BLOCK = 1024
+# torch.nn.functional.normalize's epsilon: a zero feature stays zero.
+NORM_EPS = 1e-12
 
 
 def as_feature_matrix(name: str, features: Any) -> np.ndarray:
@@ -94,6 +99,12 @@ def as_feature_matrix(name: str, features: Any) -> np.ndarray:
   return features
 
 
+def l2_normalize(features: jax.Array) -> jax.Array:
+  """Rows divided by their L2 norms (a zero row stays zero, as in torch)."""
+  norms = jnp.linalg.norm(features, axis=1, keepdims=True)
+  return features / jnp.maximum(norms, NORM_EPS)
+
+
 def check_same_dim(query_features: np.ndarray,
                    gallery_features: np.ndarray) -> None:
   """Raises ValueError if query and gallery features differ in dimension."""
@@ -103,7 +114,8 @@ def check_same_dim(query_features: np.ndarray,
         f"gallery_features have dimension {gallery_features.shape[1]}.")
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def check_int(name: str, value: Any, minimum: int) -> int:
+  """Returns ``value`` as an int; ValueError naming ``name`` if not an int >= minimum."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise ValueError(f"{name} must be an int, got {value!r}.")
   if value < minimum:
@@ -341,9 +353,9 @@ def k_reciprocal_rerank_chunks(
   gallery_features = as_feature_matrix("gallery_features", gallery_features)
   check_same_dim(query_features, gallery_features)
   num_items = len(query_features) + len(gallery_features)
-  k1 = _check_int("k1", k1, 1)
-  k2 = _check_int("k2", k2, 1)
-  chunk_size = _check_int("chunk_size", chunk_size, 1)
+  k1 = check_int("k1", k1, 1)
+  k2 = check_int("k2", k2, 1)
+  chunk_size = check_int("chunk_size", chunk_size, 1)
   if k1 + 1 > num_items or k2 > num_items:
     raise ValueError(
         f"k1 + 1 = {k1 + 1} and k2 = {k2} must not exceed the {num_items} "

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from apnet_jax.data import sources
+from apnet_jax.data import entries, sources
 
 
 class ConfigError(ValueError):
@@ -182,9 +182,24 @@ def eval_batch_size(value, context):
 
 
 def dataset_name(value, context):
-  if context.datasets is not None and value not in context.datasets:
-    return f"one of {', '.join(sorted(context.datasets))}"
-  return nonempty_text(value, context)
+  # One builder name, or the datasets of joint training as name[:config] entries joined by '+'.
+  try:
+    entries.parse_entries(value, separator="+", known=context.datasets)
+  except (TypeError, ValueError) as e:
+    return f"a dataset name or name[:config] entries joined by '+': {e}"
+  return None
+
+
+def dataset_config(value, context):
+  # A joined data.name carries each dataset's config: a second place to give one
+  # would be ambiguous (which dataset would it configure?).
+  if not isinstance(value, str):
+    return "a string"
+  name = context.get("data.name")
+  if value and isinstance(name, str) and ("+" in name or ":" in name):
+    return (f"'' while data.name={name!r} gives its datasets as name[:config] entries "
+            "(write each config there)")
+  return None
 
 
 # Datasets whose gallery marks distractors with pid 0: Market-1501, and the
@@ -199,9 +214,9 @@ def eval_datasets(value, context):
     return "comma-separated name[:config] entries, or '' for the training dataset(s)"
   if value:
     try:
-      sources.parse_datasets(value, separator=",", key="eval.datasets")
+      entries.parse_entries(value, separator=",", known=context.datasets)
     except ValueError as e:
-      return str(e).removeprefix("eval.datasets: ")
+      return f"comma-separated name[:config] entries: {e}"
   return None
 
 
@@ -248,7 +263,7 @@ RULES: dict[str, Rule] = {
     "model.dtype": one_of("float32", "bfloat16"),
     "model.init_from": text,
     "data.name": dataset_name,
-    "data.config": text,
+    "data.config": dataset_config,
     "data.data_dir": nonempty_text,
     "data.manual_dir": text,
     "data.p": identities_per_batch,
@@ -332,7 +347,7 @@ def check(config: ml_collections.ConfigDict, mode: str, *, num_devices: int | No
     config: the whole config.
     mode: a key of `MODE_KEYS` ('train', 'eval', ...).
     num_devices: when given, batch sizes must split evenly over this many devices.
-    datasets: when given, the names ``data.name`` may take.
+    datasets: when given, the builder names the entries of ``data.name`` may take.
 
   Raises:
     ConfigError: naming every bad key with its value and what is allowed.

@@ -12,9 +12,7 @@ prepares) it first and the others open it after: one writer for a shared
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any
 
 import jax
 import ml_collections
@@ -22,29 +20,33 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from apnet_jax import distributed
-from apnet_jax.data import prepare, sources
+from apnet_jax.data import entries, joint, prepare, sources
 
 
-def open_dataset(data_config: ml_collections.ConfigDict, *, name: str | None = None,
-                 config: str | None = None, key: str = "data.name") -> tfds.core.DatasetBuilder:
-  """The prepared builder of dataset ``name:config`` (default: ``data.name:data.config``).
+def open_dataset(data_config: ml_collections.ConfigDict, entry: entries.DatasetEntry | None = None,
+                 *, key: str = "data.name") -> tfds.core.DatasetBuilder:
+  """The prepared builder of ``entry``, or of the one dataset ``data.name`` names.
 
   Args:
     data_config: the config's ``data`` section: where prepared datasets live
-      (``data_dir``) and, for ``data.name`` itself, the ``manual_dir`` to
-      prepare it from.
-    name, config: another dataset than ``data.name`` (an entry of
-      ``eval.datasets``, a constituent of a joint ``data.name``); it is
-      prepared here only when that needs no download.
-    key: the config key that asked for the dataset, named by the errors.
+      (``data_dir``) and the ``manual_dir`` to prepare ``data.name`` from.
+    entry: another dataset (an entry of ``eval.datasets``, a constituent of
+      joint training); prepared here only when that needs no download.
+    key: the config key that asked for ``entry``, named by the errors.
 
   Raises:
     FileNotFoundError: the dataset is not prepared and cannot be prepared
       here; the message names it and the command that prepares it.
+    ValueError: ``entry`` is None but ``data.name`` joins several datasets.
   """
-  main = name is None  # data.manual_dir prepares data.name only
+  main = entry is None  # data.manual_dir prepares the one dataset of data.name only
   if main:
-    name, config = data_config.name, data_config.config
+    named = entries.data_entries(data_config, known=sources.BUILDERS)
+    if len(named) > 1:
+      raise ValueError(f"data.name={data_config.name!r} joins {len(named)} datasets; open "
+                       "each of entries.data_entries(data) (open_train_split does).")
+    entry = named[0]
+  name, config = entry.name, entry.config
   manual_dir = data_config.manual_dir if main else ""
   data_dir = os.path.expanduser(data_config.data_dir)
   builder = distributed.on_process_0_first(
@@ -90,34 +92,33 @@ def prepare_dataset(name: str, config: str, data_dir: str,
 
 
 def prepare_data(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """``--mode prepare``: builds the dataset of ``data_config`` from ``data.manual_dir``."""
-  return prepare_dataset(data_config.name, data_config.config, data_config.data_dir,
+  """``--mode prepare``: builds the dataset of ``data.name`` from ``data.manual_dir``."""
+  (entry,) = entries.data_entries(data_config, known=sources.BUILDERS)  # one: config_check
+  return prepare_dataset(entry.name, entry.config, data_config.data_dir,
                          data_config.manual_dir)
 
 
+def open_train_split(data_config: ml_collections.ConfigDict) -> joint.JointTrainSplit:
+  """The train split of ``data.name``: one dataset's, or several joined (`joint`)."""
+  named = entries.data_entries(data_config, known=sources.BUILDERS)
+  if len(named) == 1:
+    builders = [open_dataset(data_config)]
+  else:
+    builders = [open_dataset(data_config, entry) for entry in named]
+  return joint.joint_train_split(builders)
+
+
 def num_train_ids(data_config: ml_collections.ConfigDict) -> int:
-  """Train identities: from the prepared dataset, else its published statistics."""
-  builder = sources.get_builder(data_config.name, data_dir=os.path.expanduser(
-      data_config.data_dir), config=data_config.config or None)
-  if builder.is_prepared():
-    return int(len(np.unique(sources.split_annotations(builder, "train").label)))
-  known = prepare.STANDARD_STATISTICS.get(prepare.dataset_key(builder))
-  if known is not None:
-    return known["train"].ids
-  return int(builder.builder_config.num_train_ids)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSplit:
-  """The records training draws from, and their identities."""
-
-  source: Any  # random access: record i as `apnet_jax.data.sources` describes it
-  labels: np.ndarray  # (N,) int64 train label of each record, 0..num_classes-1
-  num_classes: int
-
-
-def open_train_split(data_config: ml_collections.ConfigDict) -> TrainSplit:
-  """The train split of ``data.name`` (opened, or prepared, as `open_dataset` does)."""
-  builder = open_dataset(data_config)
-  labels = sources.split_annotations(builder, "train").label
-  return TrainSplit(sources.load_split(builder, "train"), labels, int(len(np.unique(labels))))
+  """Train identities of ``data.name`` (summed over joined datasets): from each prepared
+  dataset, else from its published statistics."""
+  total = 0
+  for entry in entries.data_entries(data_config, known=sources.BUILDERS):
+    builder = sources.get_builder(entry.name, data_dir=os.path.expanduser(
+        data_config.data_dir), config=entry.config or None)
+    if builder.is_prepared():
+      total += int(len(np.unique(sources.split_annotations(builder, "train").label)))
+    elif prepare.dataset_key(builder) in prepare.STANDARD_STATISTICS:
+      total += prepare.STANDARD_STATISTICS[prepare.dataset_key(builder)]["train"].ids
+    else:
+      total += int(builder.builder_config.num_train_ids)
+  return total

@@ -206,25 +206,3 @@ def split_annotations(
     )
   return annotations
 
-
-# TEMPORARY until the joint-data branch lands.
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  name: str
-  config: str = ""
-
-
-def parse_datasets(spec: str, *, separator: str, key: str) -> list[DatasetSpec]:
-  out = []
-  for part in spec.split(separator):
-    name, _, config = part.strip().partition(":")
-    if name not in BUILDERS:
-      raise ValueError(f"{key}: unknown dataset {name!r}; known: {', '.join(BUILDERS)}")
-    out.append(DatasetSpec(name, config))
-  return out
-
-
-def data_constituents(data_config) -> list[DatasetSpec]:
-  if "+" in data_config.name:
-    return parse_datasets(data_config.name, separator="+", key="data.name")
-  return [DatasetSpec(data_config.name, data_config.config)]

@@ -31,7 +31,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 
 from apnet_jax import workdir as workdir_lib
-from apnet_jax.data import opening, prepare, sources
+from apnet_jax.data import entries, opening, prepare, sources
 from apnet_jax.evaluation import plots
 from apnet_jax.evaluation.features import extract_features
 from apnet_jax.evaluation.metrics import evaluate
@@ -50,12 +50,12 @@ class EvalDataset:
   builder: tfds.core.DatasetBuilder
 
 
-def eval_entries(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
-  """The (name, builder config) pairs the run evaluates on, in order."""
+def eval_entries(config: ml_collections.ConfigDict) -> tuple[entries.DatasetEntry, ...]:
+  """The datasets the run evaluates on, in order: ``eval.datasets``, else the training data."""
   if config.eval.datasets:
-    return [(spec.name, spec.config) for spec in sources.parse_datasets(
-        config.eval.datasets, separator=",", key="eval.datasets")]
-  return [(spec.name, spec.config) for spec in sources.data_constituents(config.data)]
+    return entries.parse_entries(config.eval.datasets, separator=",", known=sources.BUILDERS,
+                                 key="eval.datasets")
+  return entries.data_entries(config.data, known=sources.BUILDERS)
 
 
 def open_eval_datasets(config: ml_collections.ConfigDict) -> list[EvalDataset]:
@@ -66,15 +66,15 @@ def open_eval_datasets(config: ml_collections.ConfigDict) -> list[EvalDataset]:
       message names it and the command that prepares it. Training calls this
       before its first step.
   """
+  trained = entries.data_entries(config.data, known=sources.BUILDERS)
+  key = "eval.datasets" if config.eval.datasets else "data.name"
   datasets = []
-  for name, builder_config in eval_entries(config):
-    entry = f"{name}:{builder_config}" if builder_config else name
-    if (name, builder_config) == (config.data.name, config.data.config):
-      builder = opening.open_dataset(config.data)  # prepared from data.manual_dir if need be
+  for entry in eval_entries(config):
+    if trained == (entry,):  # the one training dataset: prepared from data.manual_dir if need be
+      builder = opening.open_dataset(config.data)
     else:
-      key = "eval.datasets" if config.eval.datasets else "data.name"
-      builder = opening.open_dataset(config.data, name=name, config=builder_config, key=key)
-    datasets.append(EvalDataset(entry, builder))
+      builder = opening.open_dataset(config.data, entry, key=key)
+    datasets.append(EvalDataset(str(entry), builder))
   return datasets
 
 

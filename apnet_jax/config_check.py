@@ -233,10 +233,30 @@ def use_best(value, context):
 def drop_distractors(value, context):
   if not isinstance(value, bool):
     return "True or False"
+  if not value:
+    return None
+  # The datasets evaluated: eval.datasets, else the training ones.
+  listed = context.get("eval.datasets") or context.get("data.name")
+  separator = "," if context.get("eval.datasets") else "+"
+  try:
+    names = [e.name for e in entries.parse_entries(listed, separator=separator)]
+  except (TypeError, ValueError):
+    return None  # that key's own rule names the problem
+  others = sorted({n for n in names if n not in DATASETS_WITH_DISTRACTORS})
+  if others:
+    return (f"False while evaluating {', '.join(others)}: only "
+            f"{', '.join(DATASETS_WITH_DISTRACTORS)} mark distractors with pid 0; elsewhere "
+            "pid 0 is a real person")
+  return None
+
+
+def manual_dir(value, context):
+  if not isinstance(value, str):
+    return "a string"
   name = context.get("data.name")
-  if value and name not in DATASETS_WITH_DISTRACTORS:
-    return (f"False for {name}: only {', '.join(DATASETS_WITH_DISTRACTORS)} mark "
-            "distractors with pid 0; elsewhere pid 0 is a real person")
+  if value and isinstance(name, str) and "+" in name:
+    return (f"'' while data.name={name!r} joins several datasets (one folder cannot hold "
+            "them all): prepare each with --mode prepare first")
   return None
 
 
@@ -265,7 +285,7 @@ RULES: dict[str, Rule] = {
     "data.name": dataset_name,
     "data.config": dataset_config,
     "data.data_dir": nonempty_text,
-    "data.manual_dir": text,
+    "data.manual_dir": manual_dir,
     "data.p": identities_per_batch,
     "data.k": images_per_identity,
     "data.num_workers": integer(0),

@@ -32,13 +32,14 @@ OUT_OF_RANGE = {
     "eval.batch_size": 0, "eval.step": -2, "eval.drop_distractors": True, "eval.rerank_k1": 0,
     "eval.rerank_k2": 0, "eval.rerank_lambda": 1.5, "eval.max_rank": 0,
     "eval.datasets": "market1501,nosuchset", "eval.query_expansion_k": 0,
-    "eval.query_expansion_alpha": -1.0,
+    "eval.query_expansion_alpha": -1.0, "data.manual_dir": "/downloads/market",
     "extract.top": 0, "extract.num_pictures": 0,
     "visualize.num_queries": 0,
 }
-NEEDS = {"eval.drop_distractors": {"data.name": "msmt17"}}
+NEEDS = {"eval.drop_distractors": {"data.name": "msmt17"},
+         "data.manual_dir": {"data.name": "market1501+msmt17", "data.config": ""}}
 # Keys where every value of their type is allowed (paths are checked when opened).
-ANY_VALUE = {"model.stem_relu", "model.init_from", "data.config", "data.manual_dir",
+ANY_VALUE = {"model.stem_relu", "model.init_from", "data.config",
              "eval.use_best", "eval.torch_checkpoint", "eval.rerank", "eval.query_expansion",
              "extract.input_dir",
              "extract.gallery_dir"}

@@ -21,7 +21,9 @@ an unreadable checkpoint raises `CheckpointReadError`, and nothing is deleted.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import errno
 import json
 import logging
@@ -175,19 +177,51 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+# Fields of the train state that earlier versions saved under another name:
+# current name -> saved name.
+FORMER_FIELD_NAMES = {"model_state": "rest"}
+
+
 def restore(manager: ocp.CheckpointManager, step: int,
             state: Any) -> tuple[Any, dict[str, Any]]:
   """Restores ``step`` into the structure of ``state``; returns it and its record.
 
+  A dataclass ``state`` (the `TrainState`) also restores from a checkpoint
+  that saved some of its fields under their `FORMER_FIELD_NAMES`.
+
   Raises `CheckpointReadError` naming the step and folder if it cannot be read.
   """
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)),
-                            meta=ocp.args.JsonRestore())
+  target = abstract_like(state)
   try:
-    restored = manager.restore(step, args=args)
-  except Exception as e:
-    raise _read_error(manager, step, e) from e
+    return _restore(manager, step, target)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  # Then the former names: Orbax refuses a tree of other field names before it
+  # reads any array, so the current layout costs nothing and an earlier one a
+  # metadata read. If this fails too, the first error is the one to report.
+  former = _with_former_names(target)
+  if former is not None:
+    with contextlib.suppress(Exception):
+      restored, meta = _restore(manager, step, former)
+      return type(state)(**{f.name: restored[FORMER_FIELD_NAMES.get(f.name, f.name)]
+                            for f in dataclasses.fields(state)}), meta
+  raise _read_error(manager, step, error) from error
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return restored["state"], restored["meta"]
+
+
+def _with_former_names(target: Any) -> dict[str, Any] | None:
+  """``target``'s fields as a dict under their former names; None if none was renamed."""
+  if not dataclasses.is_dataclass(target):
+    return None
+  names = [f.name for f in dataclasses.fields(target)]
+  if not set(names) & set(FORMER_FIELD_NAMES):
+    return None
+  return {FORMER_FIELD_NAMES.get(name, name): getattr(target, name) for name in names}
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

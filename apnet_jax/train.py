@@ -425,7 +425,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
         evaluated = None
         if epoch_end and epoch in config.train.eval_epochs:
           try:
-            features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest),
+            features = extract_eval_features(nnx.merge(graphdef, state.params, state.model_state),
                                              builder, config, mesh=mesh)
             results = evaluate_features(features, builder, config)
           except BaseException:
@@ -465,7 +465,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
                     f"{eval_command}")
   features, pictures = final_features, final_pictures
   if features is None:
-    features = extract_eval_features(nnx.merge(graphdef, state.params, state.rest), builder,
+    features = extract_eval_features(nnx.merge(graphdef, state.params, state.model_state), builder,
                                      config, mesh=mesh)
     results = evaluate_features(features, builder, config)
     writer.write(total_steps, {k: results[k] for k in ("R1", "R5", "R10", "mAP", "mINP")},
@@ -685,7 +685,7 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
                        state)
   state, _ = checkpointing.restore(manager, step, state)
-  return nnx.merge(graphdef, state.params, state.rest), step
+  return nnx.merge(graphdef, state.params, state.model_state), step
 
 
 EVAL_FOLDER = "eval"  # --mode eval's report while a training holds the workdir

@@ -22,7 +22,6 @@ an unreadable checkpoint raises `CheckpointReadError`, and nothing is deleted.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import errno
 import json
@@ -36,6 +35,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from apnet_jax import progress
+from apnet_jax.platform import cpu
 
 
 class _DropNoMetricsWarning(logging.Filter):
@@ -53,7 +53,8 @@ NO_METRICS_FILTER = _DropNoMetricsWarning()
 absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)
 
 # Orbax's notice that a jax.Array type handler was replaced: the replacement is
-# ours (`_save_replicas_whole_on_cpu`) and deliberate, so it tells a user nothing.
+# ours (`apnet_jax.platform.cpu.save_replicas_whole`) and deliberate, so it tells a
+# user nothing.
 progress.quiet_log_lines("Type handler registry type")
 
 
@@ -63,26 +64,6 @@ class CheckpointSaveError(RuntimeError):
 
 class CheckpointReadError(RuntimeError):
   """Reading a checkpoint failed; the message names the step, the folder, what to do."""
-
-
-def _save_replicas_whole_on_cpu() -> None:
-  """On CPU, lets Orbax write each replicated array whole from one device.
-
-  Off GPU, Orbax's default replica-parallel save cuts every replicated array
-  into one piece per device so that the devices share the device-to-host
-  transfer. CPU devices all sit in host memory, so there is nothing to share,
-  and each piece costs an eager slice: on 8 simulated CPU devices, 4 s of
-  every save of the tiny test model, 16 of a 55 s training run (2-core AMD
-  EPYC). Orbax makes the same choice on GPU. Other platforms, and a handler
-  the user registered, are left as they are.
-  """
-  handler = ocp.type_handlers.get_type_handler(jax.Array)
-  if (type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
-      and getattr(handler, "_use_replica_parallel", False)
-      and all(device.platform == "cpu" for device in jax.devices())):
-    whole = copy.copy(handler)  # the same settings and metadata store otherwise
-    whole._use_replica_parallel = False  # pylint: disable=protected-access
-    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
 
 
 def make_manager(workdir: str, *, keep_best: int,
@@ -95,7 +76,7 @@ def make_manager(workdir: str, *, keep_best: int,
   at a run that is still training. (Orbax's own read-only mode would log a
   warning at every use.)
   """
-  _save_replicas_whole_on_cpu()
+  cpu.save_replicas_whole(jax.devices())
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,

@@ -406,33 +406,6 @@ def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
   assert sorted(p.name for p in checkpoints.iterdir()) == ["README"]
 
 
-def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypatch):
-  """On CPU, no replica-parallel slicing (an eager slice per device and array)."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from apnet_jax import train_step
-  from orbax.checkpoint._src.serialization import replica_slices
-
-  seen = []
-  real = replica_slices.get_replica_slices
-
-  def spy(arr, replica_id, use_replica_parallel, *args, **kwargs):
-    seen.append(use_replica_parallel)
-    return real(arr, replica_id, use_replica_parallel, *args, **kwargs)
-
-  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
-  replicated = NamedSharding(train_step.make_mesh(), PartitionSpec())
-  assert len(replicated.device_set) == 8
-  state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
-  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
-  checkpointing.save(manager, 2, state, {"epoch": 1})
-  checkpointing.wait_until_finished(manager)
-  assert seen and not any(seen)
-  restored, _ = checkpointing.restore(manager, 2, state)
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  assert restored["w"].sharding == replicated
-
-
 def test_a_checkpoint_with_the_old_data_item_still_restores(tmp_path):
   # Checkpoints written before 2026-12-02 also held Grain's iterator state.
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
@@ -516,21 +489,6 @@ def test_a_new_checkpoint_saves_the_model_state_under_its_name(tmp_path):
   restored, _ = checkpointing.restore(manager, 3, state)
   np.testing.assert_array_equal(restored.model_state["mean"], np.zeros(2))
   manager.close()
-
-
-def test_a_users_array_handler_is_left_alone(tmp_path):
-  original = ocp.type_handlers.get_type_handler(jax.Array)
-
-  class Mine(ocp.type_handlers.ArrayHandler):
-    pass
-
-  mine = Mine()
-  ocp.type_handlers.register_type_handler(jax.Array, mine, override=True)
-  try:
-    checkpointing.make_manager(str(tmp_path), keep_best=1)
-    assert ocp.type_handlers.get_type_handler(jax.Array) is mine
-  finally:
-    ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
 
 
 # --- Loader workers die with their parent -------------------------------------------------

@@ -5,8 +5,9 @@ frozen biases, optimizer state, step) and a small JSON record (seed, epoch,
 the model and data config it belongs to). Neither the RNG nor the input
 pipeline's position needs saving: every random draw and every batch is a
 function of (seed, step), so a resumed run rebuilds both from the step, with
-any number of data workers. (Checkpoints written before 2026-12-02 also hold
-Grain's iterator state as an item ``data``; it is not read.)
+any number of data workers. (Checkpoints of earlier versions may also hold
+Grain's iterator state as an item ``data``, which is not read, or the model
+state under the field's former name ``rest``, which `restore` still reads.)
 
 Preservation keeps the latest checkpoint *and* the best ``keep_best`` by
 mAP: a best-only policy would delete the newest one and break resuming.

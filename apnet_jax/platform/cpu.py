@@ -161,7 +161,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   times slower than the forward pass of the same FLOPs; as a matmul, both
   gradients are matmuls too. Only the plain case the networks use is
   rewritten (NHWC/HWIO, 1x1 kernel, explicit padding, no dilation, one
-  group); larger kernels gained nothing from it and stay convolutions.
+  group); larger kernels stay convolutions (docs/benchmarks.md, "CPU
+  tuning", says why).
   Differentiable in reverse mode only (``jax.grad``, ``jax.vjp``).
   """
   plain = (

@@ -5,8 +5,9 @@ frozen biases, optimizer state, step) and a small JSON record (seed, epoch,
 the model and data config it belongs to). Neither the RNG nor the input
 pipeline's position needs saving: every random draw and every batch is a
 function of (seed, step), so a resumed run rebuilds both from the step, with
-any number of data workers. (Checkpoints written before 2026-12-02 also hold
-Grain's iterator state as an item ``data``; it is not read.)
+any number of data workers. (Checkpoints of earlier versions may also hold
+Grain's iterator state as an item ``data``, which is not read, or the model
+state under the field's former name ``rest``, which `restore` still reads.)
 
 Preservation keeps the latest checkpoint *and* the best ``keep_best`` by
 mAP: a best-only policy would delete the newest one and break resuming.
@@ -21,7 +22,8 @@ an unreadable checkpoint raises `CheckpointReadError`, and nothing is deleted.
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -34,6 +36,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from apnet_jax import progress
+from apnet_jax.platform import cpu
 
 
 class _DropNoMetricsWarning(logging.Filter):
@@ -51,7 +54,8 @@ NO_METRICS_FILTER = _DropNoMetricsWarning()
 absl_logging.get_absl_logger().addFilter(NO_METRICS_FILTER)
 
 # Orbax's notice that a jax.Array type handler was replaced: the replacement is
-# ours (`_save_replicas_whole_on_cpu`) and deliberate, so it tells a user nothing.
+# ours (`apnet_jax.platform.cpu.save_replicas_whole`) and deliberate, so it tells a
+# user nothing.
 progress.quiet_log_lines("Type handler registry type")
 
 
@@ -61,26 +65,6 @@ class CheckpointSaveError(RuntimeError):
 
 class CheckpointReadError(RuntimeError):
   """Reading a checkpoint failed; the message names the step, the folder, what to do."""
-
-
-def _save_replicas_whole_on_cpu() -> None:
-  """On CPU, lets Orbax write each replicated array whole from one device.
-
-  Off GPU, Orbax's default replica-parallel save cuts every replicated array
-  into one piece per device so that the devices share the device-to-host
-  transfer. CPU devices all sit in host memory, so there is nothing to share,
-  and each piece costs an eager slice: on 8 simulated CPU devices, 4 s of
-  every save of the tiny test model, 16 of a 55 s training run (2-core AMD
-  EPYC). Orbax makes the same choice on GPU. Other platforms, and a handler
-  the user registered, are left as they are.
-  """
-  handler = ocp.type_handlers.get_type_handler(jax.Array)
-  if (type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
-      and getattr(handler, "_use_replica_parallel", False)
-      and all(device.platform == "cpu" for device in jax.devices())):
-    whole = copy.copy(handler)  # the same settings and metadata store otherwise
-    whole._use_replica_parallel = False  # pylint: disable=protected-access
-    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
 
 
 def make_manager(workdir: str, *, keep_best: int,
@@ -93,7 +77,7 @@ def make_manager(workdir: str, *, keep_best: int,
   at a run that is still training. (Orbax's own read-only mode would log a
   warning at every use.)
   """
-  _save_replicas_whole_on_cpu()
+  cpu.save_replicas_whole(jax.devices())
   policy = policies.AnyPreservationPolicy([
       policies.LatestN(n=1),
       policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,
@@ -175,19 +159,51 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
 
 
+# Fields of the train state that earlier versions saved under another name:
+# current name -> saved name.
+FORMER_FIELD_NAMES = {"model_state": "rest"}
+
+
 def restore(manager: ocp.CheckpointManager, step: int,
             state: Any) -> tuple[Any, dict[str, Any]]:
   """Restores ``step`` into the structure of ``state``; returns it and its record.
 
+  A dataclass ``state`` (the `TrainState`) also restores from a checkpoint
+  that saved some of its fields under their `FORMER_FIELD_NAMES`.
+
   Raises `CheckpointReadError` naming the step and folder if it cannot be read.
   """
-  args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_like(state)),
-                            meta=ocp.args.JsonRestore())
+  target = abstract_like(state)
   try:
-    restored = manager.restore(step, args=args)
-  except Exception as e:
-    raise _read_error(manager, step, e) from e
+    return _restore(manager, step, target)
+  except Exception as e:  # pylint: disable=broad-except
+    error = e
+  # Then the former names: Orbax refuses a tree of other field names before it
+  # reads any array, so the current layout costs nothing and an earlier one a
+  # metadata read. If this fails too, the first error is the one to report.
+  former = _with_former_names(target)
+  if former is not None:
+    with contextlib.suppress(Exception):
+      restored, meta = _restore(manager, step, former)
+      return type(state)(**{f.name: restored[FORMER_FIELD_NAMES.get(f.name, f.name)]
+                            for f in dataclasses.fields(state)}), meta
+  raise _read_error(manager, step, error) from error
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   return restored["state"], restored["meta"]
+
+
+def _with_former_names(target: Any) -> dict[str, Any] | None:
+  """``target``'s fields as a dict under their former names; None if none was renamed."""
+  if not dataclasses.is_dataclass(target):
+    return None
+  names = [f.name for f in dataclasses.fields(target)]
+  if not set(names) & set(FORMER_FIELD_NAMES):
+    return None
+  return {FORMER_FIELD_NAMES.get(name, name): getattr(target, name) for name in names}
 
 
 def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -51,6 +51,31 @@ class Context:
 
 Rule = Callable[[Any, Context], "str | None"]
 
+# Keys whose unset value (None) stands for another key's value.
+FOLLOWS: dict[str, str] = {"optim.weight_decay_bias": "optim.weight_decay"}
+
+
+def effective_value(config: Any, dotted: str) -> Any:
+  """The value of ``dotted`` in ``config``, or of the key it `FOLLOWS` when unset.
+
+  ``config`` is a ConfigDict or its ``to_dict()`` (a workdir's config.json).
+  A key the config lacks is None.
+  """
+  value = _lookup(config, dotted)
+  if value is None and dotted in FOLLOWS:
+    return _lookup(config, FOLLOWS[dotted])
+  return value
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, IndexError):
+      return None
+  return node
+
 
 # --- Rule builders -------------------------------------------------------------
 
@@ -93,6 +118,14 @@ def number(low: float, high: float = math.inf, *, low_open: bool = False,
 
 
 PROBABILITY = number(0.0, 1.0)
+
+
+def unset_or(rule: Rule, follows: str) -> Rule:
+  """None (the value of ``follows`` then applies) or a value that passes ``rule``."""
+  def unset_or_rule(value, context):
+    allowed = None if value is None else rule(value, context)
+    return None if allowed is None else f"{allowed}, or None (unset: {follows} applies)"
+  return unset_or_rule
 
 
 def one_of(*options: Any) -> Rule:
@@ -298,7 +331,7 @@ RULES: dict[str, Rule] = {
     "optim.base_lr": number(0.0, low_open=True),
     "optim.weight_decay": number(0.0),
     "optim.bias_lr_factor": number(0.0),
-    "optim.weight_decay_bias": number(0.0),
+    "optim.weight_decay_bias": unset_or(number(0.0), FOLLOWS["optim.weight_decay_bias"]),
     "optim.betas": pair(number(0.0, 1.0, high_open=True), "numbers in [0, 1)"),
     "optim.warmup_factor": number(0.0, 1.0),
     "optim.warmup_epochs": integer(0),

@@ -17,7 +17,9 @@ not ``nnx.Param``, so the optimiser never sees them, as ``requires_grad``
 False parameters are skipped in the official code. ``configs/default.yml``
 sets ``BIAS_LR_FACTOR: 1`` and ``WEIGHT_DECAY_BIAS: 0.001`` (= WEIGHT_DECAY),
 so with the official recipe all parameters are treated alike; the groups
-matter only when a config changes them.
+matter only when a config changes them. ``optim.weight_decay_bias`` left
+unset (None) follows ``optim.weight_decay``: a config that changes the decay
+changes it for the biases too unless it sets both.
 
 Learning rate (``solver/lr_scheduler.py::WarmupMultiStepLR``, stepped once per
 *epoch* by the trainer, starting at epoch 0):
@@ -42,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from apnet_jax import config_check
 
 __all__ = ["current_learning_rate", "is_bias", "make_optimizer", "make_schedule"]
 
@@ -111,7 +115,8 @@ def make_optimizer(
 
   Args:
     config: the full config; reads ``config.optim``: ``base_lr``,
-      ``weight_decay``, ``bias_lr_factor``, ``weight_decay_bias``,
+      ``weight_decay``, ``bias_lr_factor``, ``weight_decay_bias`` (None:
+      ``weight_decay``),
       ``betas``, ``warmup_factor``, ``warmup_epochs``, ``milestones``,
       ``gamma``.
     steps_per_epoch: optimiser steps per epoch.
@@ -125,7 +130,7 @@ def make_optimizer(
   schedule = make_schedule(optim, steps_per_epoch)
   b1, b2 = (float(b) for b in optim.betas)
   weight_decay = float(optim.weight_decay)
-  weight_decay_bias = float(optim.weight_decay_bias)
+  weight_decay_bias = float(config_check.effective_value(config, "optim.weight_decay_bias"))
   bias_lr_factor = float(optim.bias_lr_factor)
 
   def adam(learning_rate: jax.Array) -> optax.GradientTransformation:

@@ -118,4 +118,4 @@ def _restore_checkpoint(manager, config: ml_collections.ConfigDict,
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device),
                        state)
   state, _ = checkpointing.restore(manager, step, state)
-  return nnx.merge(graphdef, state.params, state.rest), step
+  return nnx.merge(graphdef, state.params, state.model_state), step

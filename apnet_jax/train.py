@@ -172,7 +172,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
         evaluated = None
         if epoch_end and epoch in config.train.eval_epochs:
           try:
-            report = evaluator.run(nnx.merge(graphdef, state.params, state.rest))
+            report = evaluator.run(nnx.merge(graphdef, state.params, state.model_state))
           except BaseException:
             # The step is trained: keep it (without an mAP) whatever stopped the evaluation.
             checkpointing.save(manager, done, state, dict(meta, epoch=epoch))
@@ -209,7 +209,7 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
                     f"{eval_command}")
   report, pictures = final_report, final_pictures
   if report is None:
-    report = evaluator.run(nnx.merge(graphdef, state.params, state.rest))
+    report = evaluator.run(nnx.merge(graphdef, state.params, state.model_state))
     writer.write(total_steps, report.scalars(), kind="eval")
     pictures = evaluator.pictures(report) if is_main else {}
     writer.write_images(total_steps, pictures)

@@ -7,10 +7,10 @@ statistics, the triplet distance matrix and its hard-example mining span the
 whole batch whatever the number of devices; XLA inserts the cross-device
 reductions, so no ``axis_name``/``pmean`` appears here.
 
-The model travels as ``(graphdef, params, rest)``: ``params`` holds the
-``nnx.Param`` leaves (the only thing the optimiser and the gradients see);
-``rest`` holds everything else (BatchNorm running statistics, the biases
-frozen at zero). The step merges them back into a module *inside* the trace
+The model travels as ``(graphdef, params, model_state)``: ``params`` holds
+the ``nnx.Param`` leaves (the only thing the optimiser and the gradients
+see); ``model_state`` holds the model's other variables (BatchNorm running
+statistics, the biases frozen at zero). The step merges them back into a module *inside* the trace
 and splits the updated running statistics out after the forward pass.
 
 Randomness is a pure function of ``(seed, step)`` (``fold_in`` of the step
@@ -62,13 +62,14 @@ class TrainState:
 
   Attributes:
     params: the model's ``nnx.Param`` state (trained).
-    rest: all other model state (BatchNorm running mean/var, frozen biases).
+    model_state: the model's other variables (BatchNorm running mean/var,
+      frozen biases); not trained.
     opt_state: the optax state of ``params``.
     step: int32 scalar, the number of updates made so far.
   """
 
   params: nnx.State
-  rest: nnx.State
+  model_state: nnx.State
   opt_state: optax.OptState
   step: jax.Array
 
@@ -89,10 +90,10 @@ def create_train_state(
     ``(graphdef, state)`` with ``state.step == 0``.
   """
   model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state = TrainState(
       params=params,
-      rest=rest,
+      model_state=model_state,
       # Jitted: eagerly, each zero-filled moment would compile a program per shape.
       opt_state=jax.jit(tx.init)(params),
       step=jnp.zeros((), jnp.int32),
@@ -147,23 +148,24 @@ def make_train_step(
   base_key = jax.random.key(int(seed))
   convolution = cpu.convolution_for(mesh)
 
-  def loss_fn(params, rest, images, labels):
+  def loss_fn(params, model_state, images, labels):
     # copy=True: fresh Variables at this trace level, so the BatchNorm update
     # below neither trips NNX's trace check nor touches the caller's state.
-    model = nnx.merge(graphdef, params, rest, copy=True)
+    model = nnx.merge(graphdef, params, model_state, copy=True)
     outputs = model(images)
     loss, aux = losses.total_loss(
         outputs, labels, num_classes=num_classes, margin=margin, epsilon=epsilon)
     # The forward pass updated the BatchNorm running statistics in `model`.
-    _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return loss, (aux, new_rest)
+    _, _, new_model_state = nnx.split(model, nnx.Param, ...)
+    return loss, (aux, new_model_state)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
     rng = jax.random.fold_in(base_key, state.step)
     images = augment.train_augment(rng, batch["image"], **augment_kwargs)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     with layers.convolution(convolution):
-      (loss, (aux, new_rest)), grads = grad_fn(state.params, state.rest, images, batch["label"])
+      (loss, (aux, new_model_state)), grads = grad_fn(state.params, state.model_state, images,
+                                                      batch["label"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -174,7 +176,7 @@ def make_train_step(
         "param_norm": optax.tree.norm(params),
     }
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    new_state = TrainState(params=params, rest=new_rest, opt_state=opt_state,
+    new_state = TrainState(params=params, model_state=new_model_state, opt_state=opt_state,
                            step=state.step + 1)
     return new_state, metrics
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import ml_collections
 
+from apnet_jax import config_check
+
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
 CHANGES_FILE = "config_changes.jsonl"
@@ -124,13 +126,15 @@ RECIPE_KEYS: dict[str, tuple[str, ...] | None] = {
 }
 
 
-def _recipe(config: dict[str, Any]) -> dict[str, Any]:
+def _recipe(config: dict[str, Any], *, effective: bool = True) -> dict[str, Any]:
+  """The `RECIPE_KEYS` of ``config``, flat; ``effective``: unset keys as they take effect."""
   flat = {}
   for section, keys in RECIPE_KEYS.items():
     values = config.get(section) or {}
     for key in keys if keys is not None else sorted(values):
       if key in values:
-        flat[f"{section}.{key}"] = values[key]
+        dotted = f"{section}.{key}"
+        flat[dotted] = config_check.effective_value(config, dotted) if effective else values[key]
   return json.loads(json.dumps(flat))  # tuples -> lists, as config.json holds them
 
 
@@ -152,6 +156,9 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
   Compares the `RECIPE_KEYS` of ``config`` with ``workdir/config.json`` (a
   workdir without one has nothing to continue). Keys listed in
   ``train.allow_changes`` are accepted and returned as ``{key: {"from", "to"}}``.
+  Values are compared as they take effect: an unset key that follows another
+  (`config_check.FOLLOWS`) counts with that key's value, and when it followed
+  it in the workdir's run too, its change is accepted or refused with that key.
 
   Raises:
     ValueError: naming each changed key with both values, and
@@ -169,10 +176,15 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
                      f"{workdir}. Move it away to start a new run there, or use another "
                      "--workdir.") from e
   current = _recipe(config.to_dict())
+  unset = {key for key, value in _recipe(config.to_dict(), effective=False).items()
+           if value is None}
   changed = {key: {"from": saved[key], "to": current.get(key)}
              for key in saved if saved[key] != current.get(key)}
   allowed = set(allowed_changes(config))
-  refused = [key for key in changed if key not in allowed]
+  following = {key for key, source in config_check.FOLLOWS.items()
+               if key in changed and key in unset and source in changed
+               and saved[key] == saved[source]}
+  refused = [key for key in changed if key not in allowed | following]
   if refused:
     diffs = "; ".join(f"{key}: workdir {changed[key]['from']!r}, config {changed[key]['to']!r}"
                       for key in refused)

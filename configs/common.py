@@ -8,6 +8,7 @@ what differs.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def choose(arg: str | None, options: tuple[str, ...], config_file: str) -> str:
@@ -68,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   optim.base_lr = 4e-4
   optim.weight_decay = 1e-3  # Coupled, as torch.optim.Adam applies it.
   optim.bias_lr_factor = 1.0
-  optim.weight_decay_bias = 1e-3
+  # Unset (None): the biases decay by weight_decay, as in the official recipe
+  # (both 1e-3). A typed placeholder, so --config.optim.weight_decay_bias=X works.
+  optim.weight_decay_bias = config_dict.placeholder(float)
   optim.betas = (0.9, 0.999)
   optim.warmup_factor = 0.01
   optim.warmup_epochs = 10

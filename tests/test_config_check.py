@@ -1,13 +1,16 @@
 """Every config key has an allowed range, checked before a mode prepares, writes or compiles."""
 
+import json
 import math
 import os
 import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
-from apnet_jax import config_check, evaluate, inference, train, visualize
+from apnet_jax import config_check, evaluate, inference, train, visualize, workdir
 from configs import common
 from configs.synthetic import get_config
 
@@ -136,6 +139,77 @@ def test_allow_changes_names_config_keys(tmp_path):
   config.train.allow_changes = "optim.base_lr,optim.lr"
   with pytest.raises(config_check.ConfigError, match=r"not config keys: optim\.lr"):
     config_check.check(config, "train")
+
+
+def parse_command_line(*overrides):
+  """The config as run.py's --config flag (same definition) parses these arguments."""
+  argv = ["run.py", "--config=configs/common.py", *overrides]
+  flag_values = flags.FlagValues()
+  # sys_argv: where the overrides are read from (run.py's: sys.argv).
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                  lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
+
+
+def test_the_bias_decay_is_unset_by_default_and_set_on_the_command_line(monkeypatch):
+  monkeypatch.chdir(ROOT)
+  assert parse_command_line().optim.weight_decay_bias is None
+  for text in ("0.0005", "5e-4"):
+    config = parse_command_line(f"--config.optim.weight_decay_bias={text}")
+    assert config.optim.weight_decay_bias == 5e-4
+    config_check.check(config, "train")
+  config = parse_command_line("--config.optim.weight_decay_bias=-1")
+  with pytest.raises(config_check.ConfigError, match=r"optim\.weight_decay_bias=-1\.0: .*None"):
+    config_check.check(config, "train")
+
+
+def test_an_unset_bias_decay_takes_the_weight_decay():
+  config = common.get_config()
+  config.optim.weight_decay = 5e-4
+  assert config_check.effective_value(config, "optim.weight_decay_bias") == 5e-4
+  assert config_check.effective_value(config.to_dict(), "optim.weight_decay_bias") == 5e-4
+  config.optim.weight_decay_bias = 0.0
+  assert config_check.effective_value(config, "optim.weight_decay_bias") == 0.0
+
+
+def workdir_of_an_earlier_version(tmp_path, **optim):
+  """A workdir whose config.json records the bias decay, as runs before it could be unset."""
+  recorded = common.get_config().to_dict()
+  recorded["optim"].update({"weight_decay_bias": 0.001}, **optim)
+  (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(recorded))
+  return str(tmp_path)
+
+
+def test_resuming_an_earlier_workdir_with_the_same_effective_bias_decay(tmp_path):
+  run = workdir_of_an_earlier_version(tmp_path)
+  assert workdir.check_recipe(common.get_config(), run) == {}
+  config = common.get_config()
+  config.optim.weight_decay_bias = 1e-3
+  assert workdir.check_recipe(config, run) == {}
+
+
+def test_resuming_with_another_weight_decay_is_refused_unless_allowed(tmp_path):
+  run = workdir_of_an_earlier_version(tmp_path)
+  config = common.get_config()
+  config.optim.weight_decay = 5e-4
+  with pytest.raises(ValueError, match=r"optim\.weight_decay: workdir 0\.001, config 0\.0005"
+                     r".*allow_changes=optim\.weight_decay \("):
+    workdir.check_recipe(config, run)
+  config.train.allow_changes = "optim.weight_decay"
+  # The unset bias decay followed weight_decay in the earlier run too: it changes with it.
+  assert workdir.check_recipe(config, run) == {
+      "optim.weight_decay": {"from": 0.001, "to": 5e-4},
+      "optim.weight_decay_bias": {"from": 0.001, "to": 5e-4}}
+
+
+def test_a_bias_decay_that_differed_from_weight_decay_is_not_changed_silently(tmp_path):
+  run = workdir_of_an_earlier_version(tmp_path, weight_decay_bias=0.0)
+  config = common.get_config()
+  with pytest.raises(ValueError, match=r"optim\.weight_decay_bias: workdir 0\.0, config 0\.001"):
+    workdir.check_recipe(config, run)
+  config.optim.weight_decay_bias = 0.0
+  assert workdir.check_recipe(config, run) == {}
 
 
 @pytest.mark.parametrize("mode, run, key, value", [

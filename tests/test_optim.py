@@ -28,7 +28,8 @@ def test_default_config_is_the_official_recipe():
   # configs/default.yml (SOLVER) and config/defaults.py (MARGIN, SMOOTH).
   cfg = get_config()
   assert cfg.optim.base_lr == 4e-4 and cfg.optim.weight_decay == 1e-3
-  assert cfg.optim.bias_lr_factor == 1 and cfg.optim.weight_decay_bias == 1e-3
+  # WEIGHT_DECAY_BIAS 0.001 = WEIGHT_DECAY: unset here, the biases follow weight_decay.
+  assert cfg.optim.bias_lr_factor == 1 and cfg.optim.weight_decay_bias is None
   assert tuple(cfg.optim.betas) == (0.9, 0.999)
   assert cfg.optim.warmup_factor == 0.01 and cfg.optim.warmup_epochs == 10
   assert cfg.optim.gamma == 0.1
@@ -113,11 +114,12 @@ def flat(state):
           for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
 
-@pytest.mark.parametrize("bias_lr_factor, weight_decay_bias", [
-    (1.0, 0.05),  # As configs/default.yml: biases treated like everything else.
-    (2.0, 0.0),   # config/defaults.py's values: the groups differ.
+@pytest.mark.parametrize("bias_lr_factor, weight_decay_bias, torch_weight_decay_bias", [
+    (1.0, 0.05, 0.05),  # As configs/default.yml: biases treated like everything else.
+    (2.0, 0.0, 0.0),    # config/defaults.py's values: the groups differ.
+    (1.0, None, 0.05),  # Unset: the biases decay by weight_decay, whatever it is set to.
 ])
-def test_adam_steps_match_torch_adam(bias_lr_factor, weight_decay_bias):
+def test_adam_steps_match_torch_adam(bias_lr_factor, weight_decay_bias, torch_weight_decay_bias):
   config = get_config()
   config.optim.bias_lr_factor = bias_lr_factor
   config.optim.weight_decay_bias = weight_decay_bias
@@ -137,7 +139,7 @@ def test_adam_steps_match_torch_adam(bias_lr_factor, weight_decay_bias):
       {k.removesuffix("/value"): v for k, v in flat(params).items()},
       [{k.removesuffix("/value"): v for k, v in g.items()} for g in grads_np],
       [float(schedule(s)) for s in range(3)],
-      wd=0.05, wd_bias=weight_decay_bias, bias_factor=bias_lr_factor, betas=(0.9, 0.999))
+      wd=0.05, wd_bias=torch_weight_decay_bias, bias_factor=bias_lr_factor, betas=(0.9, 0.999))
 
   initial = flat(params)
   opt_state = tx.init(params)

@@ -1,5 +1,5 @@
-"""XLA:CPU tuning: convolutions leave YNNPACK, 1x1 convolutions become matmuls, and
-results stay the same.
+"""CPU tuning: convolutions leave YNNPACK, 1x1 convolutions become matmuls, results stay
+the same, and Orbax saves replicated arrays whole.
 
 ``apnet_jax.platform.cpu.compiler_options`` takes convolutions out of XLA:CPU's
 YNNPACK set for the jitted train step and extraction (docs/benchmarks.md,
@@ -9,6 +9,7 @@ YNNPACK, so the check can fail), that values and gradients agree with a
 float64 reference, and that the option steps aside off the CPU, under a
 user's own ``XLA_FLAGS`` and on a jaxlib that refuses it. Older jaxlibs
 (0.7, Colab's) have no YNNPACK at all; there the option must step aside.
+``save_replicas_whole`` is checked through the checkpoints it serves.
 """
 
 import collections
@@ -18,10 +19,13 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint._src.serialization import replica_slices
 
-from apnet_jax import build_model, compat
+from apnet_jax import build_model, checkpointing, compat, sharding, train_step
 from apnet_jax.models import layers
 from apnet_jax.platform import cpu
 from configs.common import get_config
@@ -210,3 +214,60 @@ def test_the_cpu_context_swaps_in_the_matmul_kernel():
   assert "custom_vjp" in tuned and "custom_vjp" not in plain
   # Off the CPU, the plain lax convolution is chosen.
   assert cpu.convolution_for(_fake_devices("gpu")) is jax.lax.conv_general_dilated
+
+
+def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypatch):
+  """On CPU, no replica-parallel slicing (an eager slice per device and array)."""
+  seen = []
+  real = replica_slices.get_replica_slices
+
+  def spy(arr, replica_id, use_replica_parallel, *args, **kwargs):
+    seen.append(use_replica_parallel)
+    return real(arr, replica_id, use_replica_parallel, *args, **kwargs)
+
+  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
+  replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
+  assert len(replicated.device_set) == 8
+  state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  checkpointing.save(manager, 2, state, {"epoch": 1})
+  checkpointing.wait_until_finished(manager)
+  assert seen and not any(seen)
+  restored, _ = checkpointing.restore(manager, 2, state)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert restored["w"].sharding == replicated
+
+
+def test_a_users_array_handler_is_left_alone_by_checkpointing(tmp_path):
+  original = ocp.type_handlers.get_type_handler(jax.Array)
+
+  class Mine(ocp.type_handlers.ArrayHandler):
+    pass
+
+  mine = Mine()
+  ocp.type_handlers.register_type_handler(jax.Array, mine, override=True)
+  try:
+    checkpointing.make_manager(str(tmp_path), keep_best=1)
+    assert ocp.type_handlers.get_type_handler(jax.Array) is mine
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
+
+
+@pytest.fixture
+def default_array_handler():
+  """Orbax's own jax.Array handler registered for the test; the previous one put back after."""
+  previous = ocp.type_handlers.get_type_handler(jax.Array)
+  default = ocp.type_handlers.ArrayHandler()
+  ocp.type_handlers.register_type_handler(jax.Array, default, override=True)
+  yield default
+  ocp.type_handlers.register_type_handler(jax.Array, previous, override=True)
+
+
+def test_replicas_are_saved_whole_on_the_cpu_only(default_array_handler):
+  assert default_array_handler._use_replica_parallel  # Orbax's default: one piece per device
+  for platforms in (("gpu",), ("tpu", "tpu"), ("cpu", "gpu"), ()):
+    cpu.save_replicas_whole(_fake_devices(*platforms))
+    assert ocp.type_handlers.get_type_handler(jax.Array) is default_array_handler, platforms
+  cpu.save_replicas_whole(jax.devices())
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert type(handler) is ocp.type_handlers.ArrayHandler and not handler._use_replica_parallel

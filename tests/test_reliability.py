@@ -1,5 +1,5 @@
 """A run survives being killed: determinism, exact resume, kills inside a save, a full disk,
-a damaged checkpoint.
+a damaged checkpoint; checkpoints of earlier layouts still restore.
 
 The training runs are real `run.py` processes on the tiny synthetic config at
 128x64 (8 steps, a checkpoint every 2). They share the suite's XLA
@@ -406,33 +406,6 @@ def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
   assert sorted(p.name for p in checkpoints.iterdir()) == ["README"]
 
 
-def test_replicated_state_is_saved_whole_from_one_cpu_device(tmp_path, monkeypatch):
-  """On CPU, no replica-parallel slicing (an eager slice per device and array)."""
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from apnet_jax import sharding
-  from orbax.checkpoint._src.serialization import replica_slices
-
-  seen = []
-  real = replica_slices.get_replica_slices
-
-  def spy(arr, replica_id, use_replica_parallel, *args, **kwargs):
-    seen.append(use_replica_parallel)
-    return real(arr, replica_id, use_replica_parallel, *args, **kwargs)
-
-  monkeypatch.setattr(replica_slices, "get_replica_slices", spy)
-  replicated = NamedSharding(sharding.make_mesh(), PartitionSpec())
-  assert len(replicated.device_set) == 8
-  state = {"w": jax.device_put(jnp.arange(64.0).reshape(8, 8), replicated)}
-  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
-  checkpointing.save(manager, 2, state, {"epoch": 1})
-  checkpointing.wait_until_finished(manager)
-  assert seen and not any(seen)
-  restored, _ = checkpointing.restore(manager, 2, state)
-  np.testing.assert_array_equal(restored["w"], state["w"])
-  assert restored["w"].sharding == replicated
-
-
 def test_a_checkpoint_with_the_old_data_item_still_restores(tmp_path):
   # Checkpoints written before 2026-12-02 also held Grain's iterator state.
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
@@ -450,19 +423,72 @@ def test_a_checkpoint_with_the_old_data_item_still_restores(tmp_path):
   manager.close()
 
 
-def test_a_users_array_handler_is_left_alone(tmp_path):
-  original = ocp.type_handlers.get_type_handler(jax.Array)
+# A checkpoint written before the train state's `rest` became `model_state`
+# (tests/fixtures/checkpoint_rest_layout/README.md: field k's float leaf j
+# holds 1000 * (k + 1) + j, its integer leaf j 100 * (k + 1) + j).
+REST_LAYOUT = os.path.join(ROOT, "tests", "fixtures", "checkpoint_rest_layout", "workdir")
 
-  class Mine(ocp.type_handlers.ArrayHandler):
-    pass
 
-  mine = Mine()
-  ocp.type_handlers.register_type_handler(jax.Array, mine, override=True)
-  try:
-    checkpointing.make_manager(str(tmp_path), keep_best=1)
-    assert ocp.type_handlers.get_type_handler(jax.Array) is mine
-  finally:
-    ocp.type_handlers.register_type_handler(jax.Array, original, override=True)
+def rest_layout_config():
+  from configs.synthetic import get_config
+  config = get_config("tiny")
+  config.model.level = 0
+  return config
+
+
+def assert_field_pattern(tree, k):
+  for j, leaf in enumerate(jax.tree.leaves(tree)):
+    base = 1000 if jnp.issubdtype(leaf.dtype, jnp.floating) else 100
+    np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, base * (k + 1) + j),
+                                  err_msg=f"field {k}, leaf {j}")
+
+
+def test_a_checkpoint_with_the_former_rest_field_resumes(tmp_path):
+  from flax import nnx
+
+  from apnet_jax import build_model, optim, train_step
+  shutil.copytree(REST_LAYOUT, tmp_path / "run")
+  config = rest_layout_config()
+  tx, _ = optim.make_optimizer(config, 1)
+  _, state = train_step.create_train_state(build_model(config.model, 8, rngs=nnx.Rngs(1)), tx)
+  replicated = train_step.replicated_sharding(train_step.make_mesh())
+  state = jax.device_put(state, replicated)
+  manager = checkpointing.make_manager(str(tmp_path / "run"), keep_best=1)
+  assert list(manager.all_steps()) == [400]
+  restored, meta = checkpointing.restore(manager, 400, state)
+  manager.close()
+  assert isinstance(restored, train_step.TrainState) and meta["num_classes"] == 8
+  for k, field in enumerate(("params", "model_state", "opt_state", "step")):
+    assert_field_pattern(getattr(restored, field), k)
+  assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(restored))
+  # BatchNorm statistics are where the former `rest` went.
+  assert jax.tree.leaves(nnx.state(restored.model_state, nnx.BatchStat))
+
+
+def test_a_checkpoint_with_the_former_rest_field_evaluates(tmp_path):
+  from flax import nnx
+
+  from apnet_jax import restore
+  shutil.copytree(REST_LAYOUT, tmp_path / "run")
+  model, source = restore.restore_model(rest_layout_config(), str(tmp_path / "run"))
+  assert source == {"checkpoint_step": 400}
+  _, params, model_state = nnx.split(model, nnx.Param, ...)
+  assert_field_pattern(params, 0)
+  assert_field_pattern(model_state, 1)
+
+
+def test_a_new_checkpoint_saves_the_model_state_under_its_name(tmp_path):
+  from apnet_jax import train_step
+  state = train_step.TrainState(params={"w": jnp.ones(2)}, model_state={"mean": jnp.zeros(2)},
+                                opt_state={}, step=jnp.asarray(3))
+  manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
+  checkpointing.save(manager, 3, state, {"epoch": 1})
+  checkpointing.wait_until_finished(manager)
+  assert set(manager.item_metadata(3)["state"].tree) == {"params", "model_state", "opt_state",
+                                                          "step"}
+  restored, _ = checkpointing.restore(manager, 3, state)
+  np.testing.assert_array_equal(restored.model_state["mean"], np.zeros(2))
+  manager.close()
 
 
 # --- Loader workers die with their parent -------------------------------------------------

@@ -253,7 +253,8 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
   graphdef, template = train_step.create_train_state(model, optim.make_optimizer(config, 2)[0])
   state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
                                    template)
-  save_torch_weights(nnx.merge(graphdef, state.params, state.rest), tmp_path / "official.pth")
+  save_torch_weights(nnx.merge(graphdef, state.params, state.model_state),
+                     tmp_path / "official.pth")
   config.eval.torch_checkpoint = str(tmp_path / "official.pth")
   from_torch = evaluate.evaluate_workdir(config, str(tmp_path / "report"))
   assert from_torch["torch_checkpoint"].endswith("official.pth")

@@ -143,8 +143,8 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
   np.testing.assert_allclose(metrics["lr"], 1e-3, rtol=1e-7)
   assert metrics["triplet"] > 0 and metrics["ce"] > 0
 
-  bn_leaves = jax.tree_util.tree_leaves_with_path(state.rest)
-  ref_bn = jax.tree.leaves(ref_state.rest)
+  bn_leaves = jax.tree_util.tree_leaves_with_path(state.model_state)
+  ref_bn = jax.tree.leaves(ref_state.model_state)
   assert len(bn_leaves) == len(ref_bn) > 0
   for (path, value), ref in zip(bn_leaves, ref_bn):
     np.testing.assert_allclose(value, ref, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
@@ -202,7 +202,7 @@ def test_state_is_donated(harness):
   state = harness.state("8-explicit")
   new_state, _ = step_fn(state, harness.batch("8-explicit"))
   adam = adam_first_moment(state.opt_state), _adam_state(state.opt_state).nu
-  big = jax.tree.leaves((state.params, state.rest, adam))
+  big = jax.tree.leaves((state.params, state.model_state, adam))
   assert len(big) > 100
   assert all(x.is_deleted() for x in big)
   assert state.step.is_deleted()

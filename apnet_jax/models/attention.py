@@ -259,9 +259,8 @@ class AttentionPyramid(nnx.Module):
     batch moments, which follow from ``mean`` and x's per-(image, channel)
     variance by the law of total variance. So the whole pyramid reads x for
     two reductions and writes its output once, instead of a pass over the
-    map for every pooling, statistic and product. On a 2-core CPU this took
-    the level-2 ResNet-50 train step from 1.16-1.40 to 0.98-1.18 times the
-    level-0 step (docs/benchmarks.md). The values are the official
+    map for every pooling, statistic and product (docs/benchmarks.md has
+    its effect on the train step). The values are the official
     composition's, up to rounding.
     """
     b, h, w, c = x.shape

@@ -31,11 +31,11 @@ def host_initializer(draw: Callable[[np.random.Generator, tuple[int, ...]], np.n
   ``draw(rng, shape)`` gets a numpy generator seeded with the words of the JAX
   key, so the values are a pure function of the key, as with ``jax.random``.
   Why not ``jax.random``: run eagerly, it compiles one XLA program per
-  parameter shape, and building ResNet-50 took 15 s on a 2-core CPU, 12.7 s
-  of it compiling (docs/benchmarks.md); numpy and ``device_put`` compile
-  nothing. Under a trace (``nnx.eval_shape``, a jitted constructor, ``vmap``)
-  the same draw runs as a host callback, so a jitted build gives the same
-  values as an eager one.
+  parameter shape, and that compiling is most of the time it takes to build
+  a ResNet-50 on a CPU (docs/benchmarks.md); numpy and ``device_put``
+  compile nothing. Under a trace (``nnx.eval_shape``, a jitted constructor,
+  ``vmap``) the same draw runs as a host callback, so a jitted build gives
+  the same values as an eager one.
   """
 
   def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:

@@ -1,4 +1,4 @@
-"""XLA:CPU tuning: compiler options and a CPU kernel for 1x1 convolutions.
+"""CPU tuning: XLA:CPU compiler options, a CPU kernel for 1x1 convolutions, Orbax saves.
 
 Two things make the train step and feature extraction fast on XLA:CPU, and
 neither changes what they compute (docs/benchmarks.md, "CPU tuning"):
@@ -15,10 +15,15 @@ neither changes what they compute (docs/benchmarks.md, "CPU tuning"):
   caller that compiles for the CPU puts this in its place
   (`apnet_jax.models.layers.convolution`). A custom VJP admits reverse-mode
   differentiation only, which is why it stays out of the model elsewhere.
+
+A third, `save_replicas_whole`, makes Orbax write a replicated array whole
+from one CPU device instead of in one piece per device; checkpointing
+installs it when it makes a checkpoint manager.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from collections.abc import Callable, Iterable
@@ -27,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # XLA:CPU's default YNNPACK set (jaxlib 0.10: individual dots, reductions and
@@ -84,6 +90,28 @@ def convolution_for(devices: jax.sharding.Mesh | Iterable[Any]) -> Callable[...,
   return conv_general_dilated if _all_cpu(devices) else jax.lax.conv_general_dilated
 
 
+def save_replicas_whole(devices: Iterable[Any]) -> None:
+  """When every device is a CPU, lets Orbax write each replicated array whole from one.
+
+  Orbax's default replica-parallel save cuts every replicated array into one
+  piece per device so that the devices share the device-to-host transfer.
+  CPU devices all sit in host memory, so there is nothing to share, and each
+  piece costs an eager slice per array and device at every save (Orbax makes
+  the same choice on GPU). Other platforms, and a ``jax.Array`` handler the
+  user registered, are left as they are.
+
+  Args:
+    devices: the devices the checkpointed arrays live on (``jax.devices()``).
+  """
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if (type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
+      and getattr(handler, "_use_replica_parallel", False)
+      and _all_cpu(devices)):
+    whole = copy.copy(handler)  # the same settings and metadata store otherwise
+    whole._use_replica_parallel = False  # pylint: disable=protected-access
+    ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+
+
 _NHWC_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -133,7 +161,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   times slower than the forward pass of the same FLOPs; as a matmul, both
   gradients are matmuls too. Only the plain case the networks use is
   rewritten (NHWC/HWIO, 1x1 kernel, explicit padding, no dilation, one
-  group); larger kernels gained nothing from it and stay convolutions.
+  group); larger kernels stay convolutions (docs/benchmarks.md, "CPU
+  tuning", says why).
   Differentiable in reverse mode only (``jax.grad``, ``jax.vjp``).
   """
   plain = (

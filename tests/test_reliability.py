@@ -446,12 +446,12 @@ def assert_field_pattern(tree, k):
 def test_a_checkpoint_with_the_former_rest_field_resumes(tmp_path):
   from flax import nnx
 
-  from apnet_jax import build_model, optim, train_step
+  from apnet_jax import build_model, optim, sharding, train_step
   shutil.copytree(REST_LAYOUT, tmp_path / "run")
   config = rest_layout_config()
   tx, _ = optim.make_optimizer(config, 1)
   _, state = train_step.create_train_state(build_model(config.model, 8, rngs=nnx.Rngs(1)), tx)
-  replicated = train_step.replicated_sharding(train_step.make_mesh())
+  replicated = sharding.replicated_sharding(sharding.make_mesh())
   state = jax.device_put(state, replicated)
   manager = checkpointing.make_manager(str(tmp_path / "run"), keep_best=1)
   assert list(manager.all_steps()) == [400]

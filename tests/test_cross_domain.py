@@ -1,0 +1,212 @@
+"""Cross-domain evaluation (eval.datasets), joint training (data.name with '+') and query expansion.
+
+The second dataset is a `reid_folder` one written here, Market-style names in
+train/, query/ and gallery/; the first is `synthetic_reid:tiny`.
+"""
+
+import json
+import os
+
+import data_fixtures as fx
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from apnet_jax import checkpointing, evaluate, restore, train
+from apnet_jax.evaluation import evaluator as evaluator_lib
+from configs.synthetic import get_config
+
+FOLDER = "reid_folder:mine"
+FOLDER_TRAIN_IDS = 4
+METRICS = ("R1", "R5", "R10", "mAP", "mINP", "cmc", "num_valid_queries", "protocol")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """A data_dir holding synthetic_reid:tiny and reid_folder:mine, both prepared."""
+  root = tmp_path_factory.mktemp("cross")
+  mine = root / "mine"
+  names = [f"train/{pid:04d}_c{cam}_{n}.jpg" for pid in range(1, FOLDER_TRAIN_IDS + 1)
+           for cam in (1, 2) for n in "ab"]
+  names += [f"query/{pid:04d}_c1_q.jpg" for pid in (11, 12, 13)]
+  names += [f"gallery/{pid:04d}_c2_{n}.jpg" for pid in (11, 12, 13, 14) for n in "ab"]
+  for seed, name in enumerate(names):
+    (mine / name).parent.mkdir(parents=True, exist_ok=True)
+    (mine / name).write_bytes(fx.jpeg_bytes(seed, size=(64, 32)))
+  fx.build("synthetic_reid", None, root / "data", config="tiny")
+  fx.build("reid_folder", mine, root / "data", config="mine")
+  return str(root / "data")
+
+
+def tiny_config(data_dir, **overrides):
+  config = get_config("tiny")
+  config.data.data_dir = data_dir
+  config.train.max_steps = 2
+  config.train.log_every_steps = 1
+  for dotted, value in overrides.items():
+    section, key = dotted.split(".")
+    setattr(config[section], key, value)
+  return config
+
+
+@pytest.fixture(scope="module")
+def cross_run(data_dir, tmp_path_factory):
+  """2 steps on synthetic_reid:tiny, evaluated on itself and on the folder: (workdir, results)."""
+  workdir = str(tmp_path_factory.mktemp("cross_run"))
+  config = tiny_config(data_dir, **{"eval.datasets": f"synthetic_reid:tiny,{FOLDER}"})
+  return workdir, config, train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.slow
+def test_each_entry_scores_as_it_would_as_the_main_dataset(data_dir, cross_run):
+  workdir, config, results = cross_run
+  assert list(results["datasets"]) == ["synthetic_reid:tiny", FOLDER]
+  assert results["datasets"][FOLDER]["protocol"]["dataset"] == "reid_folder/mine"
+  assert (results["datasets"][FOLDER]["protocol"]["num_query"],
+          results["datasets"][FOLDER]["protocol"]["num_gallery"]) == (3, 8)
+  model, _ = restore.restore_model(config, workdir)
+  for entry, name, builder_config in [("synthetic_reid:tiny", "synthetic_reid", "tiny"),
+                                      (FOLDER, "reid_folder", "mine")]:
+    alone = tiny_config(data_dir, **{"data.name": name, "data.config": builder_config})
+    evaluator = evaluator_lib.ReidEvaluator(alone, evaluator_lib.open_eval_datasets(alone))
+    separate = evaluator.run(model).results
+    assert list(separate["datasets"]) == [entry]
+    for key in METRICS:
+      assert results["datasets"][entry][key] == separate[key], (entry, key)
+  # The top level is the first entry's, for tools that read one dataset.
+  assert results["mAP"] == results["datasets"]["synthetic_reid:tiny"]["mAP"]
+
+
+@pytest.mark.slow
+def test_the_report_has_a_row_and_pictures_per_dataset(cross_run):
+  workdir, _, results = cross_run
+  table = evaluator_lib.format_results(results).splitlines()
+  assert [line.split()[0] for line in table] == ["dataset", "synthetic_reid:tiny", FOLDER]
+  assert float(table[2].split()[4]) == pytest.approx(results["datasets"][FOLDER]["mAP"],
+                                                     abs=0.006)
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert set(json.load(f)["datasets"]) == {"synthetic_reid:tiny", FOLDER}
+  for picture in ("cmc", "ranked_list"):
+    for entry in ("synthetic_reid-tiny", "reid_folder-mine"):
+      assert os.path.isfile(os.path.join(workdir, f"{picture}_{entry}.png"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    evals = [json.loads(line) for line in f if '"eval"' in line]
+  assert evals[-1][f"{FOLDER}/mAP"] == pytest.approx(results["datasets"][FOLDER]["mAP"])
+
+
+@pytest.mark.slow
+def test_eval_mode_takes_eval_datasets_and_agrees_with_training(data_dir, cross_run, tmp_path):
+  workdir, config, results = cross_run
+  # --mode eval on the folder alone, from the same checkpoint.
+  config = tiny_config(data_dir, **{"eval.datasets": FOLDER})
+  again = evaluate.evaluate_workdir(config, workdir)
+  assert list(again["datasets"]) == [FOLDER]
+  for key in METRICS:
+    assert again["datasets"][FOLDER][key] == results["datasets"][FOLDER][key], key
+
+
+def test_a_dataset_that_needs_a_download_is_refused_before_training(data_dir, tmp_path):
+  config = tiny_config(data_dir, **{"eval.datasets": "synthetic_reid:tiny,dukemtmc_reid"})
+  workdir = tmp_path / "run"
+  with pytest.raises(FileNotFoundError) as refusal:
+    train.train_and_evaluate(config, str(workdir))
+  message = str(refusal.value)
+  assert "eval.datasets" in message and "dukemtmc_reid" in message
+  assert "--mode prepare" in message and "--config.data.name=dukemtmc_reid" in message
+  assert data_dir in message
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.json").exists()
+
+
+def test_an_unknown_eval_dataset_is_a_config_error(data_dir, tmp_path):
+  from apnet_jax import config_check
+
+  config = tiny_config(data_dir, **{"eval.datasets": "synthetic_reid:tiny,market"})
+  with pytest.raises(config_check.ConfigError) as refusal:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert [key for key, _, _ in refusal.value.problems] == ["eval.datasets"]
+  assert "'market'" in str(refusal.value)
+
+
+@pytest.mark.slow
+def test_query_expansion_is_its_own_row_and_k_1_changes_nothing(data_dir, cross_run):
+  workdir, _, _ = cross_run
+  config = tiny_config(data_dir, **{"eval.query_expansion": True, "eval.query_expansion_k": 1})
+  results = evaluate.evaluate_workdir(config, workdir)
+  entry = results["datasets"]["synthetic_reid:tiny"]
+  # With k=1 every feature's only neighbour is itself: the ranking is the plain one, up to
+  # the order of near-ties (a 2-step model's features are close) that rounding can flip.
+  for key in ("R1", "R5", "R10", "mAP", "mINP"):
+    assert entry["query_expansion"][key] == pytest.approx(entry[key], abs=0.1), key
+  table = evaluator_lib.format_results(results).splitlines()
+  assert [line.split()[0] for line in table] == ["dataset", "synthetic_reid:tiny", "query"]
+
+  config.eval.query_expansion_k = 5
+  expanded = evaluate.evaluate_workdir(config, workdir)["datasets"]["synthetic_reid:tiny"]
+  assert expanded["query_expansion"]["mAP"] != pytest.approx(expanded["mAP"], abs=1e-6)
+
+
+# --- Joint training -------------------------------------------------------------------
+
+JOINT = f"synthetic_reid:tiny+{FOLDER}"
+
+
+def saved_state(workdir, step):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  return restored["state"]
+
+
+@pytest.fixture(scope="module")
+def joint_run(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("joint_run"))
+  config = tiny_config(data_dir, **{"data.name": JOINT, "data.config": ""})
+  return workdir, config, train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.slow
+def test_joint_training_covers_both_datasets_and_evaluates_each(joint_run):
+  workdir, _, results = joint_run
+  manager = checkpointing.make_manager(workdir, keep_best=1, read_only=True)
+  meta = checkpointing.restore_meta(manager, 2)
+  manager.close()
+  assert meta["num_classes"] == 8 + FOLDER_TRAIN_IDS  # synthetic_reid:tiny has 8 train ids
+  state = saved_state(workdir, 2)
+  classifier = [v for path, v in _flat(state["params"]) if "classifier" in path]
+  assert classifier and classifier[0].shape[-1] == 8 + FOLDER_TRAIN_IDS
+  assert list(results["datasets"]) == ["synthetic_reid:tiny", FOLDER]
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["name"] == JOINT  # the workdir records the constituents
+
+
+@pytest.mark.slow
+def test_joint_training_resumes_bitwise(data_dir, joint_run, tmp_path):
+  workdir, config, _ = joint_run
+  half = str(tmp_path / "half")
+  config.train.max_steps = 1
+  train.train_and_evaluate(config, half)
+  config.train.max_steps = 2
+  train.train_and_evaluate(config, half)
+  straight, resumed = saved_state(workdir, 2), saved_state(half, 2)
+  for (path, a), (_, b) in zip(_flat(straight), _flat(resumed)):
+    np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+@pytest.mark.slow
+def test_resuming_with_another_set_of_datasets_is_refused_by_name(data_dir, joint_run, tmp_path):
+  import shutil
+
+  workdir, _, _ = joint_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  config = tiny_config(data_dir, **{"data.name": "synthetic_reid", "data.config": "tiny",
+                                    "train.max_steps": 4})
+  with pytest.raises(ValueError) as refusal:
+    train.train_and_evaluate(config, copy)
+  assert "data.name" in str(refusal.value) and JOINT in str(refusal.value)
+
+
+def _flat(tree):
+  import jax
+
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in leaves]

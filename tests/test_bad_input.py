@@ -51,10 +51,10 @@ def test_imagenet_weights_of_another_width_name_the_file_and_keys(tmp_path):
   assert "layer1.0.conv1.weight: expected (16, 16, 3, 3), got (64, 64, 3, 3)" in message
 
 
-def test_official_checkpoint_of_another_model_names_the_file_and_settings(tmp_path):
+def test_official_checkpoint_of_another_model_names_the_file_and_settings(tiny_model, tmp_path):
   """Weights the model leaves out, or cannot take, are refused naming the file."""
   config = get_config("tiny")  # level 2: a finer split of attention, SAMS weights and all
-  state = weights.torch_state_dict(build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  state = weights.torch_state_dict(tiny_model)
   path = tmp_path / "apnet_level2.pth"
   torch_io.write_pth(state, path)
   config.eval.torch_checkpoint = str(path)

@@ -58,9 +58,9 @@ runpy.run_path("run.py", run_name="__main__")
 class Runner:
   """Starts `run.py` training processes in workdirs under one folder."""
 
-  def __init__(self, root):
+  def __init__(self, root, data_dir):
     self.root = root
-    self.data_dir = str(root / "tfds")
+    self.data_dir = data_dir
     self.env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
 
   def start(self, workdir, *, kill_in_save_of_step=None):
@@ -141,8 +141,8 @@ def assert_bitwise_equal(leaves_a, leaves_b):
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-  return Runner(tmp_path_factory.mktemp("reliability"))
+def runner(tmp_path_factory, tiny_data_dir):
+  return Runner(tmp_path_factory.mktemp("reliability"), tiny_data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -208,12 +208,12 @@ def test_attention_maps_refuses_bad_input(channel):
 
 
 @pytest.fixture(scope="module")
-def workdir_config(channel, tmp_path_factory):
+def workdir_config(channel, tiny_data_dir, tmp_path_factory):
   """A tiny synthetic config whose model is an official-layout checkpoint of `channel`."""
   root = tmp_path_factory.mktemp("visualize")
   config, model, _, _ = channel
   config = config.copy_and_resolve_references()
-  config.data.data_dir = str(root / "tfds")
+  config.data.data_dir = tiny_data_dir
   save_torch_weights(model, root / "apnet.pth")
   config.eval.torch_checkpoint = str(root / "apnet.pth")
   return root, config

@@ -151,7 +151,7 @@ def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
 
 def test_non_finite_loss_names_the_step():
   window = [{"loss": np.float32(1.0)}, {"loss": np.float32(np.nan)}]
-  with pytest.raises(train.NonFiniteLossError, match="at step 8"):
+  with pytest.raises(train.NonFiniteLossError, match=r"\bstep 8\b"):
     train._reduce_window(window, first_step=6)
 
 
@@ -165,7 +165,8 @@ def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
 
   config = market()
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match=r"market1501 is not prepared.*manual_dir"):
+  with pytest.raises(FileNotFoundError,
+                     match=rf"market1501.*{re.escape(str(tmp_path))}.*manual_dir"):
     train.open_dataset(config.data)
 
 
@@ -218,10 +219,10 @@ def test_eval_mode_restores_the_chosen_checkpoint(tiny_data_dir, straight_run, t
   config.eval.step, config.eval.use_best = -1, True
   assert train.evaluate_workdir(config, workdir)["checkpoint_step"] == best
   config.eval.step, config.eval.use_best = 3, False
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3.*\[2, 4\]"):
+  with pytest.raises(FileNotFoundError, match=r"\bstep 3\b.*\[2, 4\]"):
     train.evaluate_workdir(config, workdir)
   config.eval.step = -1
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
     train.evaluate_workdir(config, str(tmp_path / "empty"))
 
 
@@ -274,7 +275,7 @@ def test_features_are_image_plus_flip(tiny_data_dir, straight_run):
   np.testing.assert_array_equal(out["pid"][:4], batch["pid"])
   with pytest.raises(ValueError, match="eval_feature"):
     extract_features(model, query, eval_feature="pooled", input_size=(64, 32), batch_size=16)
-  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+  with pytest.raises(ValueError, match=r"eval\.batch_size=12\b.*\b8\b"):
     extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=12)
 
 
@@ -307,11 +308,11 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
                                 source.backbone.layer4[1].conv2.kernel[...])
   # A whole official checkpoint is not an ImageNet backbone: refused by name.
   torch_io.write_pth(weights.torch_state_dict(source), tmp_path / "apnet.pth")
-  with pytest.raises(ValueError, match=r"apnet.pth is a whole official APNet checkpoint"):
+  with pytest.raises(ValueError, match=r"model\.init_from: .*apnet\.pth.*eval\.torch_checkpoint"):
     train.init_from_imagenet(model, str(tmp_path / "apnet.pth"))
   del torchvision["layer2.0.conv1.weight"]
   torch_io.write_pth(torchvision, tmp_path / "partial.pth")
-  with pytest.raises(ValueError, match=r"partial.pth lacks backbone keys: \['layer2.0.conv1"):
+  with pytest.raises(ValueError, match=r"partial\.pth.*\['layer2\.0\.conv1"):
     train.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
@@ -355,13 +356,12 @@ def test_eval_refuses_an_incomplete_official_checkpoint(tiny_model, tmp_path):
   del state["bottleneck.running_var"]  # the BNNeck's: no alias stands in for it
   torch_io.write_pth(state, tmp_path / "partial.pth")
   config.eval.torch_checkpoint = str(tmp_path / "partial.pth")
-  with pytest.raises(ValueError, match=r"partial\.pth is not a complete official APNet "
-                     r"checkpoint.*bottleneck\.running_var"):
+  with pytest.raises(ValueError, match=r"partial\.pth.*bottleneck\.running_var"):
     train.restore_model(config, str(tmp_path))
   del state["classifier.weight"]
   torch_io.write_pth(state, tmp_path / "headless.pth")
   config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
-  with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
+  with pytest.raises(ValueError, match=r"headless\.pth.*classifier\.weight"):
     train.restore_model(config, str(tmp_path))
 
 
@@ -388,7 +388,7 @@ def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_a
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
   try:
     with pytest.raises(workdir_lib.WorkdirBusyError,
-                       match=rf"{re.escape(str(workdir))} is in use .*training, pid "):
+                       match=rf"{re.escape(str(workdir))}.*training.*pid \d+"):
       train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=6), str(workdir))
     results = train.evaluate_workdir(tiny_config(tiny_data_dir), str(workdir))
     assert_records_unchanged(workdir, records)  # results.json and pictures untouched
@@ -417,8 +417,8 @@ def test_logs_without_a_checkpoint_of_another_run_are_refused(tiny_data_dir, tmp
   (workdir / "config.json").write_text(other.to_json_best_effort(indent=2))
   (workdir / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 9.0}\n')
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-  with pytest.raises(ValueError, match=rf"{re.escape(str(workdir))} holds the records of a "
-                     r"run with another recipe.*model\.level: workdir 1, config 2"):
+  with pytest.raises(ValueError,
+                     match=rf"{re.escape(str(workdir))}.*model\.level: workdir 1, config 2"):
     train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=1), str(workdir))
   assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
   assert not (workdir / "checkpoints").exists()
@@ -451,8 +451,7 @@ def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
 
 def test_a_workdir_that_is_a_file_is_named(tiny_data_dir, tmp_path):
   (tmp_path / "run").write_text("my notes")
-  with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(tmp_path / 'run'))} is a "
-                     "file"):
+  with pytest.raises(NotADirectoryError, match=re.escape(str(tmp_path / "run"))):
     train.train_and_evaluate(tiny_config(tiny_data_dir), str(tmp_path / "run"))
   assert (tmp_path / "run").read_text() == "my notes"
 
@@ -469,8 +468,8 @@ def test_use_best_without_an_evaluated_checkpoint_says_so():
 
   config = tiny_config("unused")
   config.eval.use_best = True
-  with pytest.raises(FileNotFoundError, match=r"config\.eval\.use_best: no checkpoint in "
-                     r"w/checkpoints was evaluated.*\[2\].*step 2.*eval\.step"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"config\.eval\.use_best.*w/checkpoints.*\[2\].*step 2.*eval\.step"):
     train._restore_checkpoint(Unscored(), config, "w")
 
 
@@ -479,8 +478,7 @@ def test_a_config_file_that_takes_no_argument_refuses_one_by_name(config_file):
   import importlib
 
   get = importlib.import_module(f"configs.{config_file}").get_config
-  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py takes no argument, got "
-                     "'typo'"):
+  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py.*'typo'"):
     get("typo")
   assert get() is not None and get("") is not None
 
@@ -490,7 +488,7 @@ def test_the_command_line_refuses_a_config_argument_by_name():
       [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr
+  assert "configs/market1501.py" in result.stderr and "'typo'" in result.stderr
 
 
 @pytest.mark.slow

@@ -13,6 +13,10 @@ and step, in this process or in the `run.py` processes they start, which
 inherit the variables set here. Every test still runs its programs; only
 identical XLA programs are reused (the cache key is the whole compiled
 module, its options and the devices).
+
+The tiny synthetic dataset and the tiny model are made once per process
+(per xdist worker) by the session fixtures below, for the tests that only
+read them; a test that damages data or weights makes its own.
 """
 
 import importlib.metadata
@@ -38,6 +42,39 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                   int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+from flax import nnx  # noqa: E402
+import pytest  # noqa: E402
+
+import data_fixtures as fx  # noqa: E402
+from apnet_jax import build_model  # noqa: E402
+from configs.synthetic import get_config as synthetic_config  # noqa: E402
+
+TINY_NUM_CLASSES = 8  # the train ids of synthetic_reid/tiny
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  """A data_dir with synthetic_reid/tiny prepared, shared: a test that damages it copies it."""
+  data_dir = tmp_path_factory.mktemp("tiny_tfds")
+  fx.build("synthetic_reid", None, data_dir, "tiny")
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def _tiny_model_built_once():
+  return build_model(synthetic_config("tiny").model, TINY_NUM_CLASSES, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture
+def tiny_model(_tiny_model_built_once):
+  """The model of configs/synthetic.py:tiny, 8 classes, seed 0, in train mode.
+
+  A clone each time: a test may switch its mode or assign its variables
+  without reaching the next test (merged splits would share the variables).
+  """
+  return nnx.clone(_tiny_model_built_once)
 
 
 def pytest_report_header(config):

@@ -30,7 +30,7 @@ def test_truncated_cuhk03_mat_is_named(tmp_path, mat):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   path = manual / mat
   path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a download cut short
-  with pytest.raises(ValueError, match=rf"Cannot read {re.escape(str(path))} as a MATLAB"):
+  with pytest.raises(ValueError, match=re.escape(str(path))):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
   assert not sources.get_builder("cuhk03", data_dir=tmp_path / "data",
                                  config="labeled").is_prepared()
@@ -51,21 +51,20 @@ def test_imagenet_weights_of_another_width_name_the_file_and_keys(tmp_path):
   assert "layer1.0.conv1.weight: expected (16, 16, 3, 3), got (64, 64, 3, 3)" in message
 
 
-def test_official_checkpoint_of_another_model_names_the_file_and_settings(tmp_path):
+def test_official_checkpoint_of_another_model_names_the_file_and_settings(tiny_model, tmp_path):
   """Weights the model leaves out, or cannot take, are refused naming the file."""
   config = get_config("tiny")  # level 2: a finer split of attention, SAMS weights and all
-  state = weights.torch_state_dict(build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  state = weights.torch_state_dict(tiny_model)
   path = tmp_path / "apnet_level2.pth"
   torch_io.write_pth(state, path)
   config.eval.torch_checkpoint = str(path)
   config.model.level = 1
-  with pytest.raises(ValueError, match=rf"eval\.torch_checkpoint: {re.escape(str(path))} holds "
-                     r"\d+ weights this model does not use, e\.g\. \['BN1\.bottleneck2.*"
-                     r"model\.level \(1\) and model\.kind \('channel'\)"):
+  with pytest.raises(ValueError, match=rf"eval\.torch_checkpoint: {re.escape(str(path))} .*"
+                     r"\['BN1\.bottleneck2.*model\.level \(1\).*model\.kind \('channel'\)"):
     restore.restore_model(config, str(tmp_path))
   config.model.level, config.model.width = 2, 0.5
   with pytest.raises(ValueError, match=rf"^eval\.torch_checkpoint: {re.escape(str(path))}: .*"
-                     r"base\.conv1\.weight: expected \(32, 3, 7, 7\), got \(16, 3, 7, 7\)"):
+                     r"base\.conv1\.weight.*\(32, 3, 7, 7\).*\(16, 3, 7, 7\)"):
     restore.restore_model(config, str(tmp_path))
 
 
@@ -99,7 +98,7 @@ def test_killed_prepare_leaves_nothing_loadable_and_the_next_cleans_up(tmp_path)
   assert len(unfinished) == 1 and unfinished[0].endswith("_1.0.0"), os.listdir(dataset_dir)
   assert list((dataset_dir / unfinished[0]).glob("*train.array_record*"))  # it was mid-way
   assert not sources.get_builder("market1501", data_dir=data_dir).is_prepared()
-  with pytest.raises(FileNotFoundError, match="not prepared"):
+  with pytest.raises(FileNotFoundError, match=rf"market1501.*{re.escape(str(data_dir))}"):
     sources.load_split("market1501", "train", data_dir=data_dir)
 
   # The user's files next to it, even look-alikes, survive the next prepare.

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -101,7 +102,7 @@ def test_all_bad_keys_are_reported_together_with_value_and_what_is_allowed(tmp_p
 def test_a_key_the_table_does_not_know_is_refused(tmp_path):
   config = tiny(tmp_path)
   config.loss.margn = 0.5  # a config file may add keys; a typo must not pass silently
-  with pytest.raises(config_check.ConfigError, match=r"loss\.margn=0\.5: not a config key"):
+  with pytest.raises(config_check.ConfigError, match=r"loss\.margn=0\.5"):
     config_check.check(config, "train")
 
 
@@ -137,7 +138,7 @@ def test_allow_changes_names_config_keys(tmp_path):
   config = tiny(tmp_path, **{"train.allow_changes": "optim.base_lr, train.epochs"})
   config_check.check(config, "train")
   config.train.allow_changes = "optim.base_lr,optim.lr"
-  with pytest.raises(config_check.ConfigError, match=r"not config keys: optim\.lr"):
+  with pytest.raises(config_check.ConfigError, match=r"train\.allow_changes.*optim\.lr\b"):
     config_check.check(config, "train")
 
 
@@ -233,7 +234,7 @@ def test_a_mode_ignores_keys_it_does_not_use(tmp_path):
   config = tiny(tmp_path, **{"augment.erase_p": 1.5, "loss.margin": -1.0, "data.p": 1})
   assert "augment.erase_p" not in config_check.keys_of("eval")
   # Past the check: the (missing) checkpoint is what stops it.
-  with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "run" / "checkpoints"))):
     evaluate.evaluate_workdir(config, str(tmp_path / "run"))
 
 
@@ -264,4 +265,5 @@ def test_summary_checks_the_model_keys():
       [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode", "summary",
        "--config.model.depth=19"], cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1] == "  model.depth=19: one of 18, 34, 50, 101"
+  last = result.stderr.strip().splitlines()[-1]
+  assert "model.depth=19" in last and "18, 34, 50, 101" in last

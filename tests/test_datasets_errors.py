@@ -20,7 +20,7 @@ def _market_copy(tmp_path):
 
 def test_empty_manual_dir(tmp_path):
   (tmp_path / "manual").mkdir()
-  with pytest.raises(Exception, match="does not exist or is empty"):
+  with pytest.raises(Exception, match=re.escape(str(tmp_path / "manual"))):
     fx.build("market1501", tmp_path / "manual", tmp_path / "data")
 
 
@@ -30,7 +30,7 @@ def test_missing_manual_dir(tmp_path):
 
 
 def test_manual_dir_required(tmp_path):
-  with pytest.raises(ValueError, match="market1501 needs manual_dir"):
+  with pytest.raises(ValueError, match="market1501.*manual_dir"):
     prepare.prepare("market1501", manual_dir=None, data_dir=tmp_path)
 
 
@@ -40,7 +40,7 @@ def test_unrelated_manual_dir_says_what_is_expected(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     fx.build("market1501", tmp_path / "manual", tmp_path / "data")
   message = str(e.value)
-  assert "Found no dataset" in message and MARKET_ROOT in message
+  assert str(tmp_path / "manual") in message and MARKET_ROOT in message
   assert "bounding_box_test" in message and "notes.txt" in message
 
 
@@ -49,7 +49,7 @@ def test_missing_folder_is_named(tmp_path):
   for f in (root / "bounding_box_test").iterdir():
     f.unlink()
   (root / "bounding_box_test").rmdir()
-  with pytest.raises(FileNotFoundError, match=r"lacks bounding_box_test") as e:
+  with pytest.raises(FileNotFoundError, match="bounding_box_test") as e:
     fx.build("market1501", manual, tmp_path / "data")
   assert str(root) in str(e.value)
 
@@ -71,8 +71,8 @@ def test_camera_out_of_range_is_named(tmp_path):
 def test_market_folder_is_refused_by_the_duke_builder(tmp_path):
   # Duke's 8 cameras cover Market's 6: only the names tell them apart.
   manual = fx.copy_dummy("market1501", tmp_path / "manual")
-  with pytest.raises(ValueError, match=r"bounding_box_train/0002_c1s1_000451_03\.jpg is named"
-                     r" like a Market-1501 image .* not a dukemtmc_reid one"):
+  with pytest.raises(ValueError, match=r"bounding_box_train/0002_c1s1_000451_03\.jpg.*"
+                     r"Market-1501.*dukemtmc_reid"):
     fx.build("dukemtmc_reid", manual, tmp_path / "data")
   assert not sources.get_builder("dukemtmc_reid", data_dir=tmp_path / "data").is_prepared()
 
@@ -81,7 +81,7 @@ def test_duke_folder_is_refused_by_the_market_builder(tmp_path):
   manual = tmp_path / "manual"
   fx.zip_folder(fx.dummy_data("dukemtmc_reid") / "DukeMTMC-reID", manual / "DukeMTMC-reID.zip")
   with pytest.raises(ValueError, match=r"DukeMTMC-reID\.zip:DukeMTMC-reID/bounding_box_train/"
-                     r"0001_c2_f0046182\.jpg is named like a DukeMTMC-reID image"):
+                     r"0001_c2_f0046182\.jpg.*DukeMTMC-reID"):
     fx.build("market1501", manual, tmp_path / "data")
 
 
@@ -89,7 +89,7 @@ def test_empty_split_folder_is_named(tmp_path):
   manual, root = _market_copy(tmp_path)
   for f in (root / "bounding_box_train").iterdir():
     f.unlink()
-  with pytest.raises(ValueError, match=re.escape(f"{root / 'bounding_box_train'} holds no images")):
+  with pytest.raises(ValueError, match=re.escape(str(root / "bounding_box_train"))):
     fx.build("market1501", manual, tmp_path / "data")
 
 
@@ -98,7 +98,7 @@ def test_split_folder_of_junk_only_is_named(tmp_path):
   for f in (root / "query").iterdir():
     f.unlink()
   (root / "query" / "-1_c1s1_000401_03.jpg").write_bytes(fx.jpeg_bytes(0))
-  with pytest.raises(ValueError, match=re.escape(f"{root / 'query'} holds only junk images")):
+  with pytest.raises(ValueError, match=re.escape(str(root / "query"))):
     fx.build("market1501", manual, tmp_path / "data")
 
 
@@ -106,7 +106,7 @@ def test_non_jpeg_png_image_is_named(tmp_path):
   manual, root = _market_copy(tmp_path)
   gif = root / "query" / "0003_c1s1_000999_00.jpg"
   PIL.Image.new("RGB", (4, 8)).save(gif, format="GIF")
-  with pytest.raises(ValueError, match=r"0003_c1s1_000999_00\.jpg is a GIF image"):
+  with pytest.raises(ValueError, match=r"0003_c1s1_000999_00\.jpg.*GIF"):
     fx.build("market1501", manual, tmp_path / "data")
 
 
@@ -122,7 +122,7 @@ def test_failed_build_leaves_nothing_loadable_and_a_rebuild_works(tmp_path):
     fx.build("market1501", manual, data_dir)
   builder = sources.get_builder("market1501", data_dir=data_dir)
   assert not builder.is_prepared()
-  with pytest.raises(FileNotFoundError, match="not prepared"):
+  with pytest.raises(FileNotFoundError, match=rf"market1501.*{re.escape(str(data_dir))}"):
     sources.load_split("market1501", "train", data_dir=data_dir)
   leftovers = [p for p in data_dir.rglob("*") if "array_record" in p.name]
   assert leftovers == []
@@ -146,14 +146,14 @@ def test_corrupt_image_in_zip_is_named(tmp_path):
 def test_bad_zip_is_named(tmp_path):
   (tmp_path / "manual").mkdir()
   (tmp_path / "manual" / "Market.zip").write_bytes(b"not a zip")
-  with pytest.raises(ValueError, match=r"Market\.zip is not a readable zip"):
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "manual" / "Market.zip"))):
     fx.build("market1501", tmp_path / "manual", tmp_path / "data")
 
 
 def test_msmt17_missing_list_file_is_named(tmp_path):
   manual = fx.copy_dummy("msmt17", tmp_path / "manual")
   (manual / "MSMT17_V1" / "list_gallery.txt").unlink()
-  with pytest.raises(FileNotFoundError, match="lacks list_gallery.txt"):
+  with pytest.raises(FileNotFoundError, match=r"list_gallery\.txt"):
     fx.build("msmt17", manual, tmp_path / "data")
 
 
@@ -162,7 +162,7 @@ def test_msmt17_listed_image_missing_is_named(tmp_path):
   with (manual / "MSMT17_V1" / "list_query.txt").open("a") as f:
     f.write("0009/0009_000_03_0303noon_0001_0.jpg 9\n")
   with pytest.raises(
-      FileNotFoundError, match=r"list_query\.txt, line 3 lists 0009/0009_000_03"
+      FileNotFoundError, match=r"list_query\.txt, line 3\b.*0009/0009_000_03"
   ):
     fx.build("msmt17", manual, tmp_path / "data")
 
@@ -172,14 +172,14 @@ def test_msmt17_malformed_line_is_named(tmp_path):
   (manual / "MSMT17_V1" / "list_train.txt").write_text(
       "0000/0000_000_01_0303morning_0008_0.jpg\n"
   )
-  with pytest.raises(ValueError, match=r"list_train\.txt, line 1: expected"):
+  with pytest.raises(ValueError, match=r"list_train\.txt, line 1\b"):
     fx.build("msmt17", manual, tmp_path / "data")
 
 
 def test_msmt17_empty_list_is_named(tmp_path):
   manual = fx.copy_dummy("msmt17", tmp_path / "manual")
   (manual / "MSMT17_V1" / "list_query.txt").write_text("\n")
-  with pytest.raises(ValueError, match=r"list_query\.txt lists no image: the query split"):
+  with pytest.raises(ValueError, match=r"list_query\.txt.*query split"):
     fx.build("msmt17", manual, tmp_path / "data")
 
 
@@ -188,7 +188,7 @@ def test_cuhk03_protocol_empty_split_is_named(tmp_path):
   fx.write_cuhk03_protocol(
       manual / "cuhk03_new_protocol_config_labeled.mat", train_idx=np.zeros((0, 1))
   )
-  with pytest.raises(ValueError, match=r"labeled\.mat: train_idx is empty: the train split"):
+  with pytest.raises(ValueError, match=r"labeled\.mat: train_idx\b.*train split"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
 
@@ -197,7 +197,7 @@ def test_cuhk03_protocol_missing_field_is_named(tmp_path):
   fx.write_cuhk03_protocol(
       manual / "cuhk03_new_protocol_config_labeled.mat", gallery_idx=None
   )
-  with pytest.raises(ValueError, match=r"labeled\.mat lacks the field\(s\) gallery_idx"):
+  with pytest.raises(ValueError, match=r"labeled\.mat.*gallery_idx"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
 
@@ -207,7 +207,7 @@ def test_cuhk03_protocol_index_out_of_range(tmp_path):
       manual / "cuhk03_new_protocol_config_detected.mat",
       query_idx=np.array([[1.0], [99.0]]),
   )
-  with pytest.raises(ValueError, match=r"detected\.mat: query_idx holds indices outside"):
+  with pytest.raises(ValueError, match=r"detected\.mat: query_idx\b"):
     fx.build("cuhk03", manual, tmp_path / "data", "detected")
 
 
@@ -221,7 +221,7 @@ def test_cuhk03_protocol_naming_an_empty_slot(tmp_path):
   fx.write_cuhk03_protocol(
       manual / "cuhk03_new_protocol_config_labeled.mat", filelist=cells
   )
-  with pytest.raises(ValueError, match=r"1_001_1_05\.png\): the image is empty"):
+  with pytest.raises(ValueError, match=r"1_001_1_05\.png"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
 
@@ -229,16 +229,16 @@ def test_cuhk03_missing_protocol_file_is_named(tmp_path):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   (manual / "cuhk03_new_protocol_config_detected.mat").unlink()
   with pytest.raises(
-      FileNotFoundError, match="lacks cuhk03_new_protocol_config_detected.mat"
+      FileNotFoundError, match=r"cuhk03_new_protocol_config_detected\.mat"
   ):
     fx.build("cuhk03", manual, tmp_path / "data", "detected")
 
 
 def test_unknown_dataset_and_split(tmp_path):
-  with pytest.raises(ValueError, match="Unknown dataset 'market'"):
+  with pytest.raises(ValueError, match="'market'"):
     sources.load_split("market", "train", data_dir=tmp_path)
   builder = fx.build("market1501", fx.dummy_data("market1501"), tmp_path / "data")
-  with pytest.raises(ValueError, match="no split 'test'"):
+  with pytest.raises(ValueError, match="'test'"):
     sources.load_split(builder, "test")
 
 
@@ -274,8 +274,8 @@ def test_a_truncated_prepared_split_is_named_with_the_fix(tmp_path):
   (train_file,) = [p for p in builder.data_path.iterdir() if "-train.array_record" in p.name]
   data = train_file.read_bytes()
   train_file.write_bytes(data[:len(data) // 2])
-  with pytest.raises(ValueError, match=rf"the train split \({train_file.name}\) cannot be "
-                     rf"read.*damaged.*Delete {re.escape(str(builder.data_path))}"):
+  with pytest.raises(ValueError, match=rf"train split \({train_file.name}\).*"
+                     rf"{re.escape(str(builder.data_path))}"):
     sources.load_split("synthetic_reid", "train", data_dir=tmp_path / "data", config="tiny")
   sources.load_split("synthetic_reid", "query", data_dir=tmp_path / "data", config="tiny")
 
@@ -285,7 +285,7 @@ def test_preparing_again_from_another_manual_dir_says_so_and_how_to_rebuild(tmp_
   second, _ = _market_copy(tmp_path / "b")
   builder = fx.build("market1501", first, tmp_path / "data")
   fx.build("market1501", first, tmp_path / "data")  # the same folder: reused quietly
-  with pytest.raises(ValueError, match=rf"{re.escape(str(builder.data_path))} was prepared "
-                     rf"from manual_dir {re.escape(str(first))}, not {re.escape(str(second))}"
-                     rf".*delete {re.escape(str(builder.data_path))}"):
+  with pytest.raises(ValueError, match=rf"{re.escape(str(builder.data_path))}.*manual_dir "
+                     rf"{re.escape(str(first))}.*{re.escape(str(second))}"
+                     rf".*{re.escape(str(builder.data_path))}"):
     fx.build("market1501", second, tmp_path / "data")

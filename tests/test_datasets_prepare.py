@@ -108,7 +108,7 @@ def test_reusing_a_name_with_another_config_is_refused(tmp_path):
   )
   prepare.prepare("synthetic_reid", manual_dir=None, data_dir=tmp_path, config=mine)
   other = dataclasses.replace(mine, seed=1)
-  with pytest.raises(ValueError, match=r"was built from config .*'seed': 0"):
+  with pytest.raises(ValueError, match=r"synthetic_reid/mine\b.*'seed': 0.*'seed': 1"):
     prepare.prepare("synthetic_reid", manual_dir=None, data_dir=tmp_path, config=other)
   renamed = dataclasses.replace(mine, name="mine_seed1", seed=1)
   builder = prepare.prepare(

@@ -13,8 +13,8 @@ from apnet_jax.data import sources
 TINY = synthetic.Builder.builder_configs["tiny"]
 
 
-def test_tiny_build_has_market_split_structure(tmp_path):
-  builder = fx.build("synthetic_reid", None, tmp_path, "tiny")
+def test_tiny_build_has_market_split_structure(tiny_data_dir):
+  builder = sources.get_builder("synthetic_reid", data_dir=tiny_data_dir, config="tiny")
   c = TINY
   per_id = c.num_cameras * c.images_per_id_per_camera
   sizes = {s: builder.info.splits[s].num_examples for s in ("train", "query", "gallery")}
@@ -108,11 +108,12 @@ def test_identities_are_not_given_away_by_mean_colour():
   assert by_person > 2 * by_mean  # yet the person carries identity
 
 
-def test_annotations_match_records(tmp_path):
-  builder = fx.build("synthetic_reid", None, tmp_path, "tiny")
+def test_annotations_match_records(tiny_data_dir):
+  builder = sources.get_builder("synthetic_reid", data_dir=tiny_data_dir, config="tiny")
   for split in ("train", "query", "gallery"):
     rows = fx.records(builder, split)
-    annotations = sources.split_annotations("synthetic_reid", split, data_dir=tmp_path, config="tiny")
+    annotations = sources.split_annotations("synthetic_reid", split, data_dir=tiny_data_dir,
+                                            config="tiny")
     np.testing.assert_array_equal(annotations.pid, [r[1] for r in rows])
     np.testing.assert_array_equal(annotations.camid, [r[2] for r in rows])
     np.testing.assert_array_equal(annotations.label, [r[3] for r in rows])

@@ -195,11 +195,11 @@ def _call(data, **kwargs):
 
 def test_rejects_mismatched_lengths(small):
   q, g, qp, gp, qc, gc = small
-  with pytest.raises(ValueError, match="query_pids has 5 entries"):
+  with pytest.raises(ValueError, match=r"query_pids.*\b5\b"):
     evaluate(q, g, qp[:5], gp, qc, gc)
-  with pytest.raises(ValueError, match="gallery_camids has 29 entries"):
+  with pytest.raises(ValueError, match=r"gallery_camids.*\b29\b"):
     evaluate(q, g, qp, gp, qc, gc[:29])
-  with pytest.raises(ValueError, match="query_camids must be 1-D"):
+  with pytest.raises(ValueError, match="query_camids"):
     evaluate(q, g, qp, gp, qc[:, None], gc)
 
 
@@ -208,23 +208,25 @@ def test_rejects_non_finite_features(small, bad):
   q, g, qp, gp, qc, gc = small
   g = g.copy()
   g[3, 1] = bad
-  with pytest.raises(ValueError, match=r"gallery_features has non-finite values .* \[3\]"):
+  with pytest.raises(ValueError, match=r"gallery_features.*\[3\]"):
     evaluate(q, g, qp, gp, qc, gc)
 
 
 def test_rejects_empty_sets(small):
   q, g, qp, gp, qc, gc = small
-  with pytest.raises(ValueError, match="gallery_features is empty"):
+  with pytest.raises(ValueError, match="gallery_features"):
     evaluate(q, g[:0], qp, gp[:0], qc, gc[:0])
-  with pytest.raises(ValueError, match="query_features is empty"):
+  with pytest.raises(ValueError, match="query_features"):
     evaluate(q[:0], g, qp[:0], gp, qc[:0], gc)
 
 
 def test_rejects_mismatched_dims_and_shapes(small):
   q, g, qp, gp, qc, gc = small
-  with pytest.raises(ValueError, match="dimension 16 but gallery_features have dimension 15"):
+  with pytest.raises(ValueError) as error:
     evaluate(q, g[:, :15], qp, gp, qc, gc)
-  with pytest.raises(ValueError, match="query_features must be 2-D"):
+  for name in ("query_features", "16", "gallery_features", "15"):
+    assert name in str(error.value)
+  with pytest.raises(ValueError, match="query_features"):
     evaluate(q[0], g, qp, gp, qc, gc)
 
 
@@ -240,9 +242,9 @@ def test_rejects_no_valid_query(small):
 def test_rejects_labels_of_different_types(small):
   q, g, qp, gp, qc, gc = small
   # As strings, query pid 1 and gallery pid '1' would silently count as equal.
-  with pytest.raises(ValueError, match="query_pids are numbers but gallery_pids are strings"):
+  with pytest.raises(ValueError, match="query_pids.*numbers.*gallery_pids.*strings"):
     evaluate(q, g, qp, gp.astype(str), qc, gc)
-  with pytest.raises(ValueError, match="query_camids are strings but gallery_camids are numbers"):
+  with pytest.raises(ValueError, match="query_camids.*strings.*gallery_camids.*numbers"):
     evaluate(q, g, qp, gp, qc.astype(str), gc)
   # One type on both sides is fine, whatever it is: the metrics do not change.
   as_numbers = evaluate(q, g, qp, gp, qc, gc)
@@ -251,22 +253,24 @@ def test_rejects_labels_of_different_types(small):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, names",
     [
-        (dict(max_rank=0), "max_rank must be at least 1"),
-        (dict(max_rank=2.5), "max_rank must be an int"),
-        (dict(metric="manhattan"), "metric must be one of"),
-        (dict(chunk_size=0), "chunk_size must be a positive int"),
-        (dict(rerank=dict(k1=5, k3=2)), r"Unknown rerank keys \['k3'\]"),
-        (dict(rerank=dict(k1=5), metric="cosine"), "requires metric='euclidean'"),
-        (dict(rerank=dict(k1=0)), "k1 must be at least 1"),
-        (dict(rerank=dict(lambda_value=1.5)), r"lambda_value must be in \[0, 1\]"),
-        (dict(rerank=dict(k1=40)), "must not exceed the 36 query and gallery items"),
+        (dict(max_rank=0), ("max_rank",)),
+        (dict(max_rank=2.5), ("max_rank", "2.5")),
+        (dict(metric="manhattan"), ("metric", "'manhattan'")),
+        (dict(chunk_size=0), ("chunk_size",)),
+        (dict(rerank=dict(k1=5, k3=2)), ("rerank", "'k3'")),
+        (dict(rerank=dict(k1=5), metric="cosine"), ("rerank", "metric='euclidean'")),
+        (dict(rerank=dict(k1=0)), ("k1",)),
+        (dict(rerank=dict(lambda_value=1.5)), ("lambda_value", "1.5")),
+        (dict(rerank=dict(k1=40)), ("k1", "36")),
     ],
 )
-def test_rejects_bad_arguments(small, kwargs, message):
-  with pytest.raises(ValueError, match=message):
+def test_rejects_bad_arguments(small, kwargs, names):
+  with pytest.raises(ValueError) as error:
     _call(small, **kwargs)
+  for name in names:
+    assert name in str(error.value)
 
 
 def test_ranked_list_picture_frames_each_verdict(tmp_path):

@@ -82,14 +82,14 @@ def test_extract_writes_features_and_rankings(setup, tmp_path, capsys):
 def test_extract_bad_input_is_named(setup, tmp_path):
   _, config, _ = setup
   config = config.copy_and_resolve_references()
-  with pytest.raises(ValueError, match="needs --config.extract.input_dir"):
+  with pytest.raises(ValueError, match=r"--mode extract.*extract\.input_dir"):
     inference.extract_folder(config, str(tmp_path / "run"))
   (tmp_path / "empty").mkdir()
   config.extract.input_dir = str(tmp_path / "empty")
-  with pytest.raises(ValueError, match=r"empty holds no images"):
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):
     inference.extract_folder(config, str(tmp_path / "run"))
   config.extract.input_dir = str(tmp_path / "missing")
-  with pytest.raises(FileNotFoundError, match="missing"):
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing"))):
     inference.extract_folder(config, str(tmp_path / "run"))
   (tmp_path / "broken").mkdir()
   (tmp_path / "broken" / "crop.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
@@ -110,11 +110,13 @@ def test_exported_extractor_equals_the_model(setup, tmp_path):
     images = rng.integers(0, 255, (batch, 64, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(extract(images), embed(state, jnp.asarray(images)),
                                rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match=r"takes uint8 images of shape \(B, 64, 32, 3\)"):
+  with pytest.raises(ValueError) as error:
     extract(np.zeros((2, 32, 32, 3), np.uint8))
+  for name in (str(path), "uint8", "(B, 64, 32, 3)", "(2, 32, 32, 3)"):
+    assert name in str(error.value)
   bogus = tmp_path / "bogus.jaxexport"
   bogus.write_bytes(b"something else")
-  with pytest.raises(ValueError, match="bogus.jaxexport is not a feature extractor"):
+  with pytest.raises(ValueError, match=re.escape(str(bogus))):
     export.load(bogus)
 
 

@@ -83,7 +83,7 @@ def test_smoothed_ce_runs_in_float32_for_bfloat16_logits():
 
 
 def test_smoothed_ce_rejects_bad_input():
-  with pytest.raises(ValueError, match="num_classes=5 but the logits have 4"):
+  with pytest.raises(ValueError, match=r"num_classes=5.*\b4\b"):
     losses.cross_entropy_label_smooth(jnp.zeros((2, 4)), jnp.array([0, 1]), 5)
   with pytest.raises(ValueError, match="labels"):
     losses.cross_entropy_label_smooth(jnp.zeros((2, 4)), jnp.array([0, 1, 2]), 4)

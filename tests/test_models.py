@@ -79,7 +79,7 @@ def test_level_structure_matches_the_pyramid():
 
 
 def test_spatial_rejects_maps_that_do_not_split():
-  with pytest.raises(ValueError, match=r"10x5 feature map does not split into 4"):
+  with pytest.raises(ValueError, match=r"APNet-S.*10x5.*\b4\b.*model\.input_size"):
     build_model(small_config(level=3, kind="spatial", input_size=(80, 40)), 5, rngs=nnx.Rngs(0))
 
 
@@ -329,7 +329,7 @@ def test_channel_pyramid_keeps_float32_precision_under_a_large_mean():
 
 def test_batchnorm_normalizer_needs_the_batch_moments_in_training():
   bn = layers.BatchNorm(3)
-  with pytest.raises(ValueError, match="training mode needs the batch's mean and variance"):
+  with pytest.raises(ValueError, match="BatchNorm"):
     bn.normalizer()
   bn.use_running_average = True
   mean, mul = bn.normalizer()
@@ -341,10 +341,10 @@ def test_training_on_one_image_is_refused():
   # One value per channel (the SAMS BatchNorms and the BNNeck see one pooled
   # row per image): the batch variance is 0 and every output would be the bias.
   model = build_model(small_config(level=2), 10, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="more than one value per channel, got 1"):
+  with pytest.raises(ValueError, match=r"BatchNorm.*\b1\b.*model\.eval\(\)"):
     model(images(1))
   bn = layers.BatchNorm(3)
-  with pytest.raises(ValueError, match="got 1"):
+  with pytest.raises(ValueError, match=r"BatchNorm.*\b1\b"):
     bn(jnp.ones((1, 3)))
   assert bn(jnp.ones((2, 3))).shape == (2, 3)
   model.eval()  # running statistics: one image is fine

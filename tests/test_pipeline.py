@@ -120,8 +120,8 @@ def test_decode_converts_grayscale_and_jpeg_to_rgb():
 @pytest.mark.parametrize(
     "image, match",
     [
-        (b"not an image at all", "cannot decode image 'x/0001_c1.jpg'"),
-        (_png(np.zeros((8, 4, 3), np.uint8))[:40], "cannot decode image"),
+        (b"not an image at all", "x/0001_c1.jpg"),
+        (_png(np.zeros((8, 4, 3), np.uint8))[:40], "x/0001_c1.jpg"),
         (np.zeros((4, 4, 3), np.uint8), "SkipDecoding"),
     ],
 )
@@ -230,27 +230,24 @@ def test_undecodable_train_image_names_its_file():
 def test_labels_that_disagree_with_the_source_name_the_record():
   records, labels = _train_source()
   wrong = (labels + 1) % len(IMAGES_PER_ID)  # Valid labels, wrong source.
-  with pytest.raises(ValueError, match=r"labels do not belong to this source"):
+  with pytest.raises(ValueError, match=r"\d{4}_c\d_\d{4}\.png.*labels\[\d+\]"):
     next(_loader(records, wrong))
 
 
 @pytest.mark.parametrize(
     "kwargs, labels, match",
     [
-        ({"p": 9}, None, r"p=9 identities .* have 8"),
-        ({"k": 0}, None, "k must be >= 1"),
-        ({"height": 0}, None, "height must be >= 1"),
-        ({"width": 1.5}, None, "width must be an int"),
-        ({"num_workers": -1}, None, "num_workers must be >= 0"),
-        ({"num_epochs": 0}, None, "num_epochs must be >= 1"),
-        ({"start_step": -1}, None, "start_step must be >= 0"),
-        ({"start_step": 1000}, None, r"start_step=1000 lies past the \d+ steps of num_epochs=2"),
-        ({"process_count": 4}, None,
-         r"6 \(p=3 x k=2\) is not divisible by process_count=4"),
-        ({"process_index": 2, "process_count": 2}, None,
-         r"process_index must be in \[0, 2\)"),
-        ({}, np.zeros(5, np.int64),
-         r"labels has shape \(5,\) but the source has 30"),
+        ({"p": 9}, None, r"p=9.*\b8\b"),
+        ({"k": 0}, None, r"\bk\b.*\b0\b"),
+        ({"height": 0}, None, r"height.*\b0\b"),
+        ({"width": 1.5}, None, r"width.*1\.5"),
+        ({"num_workers": -1}, None, r"num_workers.*-1"),
+        ({"num_epochs": 0}, None, r"num_epochs.*\b0\b"),
+        ({"start_step": -1}, None, r"start_step.*-1"),
+        ({"start_step": 1000}, None, r"start_step=1000.*num_epochs=2"),
+        ({"process_count": 4}, None, r"p=3 x k=2.*process_count=4"),
+        ({"process_index": 2, "process_count": 2}, None, r"process_index.*\b2\b"),
+        ({}, np.zeros(5, np.int64), r"labels.*\(5,\).*\b30\b"),
     ],
 )
 def test_invalid_train_arguments_raise_clear_errors(kwargs, labels, match):
@@ -337,11 +334,9 @@ def test_eval_worker_batches_match_and_decode_errors_name_the_file():
 @pytest.mark.parametrize(
     "records, kwargs, match",
     [
-        ([], {}, "empty source"),
-        (_eval_source(3), {"batch_size": 0}, "batch_size must be >= 1"),
-        (_eval_source(3), {"process_count": 3},
-         r"batch size 4 \(eval batch_size\) is not divisible by "
-         r"process_count=3"),
+        ([], {}, r"eval_batches.*\b0 records"),
+        (_eval_source(3), {"batch_size": 0}, r"batch_size.*\b0\b"),
+        (_eval_source(3), {"process_count": 3}, r"\b4\b.*batch_size.*process_count=3"),
     ],
 )
 def test_invalid_eval_arguments_raise_clear_errors(records, kwargs, match):

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint._src.serialization import replica_slices
 
-from apnet_jax import build_model, checkpointing, compat, sharding, train_step
+from apnet_jax import build_model, checkpointing, compat, sharding
 from apnet_jax.models import layers
 from apnet_jax.platform import cpu
 from configs.common import get_config

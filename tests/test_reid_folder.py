@@ -227,35 +227,34 @@ def _refused(manual, data, error, match, name=None):
 def test_an_image_in_no_split(tmp_path):
   manual = named_folder(tmp_path / "mine")
   stray = write_image(manual / "extra" / "0001_c1_x.png", 0)
-  _refused(manual, tmp_path / "data", ValueError, rf"{re.escape(str(stray))} is in no split")
+  _refused(manual, tmp_path / "data", ValueError, re.escape(str(stray)))
 
 
 def test_a_csv_row_in_no_split(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   write_csv(manual, CSV_ROWS + [("other/x.png", "alice", "north")])
-  _refused(manual, tmp_path / "data", ValueError, r"labels\.csv line 11: other/x\.png is in no "
-           "split")
+  _refused(manual, tmp_path / "data", ValueError, r"labels\.csv line 11: other/x\.png")
 
 
 def test_a_csv_row_whose_file_is_missing(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   (manual / "query" / "q2.png").unlink()
   _refused(manual, tmp_path / "data", FileNotFoundError,
-           rf"labels\.csv line 7: {re.escape(str(manual / 'query' / 'q2.png'))} does not exist")
+           rf"labels\.csv line 7: {re.escape(str(manual / 'query' / 'q2.png'))}")
 
 
 def test_a_duplicate_csv_row(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   write_csv(manual, CSV_ROWS + [("./train/bob/1.png", "bob", "north")])
   _refused(manual, tmp_path / "data", ValueError,
-           r"labels\.csv line 11: \./train/bob/1\.png is listed twice \(also on line 4\)")
+           r"labels\.csv line 11: \./train/bob/1\.png.*line 4\b")
 
 
 def test_an_image_missing_from_the_csv(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   unlisted = write_image(manual / "gallery" / "g9.png", 0)
   _refused(manual, tmp_path / "data", ValueError,
-           rf"1 images .* not in .*labels\.csv, e\.g\. {re.escape(str(unlisted))}")
+           rf"\b1\b.*labels\.csv.*{re.escape(str(unlisted))}")
 
 
 @pytest.mark.parametrize("header", ["path,pid", "file,pid,camid", "path;pid;camid", ""])
@@ -265,14 +264,14 @@ def test_a_csv_with_a_wrong_header(tmp_path, header):
   if not header:
     (manual / "labels.csv").write_text("")
   _refused(manual, tmp_path / "data", ValueError,
-           rf"{re.escape(str(manual / 'labels.csv'))}: the header is .*expected path,pid,camid")
+           rf"{re.escape(str(manual / 'labels.csv'))}: .*path,pid,camid")
 
 
 def test_an_unparseable_name(tmp_path):
   manual = named_folder(tmp_path / "mine")
   bad = write_image(manual / "train" / "person7_cam2.png", 0)
   _refused(manual, tmp_path / "data", ValueError,
-           rf"Cannot parse pid and camera from {re.escape(str(bad))}")
+           rf"pid.*camera.*{re.escape(str(bad))}")
 
 
 @pytest.mark.parametrize("name", ["-2_c1_x.png", "0005_c0_x.png"])
@@ -285,7 +284,7 @@ def test_a_negative_pid_or_camera_zero(tmp_path, name):
 def test_a_distractor_outside_the_gallery(tmp_path):
   manual = named_folder(tmp_path / "mine")
   bad = write_image(manual / "query" / "0000_c1_x.png", 0)
-  _refused(manual, tmp_path / "data", ValueError, rf"{re.escape(str(bad))} has pid 0")
+  _refused(manual, tmp_path / "data", ValueError, rf"{re.escape(str(bad))}.*pid 0\b")
 
 
 def test_a_query_identity_absent_from_the_gallery_is_a_warning(tmp_path):
@@ -293,8 +292,9 @@ def test_a_query_identity_absent_from_the_gallery_is_a_warning(tmp_path):
   write_image(manual / "query" / "0042_c1_x.png", 0)  # nobody 42 in the gallery
   write_image(manual / "query" / "0043_c1_x.png", 1)
   write_image(manual / "query" / "0003_c2_z.png", 2)  # 3 is in the gallery in camera 2 only
-  with pytest.warns(UnmatchedQueryWarning, match=r"2 of 5 query images \(2 identities\) have no "
-                    r"image of their identity in the gallery .* and 1 only in their own camera"):
+  gallery = re.escape(str(manual / "gallery"))
+  with pytest.warns(UnmatchedQueryWarning,
+                    match=rf"2 of 5 query .*\(2 identities\).*{gallery}.*\b1\b"):
     builder = build(manual, tmp_path / "data")
   assert len(fx.records(builder, "query")) == 5  # kept: the evaluation skips them
 
@@ -304,15 +304,14 @@ def test_a_train_split_with_one_identity(tmp_path):
   for path in (manual / "train").rglob("0007_*"):
     path.unlink()
   _refused(manual, tmp_path / "data", ValueError,
-           rf"train split \({re.escape(str(manual / 'train'))}\) holds 1 identity")
+           rf"train split \({re.escape(str(manual / 'train'))}\).*\b1\b")
 
 
 def test_a_corrupt_image_is_named_and_nothing_is_built(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   (manual / "gallery" / "g3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
   _refused(manual, tmp_path / "data", ValueError,
-           rf"Cannot decode image {re.escape(str(manual / 'gallery' / 'g3.png'))} \(labels\.csv "
-           r"line 10\)")
+           rf"{re.escape(str(manual / 'gallery' / 'g3.png'))} \(labels\.csv line 10\)")
 
 
 @pytest.mark.parametrize("missing", ["gallery", "train"])
@@ -322,19 +321,19 @@ def test_a_missing_split_folder(tmp_path, missing):
     path.unlink() if path.is_file() else path.rmdir()
   (manual / missing).rmdir()
   _refused(manual, tmp_path / "data", FileNotFoundError,
-           rf"{re.escape(str(manual))} has no {missing} folder")
+           rf"{re.escape(str(manual))}.*\b{missing}\b")
 
 
 def test_both_names_of_a_split_folder(tmp_path):
   manual = named_folder(tmp_path / "mine")
   write_image(manual / "bounding_box_test" / "0003_c2_y.png", 0)
-  _refused(manual, tmp_path / "data", ValueError, r"both gallery/ and bounding_box_test/")
+  _refused(manual, tmp_path / "data", ValueError, r"gallery/.*bounding_box_test/")
 
 
 def test_an_image_format_the_records_cannot_hold(tmp_path):
   manual = named_folder(tmp_path / "mine")
   bmp = write_image(manual / "gallery" / "0003_c3_w.bmp", 0)
-  _refused(manual, tmp_path / "data", ValueError, rf"{re.escape(str(bmp))}: only JPEG and PNG")
+  _refused(manual, tmp_path / "data", ValueError, rf"{re.escape(str(bmp))}: .*JPEG.*PNG")
 
 
 # --- Training end to end -----------------------------------------------------------------

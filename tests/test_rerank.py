@@ -124,34 +124,36 @@ def test_progress_counts_block_pairs_then_queries(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, names",
     [
-        (dict(k1=0), "k1 must be at least 1"),
-        (dict(k2=0), "k2 must be at least 1"),
-        (dict(k1=2.0), "k1 must be an int"),
-        (dict(k1=30), "must not exceed the 30 query and gallery items"),
-        (dict(k2=31), "must not exceed"),
-        (dict(lambda_value=-0.1), r"lambda_value must be in \[0, 1\]"),
-        (dict(lambda_value="0.3"), r"lambda_value must be in \[0, 1\]"),
-        (dict(chunk_size=0), "chunk_size must be at least 1"),
+        (dict(k1=0), ("k1",)),
+        (dict(k2=0), ("k2",)),
+        (dict(k1=2.0), ("k1", "2.0")),
+        (dict(k1=30), ("k1", "30")),
+        (dict(k2=31), ("k2", "31")),
+        (dict(lambda_value=-0.1), ("lambda_value", "-0.1")),
+        (dict(lambda_value="0.3"), ("lambda_value", "'0.3'")),
+        (dict(chunk_size=0), ("chunk_size",)),
     ],
 )
-def test_rejects_bad_parameters(kwargs, message):
+def test_rejects_bad_parameters(kwargs, names):
   query, gallery = _clustered(seed=2, num_query=5, num_gallery=25)
   # Checked when called, before any block is asked for.
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError) as error:
     k_reciprocal_rerank_chunks(query, gallery, **kwargs)
+  for name in names:
+    assert name in str(error.value)
 
 
 def test_rejects_bad_features():
   query, gallery = _clustered(seed=3, num_query=5, num_gallery=25)
   bad = query.copy()
   bad[2, 0] = np.nan
-  with pytest.raises(ValueError, match=r"query_features has non-finite values .* \[2\]"):
+  with pytest.raises(ValueError, match=r"query_features.*\[2\]"):
     k_reciprocal_rerank(bad, gallery)
-  with pytest.raises(ValueError, match="gallery_features is empty"):
+  with pytest.raises(ValueError, match="gallery_features"):
     k_reciprocal_rerank(query, gallery[:0])
-  with pytest.raises(ValueError, match="have dimension 11"):
+  with pytest.raises(ValueError, match=r"gallery_features.*\b11\b"):
     k_reciprocal_rerank(query, gallery[:, :11], k1=3)
   with pytest.raises(ValueError, match="distinct features"):
     k_reciprocal_rerank(np.ones((3, 4)), np.ones((8, 4)), k1=3, k2=2)

@@ -159,14 +159,14 @@ def test_plans_are_read_only():
 @pytest.mark.parametrize(
     "labels, p, k, match",
     [
-        (np.array([0, 0, 1, 1, 2]), 5, 2, r"p=5 identities .* have 3"),
-        (np.array([], np.int64), 1, 1, r"p=1 identities .* have 0"),
-        (np.array([0, 1, 2]), 0, 2, r"p must be >= 1"),
-        (np.array([0, 1, 2]), 2, 0, r"k must be >= 1"),
-        (np.array([0, 1, 2]), 2.0, 2, r"p must be an int"),
-        (np.array([0, -1, 2]), 2, 2, r"record 1 has label -1"),
-        (np.array([[0, 1]]), 1, 1, r"1-D integer array"),
-        (np.array([0.0, 1.0]), 1, 1, r"1-D integer array"),
+        (np.array([0, 0, 1, 1, 2]), 5, 2, r"p=5.*\b3\b"),
+        (np.array([], np.int64), 1, 1, r"p=1.*\b0\b"),
+        (np.array([0, 1, 2]), 0, 2, r"\bp\b.*\b0\b"),
+        (np.array([0, 1, 2]), 2, 0, r"\bk\b.*\b0\b"),
+        (np.array([0, 1, 2]), 2.0, 2, r"\bp\b.*2\.0"),
+        (np.array([0, -1, 2]), 2, 2, r"record 1\b.*-1"),
+        (np.array([[0, 1]]), 1, 1, r"labels.*\(1, 2\)"),
+        (np.array([0.0, 1.0]), 1, 1, r"labels.*float64"),
     ],
 )
 def test_invalid_arguments_raise_clear_errors(labels, p, k, match):
@@ -176,7 +176,7 @@ def test_invalid_arguments_raise_clear_errors(labels, p, k, match):
 
 def test_negative_step_or_epoch_is_rejected():
   s = RandomIdentitySampler(_labels(), p=P, k=K, seed=0)
-  with pytest.raises(ValueError, match="step must be >= 0"):
+  with pytest.raises(ValueError, match=r"\bstep\b.*-1"):
     s.batch(-1)
-  with pytest.raises(ValueError, match="epoch must be >= 0"):
+  with pytest.raises(ValueError, match=r"\bepoch\b.*-2"):
     s.epoch_plan(-2)

@@ -65,11 +65,6 @@ runpy.run_path("run.py", run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def run(workdir, data_dir, *extra, **hook):
   """Runs the tiny config to its end or its stop: (returncode, output)."""
   log = workdir.parent / f"{workdir.name}.log"
@@ -95,9 +90,9 @@ def committed_steps(workdir):
 
 
 @pytest.mark.slow
-def test_a_signal_during_the_final_save_waits_for_it(data_dir, tmp_path):
+def test_a_signal_during_the_final_save_waits_for_it(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
-  returncode, output = run(workdir, data_dir, hook="signal_in_final_save", final_step=4,
+  returncode, output = run(workdir, tiny_data_dir, hook="signal_in_final_save", final_step=4,
                            signal="SIGTERM")
   assert returncode == 143, output[-3000:]
   assert committed_steps(workdir)[-1] == 4  # the final step is saved whole
@@ -106,9 +101,9 @@ def test_a_signal_during_the_final_save_waits_for_it(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(data_dir, tmp_path):
+def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
-  returncode, output = run(workdir, data_dir, "--config.train.eval_epochs=()",
+  returncode, output = run(workdir, tiny_data_dir, "--config.train.eval_epochs=()",
                            hook="signal_in_final_evaluation", signal="SIGINT")
   assert returncode == 130, output[-3000:]
   assert committed_steps(workdir)[-1] == 4
@@ -116,19 +111,19 @@ def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(data_dir, tm
   last = output.strip().splitlines()[-1]
   assert last.startswith("SIGINT: the final evaluation was stopped; the final checkpoint "
                          f"(step 4) is saved in {workdir}"), output[-3000:]
-  assert last.endswith(f"--workdir {workdir} --config.data.data_dir={data_dir} "
+  assert last.endswith(f"--workdir {workdir} --config.data.data_dir={tiny_data_dir} "
                        "--config.train.log_every_steps=1 '--config.train.eval_epochs=()' "
                        "--mode eval")
   assert "Traceback" not in output
 
 
 @pytest.mark.slow
-def test_a_resumed_run_logs_each_step_once(data_dir, tmp_path):
+def test_a_resumed_run_logs_each_step_once(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
-  returncode, output = run(workdir, data_dir, hook="kill_after_logging", kill_after_step=3)
+  returncode, output = run(workdir, tiny_data_dir, hook="kill_after_logging", kill_after_step=3)
   assert returncode == -signal.SIGKILL, output[-3000:]
   assert committed_steps(workdir) == [2]  # step 3 was logged, not saved
-  returncode, output = run(workdir, data_dir)
+  returncode, output = run(workdir, tiny_data_dir)
   assert returncode == 0, output[-3000:]
 
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -24,11 +24,6 @@ SIGTERM_AT_IMPORT = signal.getsignal(signal.SIGTERM)  # before any training in t
 SIGINT_AT_IMPORT = signal.getsignal(signal.SIGINT)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("tfds"))
-
-
 def tiny_config(data_dir, **train_overrides):
   config = get_config("tiny")
   config.data.data_dir = data_dir
@@ -45,22 +40,22 @@ def saved_state(workdir, step):
 
 
 @pytest.fixture(scope="module")
-def straight_run(data_dir, tmp_path_factory):
+def straight_run(tiny_data_dir, tmp_path_factory):
   """4 steps of the tiny config in one go: (workdir, results)."""
   workdir = str(tmp_path_factory.mktemp("straight"))
-  config = tiny_config(data_dir, max_steps=4, eval_epochs=(1, 2), keep_best=2)
+  config = tiny_config(tiny_data_dir, max_steps=4, eval_epochs=(1, 2), keep_best=2)
   return workdir, train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.slow
-def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
+def test_restart_resumes_exactly(tiny_data_dir, straight_run, tmp_path):
   """2N steps == N steps + restart + N steps, parameter for parameter.
 
   The restart decodes in a worker process (the first half in-process): the
   input pipeline resumes from the step alone, whatever the worker count.
   """
   (straight, results), split = straight_run, str(tmp_path / "split")
-  config = tiny_config(data_dir, max_steps=2, eval_epochs=(1, 2), keep_best=2)
+  config = tiny_config(tiny_data_dir, max_steps=2, eval_epochs=(1, 2), keep_best=2)
   train.train_and_evaluate(config, split)
   config.train.max_steps = 4
   config.data.num_workers = 1
@@ -100,13 +95,13 @@ def test_restart_resumes_exactly(data_dir, straight_run, tmp_path):
     ("train", "epochs", 1, r"holds step 4, past this config's last step 2 \(config\.train\."
      r"epochs=1 x 2 steps per epoch\).*config\.train\.epochs to at least 2.*--mode eval"),
 ], ids=["level", "seed", "max_steps", "epochs"])
-def test_resume_refuses_another_run(data_dir, straight_run, tmp_path, section, key, value,
+def test_resume_refuses_another_run(tiny_data_dir, straight_run, tmp_path, section, key, value,
                                     expected):
   workdir = tmp_path / "run"  # a copy: a refusal that fails must not harm the other tests
   shutil.copytree(straight_run[0], workdir)
   before = {name: (workdir / name).read_bytes()
             for name in ("config.json", "results.json", "metrics.jsonl")}
-  other = tiny_config(data_dir, max_steps=6, eval_epochs=(1,))
+  other = tiny_config(tiny_data_dir, max_steps=6, eval_epochs=(1,))
   setattr(other[section], key, value)
   checkpoints = re.escape(str(workdir / "checkpoints"))
   with pytest.raises(ValueError, match=expected.format(checkpoints=checkpoints)):
@@ -156,17 +151,13 @@ def test_a_first_signal_is_a_flag_and_a_second_ends_the_process_at_once():
 
 def test_non_finite_loss_names_the_step():
   window = [{"loss": np.float32(1.0)}, {"loss": np.float32(np.nan)}]
-  with pytest.raises(errors.NonFiniteLossError, match="at step 8"):
+  with pytest.raises(errors.NonFiniteLossError, match=r"\bstep 8\b"):
     train._reduce_window(window, first_step=6)
 
 
-def test_missing_imagenet_file_says_which_and_where(tmp_path):
-  from flax import nnx
-  from apnet_jax import build_model
-
-  model = build_model(get_config("tiny").model, 4, rngs=nnx.Rngs(0))
+def test_missing_imagenet_file_says_which_and_where(tiny_model, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"nothere\.pth.*resnet50-19c8e357\.pth"):
-    restore.init_from_imagenet(model, str(tmp_path / "nothere.pth"))
+    restore.init_from_imagenet(tiny_model, str(tmp_path / "nothere.pth"))
 
 
 def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
@@ -174,7 +165,8 @@ def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
 
   config = market()
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError, match=r"market1501 is not prepared.*manual_dir"):
+  with pytest.raises(FileNotFoundError,
+                     match=rf"market1501.*{re.escape(str(tmp_path))}.*manual_dir"):
     opening.open_dataset(config.data)
 
 
@@ -206,9 +198,9 @@ def test_run_writes_the_report(straight_run):
 
 
 @pytest.mark.slow
-def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_path, capsys):
+def test_eval_mode_restores_the_chosen_checkpoint(tiny_data_dir, straight_run, tmp_path, capsys):
   workdir, results = straight_run
-  config = tiny_config(data_dir)
+  config = tiny_config(tiny_data_dir)
   capsys.readouterr()  # not the training run's bars
   latest = evaluate.evaluate_workdir(config, workdir)
   assert latest["checkpoint_step"] == 4
@@ -227,15 +219,16 @@ def test_eval_mode_restores_the_chosen_checkpoint(data_dir, straight_run, tmp_pa
   config.eval.step, config.eval.use_best = -1, True
   assert evaluate.evaluate_workdir(config, workdir)["checkpoint_step"] == best
   config.eval.step, config.eval.use_best = 3, False
-  with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3.*\[2, 4\]"):
+  with pytest.raises(FileNotFoundError, match=r"\bstep 3\b.*\[2, 4\]"):
     evaluate.evaluate_workdir(config, workdir)
   config.eval.step = -1
-  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "empty"))):
     evaluate.evaluate_workdir(config, str(tmp_path / "empty"))
 
 
 @pytest.mark.slow
-def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, tmp_path):
+def test_eval_mode_takes_an_official_pytorch_checkpoint(tiny_data_dir, straight_run, tiny_model,
+                                                        tmp_path):
   """--mode eval on eval.torch_checkpoint scores the model as its Orbax checkpoint does.
 
   The .pth is written by save_torch_weights, so this is the eval path, not the
@@ -248,9 +241,9 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
   from apnet_jax import optim, train_step
 
   workdir, results = straight_run
-  config = tiny_config(data_dir)
-  model = build_model(config.model, 8, rngs=nnx.Rngs(0))
-  graphdef, template = train_step.create_train_state(model, optim.make_optimizer(config, 2)[0])
+  config = tiny_config(tiny_data_dir)
+  graphdef, template = train_step.create_train_state(tiny_model,
+                                                     optim.make_optimizer(config, 2)[0])
   state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
                                    template)
   save_torch_weights(nnx.merge(graphdef, state.params, state.model_state),
@@ -262,13 +255,13 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(data_dir, straight_run, 
 
 
 @pytest.mark.slow
-def test_features_are_image_plus_flip(data_dir, straight_run):
+def test_features_are_image_plus_flip(tiny_data_dir, straight_run):
   import jax.numpy as jnp
   from flax import nnx
   from apnet_jax.data import augment, pipeline, sources
   from apnet_jax.evaluation.features import extract_features
 
-  config = tiny_config(data_dir)
+  config = tiny_config(tiny_data_dir)
   model = build_model(config.model, 8, rngs=nnx.Rngs(3))
   model.eval()
   builder = opening.open_dataset(config.data)
@@ -283,17 +276,17 @@ def test_features_are_image_plus_flip(data_dir, straight_run):
   np.testing.assert_array_equal(out["pid"][:4], batch["pid"])
   with pytest.raises(ValueError, match="eval_feature"):
     extract_features(model, query, eval_feature="pooled", input_size=(64, 32), batch_size=16)
-  with pytest.raises(ValueError, match="multiple of the 8 devices"):
+  with pytest.raises(ValueError, match=r"eval\.batch_size=12\b.*\b8\b"):
     extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=12)
 
 
 @pytest.mark.slow
-def test_drop_distractors_switch(data_dir, straight_run):
+def test_drop_distractors_switch(tiny_data_dir, straight_run):
   from flax import nnx
 
   from apnet_jax.evaluation import evaluator as evaluator_lib
 
-  config = tiny_config(data_dir)
+  config = tiny_config(tiny_data_dir)
   model = build_model(config.model, 8, rngs=nnx.Rngs(0))
   entry = f"{config.data.name}:{config.data.config}"
   standard = evaluator_lib.ReidEvaluator(config, evaluator_lib.open_eval_datasets(config))
@@ -323,25 +316,25 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
                                 source.backbone.layer4[1].conv2.kernel[...])
   # A whole official checkpoint is not an ImageNet backbone: refused by name.
   torch_io.write_pth(weights.torch_state_dict(source), tmp_path / "apnet.pth")
-  with pytest.raises(ValueError, match=r"apnet.pth is a whole official APNet checkpoint"):
+  with pytest.raises(ValueError, match=r"model\.init_from: .*apnet\.pth.*eval\.torch_checkpoint"):
     restore.init_from_imagenet(model, str(tmp_path / "apnet.pth"))
   del torchvision["layer2.0.conv1.weight"]
   torch_io.write_pth(torchvision, tmp_path / "partial.pth")
-  with pytest.raises(ValueError, match=r"partial.pth lacks backbone keys: \['layer2.0.conv1"):
+  with pytest.raises(ValueError, match=r"partial\.pth.*\['layer2\.0\.conv1"):
     restore.init_from_imagenet(model, str(tmp_path / "partial.pth"))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_a_checkpoint_and_stops(data_dir, tmp_path, signum, returncode):
+def test_a_signal_saves_a_checkpoint_and_stops(tiny_data_dir, tmp_path, signum, returncode):
   import time
 
   workdir, log = tmp_path / "preempted", tmp_path / "preempted.log"
   with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the run
     process = subprocess.Popen(
         [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
-         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
+         "--workdir", str(workdir), f"--config.data.data_dir={tiny_data_dir}",
          "--config.train.epochs=1000", "--config.train.log_every_steps=1"],
         cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
   deadline = time.time() + 240
@@ -362,23 +355,21 @@ def test_a_signal_saves_a_checkpoint_and_stops(data_dir, tmp_path, signum, retur
   assert steps and steps[-1] >= logged[-1] >= 1  # the step it stopped at was saved
 
 
-def test_eval_refuses_an_incomplete_official_checkpoint(tmp_path):
+def test_eval_refuses_an_incomplete_official_checkpoint(tiny_model, tmp_path):
   """The model is restored abstractly: a checkpoint must fill all of it, or be refused."""
-  from flax import nnx
   from apnet_jax import torch_io, weights
 
   config = get_config("tiny")
-  state = weights.torch_state_dict(build_model(config.model, 8, rngs=nnx.Rngs(0)))
+  state = weights.torch_state_dict(tiny_model)
   del state["bottleneck.running_var"]  # the BNNeck's: no alias stands in for it
   torch_io.write_pth(state, tmp_path / "partial.pth")
   config.eval.torch_checkpoint = str(tmp_path / "partial.pth")
-  with pytest.raises(ValueError, match=r"partial\.pth is not a complete official APNet "
-                     r"checkpoint.*bottleneck\.running_var"):
+  with pytest.raises(ValueError, match=r"partial\.pth.*bottleneck\.running_var"):
     restore.restore_model(config, str(tmp_path))
   del state["classifier.weight"]
   torch_io.write_pth(state, tmp_path / "headless.pth")
   config.eval.torch_checkpoint = str(tmp_path / "headless.pth")
-  with pytest.raises(ValueError, match=r"headless\.pth has no classifier\.weight"):
+  with pytest.raises(ValueError, match=r"headless\.pth.*classifier\.weight"):
     restore.restore_model(config, str(tmp_path))
 
 
@@ -399,15 +390,15 @@ def assert_records_unchanged(workdir, records):
 
 @pytest.mark.slow
 def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_aside(
-    data_dir, straight_run, tmp_path):
+    tiny_data_dir, straight_run, tmp_path):
   workdir, records = copy_of(straight_run, tmp_path)
   held = workdir_lib.WorkdirLock.acquire(str(workdir), "training")  # the running training
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
   try:
     with pytest.raises(workdir_lib.WorkdirBusyError,
-                       match=rf"{re.escape(str(workdir))} is in use .*training, pid "):
-      train.train_and_evaluate(tiny_config(data_dir, max_steps=6), str(workdir))
-    results = evaluate.evaluate_workdir(tiny_config(data_dir), str(workdir))
+                       match=rf"{re.escape(str(workdir))}.*training.*pid \d+"):
+      train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=6), str(workdir))
+    results = evaluate.evaluate_workdir(tiny_config(tiny_data_dir), str(workdir))
     assert_records_unchanged(workdir, records)  # results.json and pictures untouched
     with open(workdir / "eval" / "results.json") as f:
       assert json.load(f)["checkpoint_step"] == results["checkpoint_step"] == 4
@@ -419,33 +410,33 @@ def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_a
 
 
 @pytest.mark.slow
-def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(data_dir,
+def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(tiny_data_dir,
                                                                             straight_run):
-  config = tiny_config(data_dir)
+  config = tiny_config(tiny_data_dir)
   config.data.p, config.data.k = 2, 8  # another P x K: the same model and dataset
   assert evaluate.evaluate_workdir(config, straight_run[0])["checkpoint_step"] == 4
 
 
-def test_logs_without_a_checkpoint_of_another_run_are_refused(data_dir, tmp_path):
+def test_logs_without_a_checkpoint_of_another_run_are_refused(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  other = tiny_config(data_dir)
+  other = tiny_config(tiny_data_dir)
   other.model.level = 1
   (workdir / "config.json").write_text(other.to_json_best_effort(indent=2))
   (workdir / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 9.0}\n')
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-  with pytest.raises(ValueError, match=rf"{re.escape(str(workdir))} holds the records of a "
-                     r"run with another recipe.*model\.level: workdir 1, config 2"):
-    train.train_and_evaluate(tiny_config(data_dir, max_steps=1), str(workdir))
+  with pytest.raises(ValueError,
+                     match=rf"{re.escape(str(workdir))}.*model\.level: workdir 1, config 2"):
+    train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=1), str(workdir))
   assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
   assert not (workdir / "checkpoints").exists()
 
 
 @pytest.mark.slow
 def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
-    data_dir, straight_run, tmp_path):
+    tiny_data_dir, straight_run, tmp_path):
   workdir, records = copy_of(straight_run, tmp_path)
-  changed = tiny_config(data_dir, epochs=3, eval_epochs=(1, 2), keep_best=2)  # 6 steps
+  changed = tiny_config(tiny_data_dir, epochs=3, eval_epochs=(1, 2), keep_best=2)  # 6 steps
   changed.optim.base_lr = 5e-3
   with pytest.raises(ValueError, match=r"optim\.base_lr: workdir 0\.001, config 0\.005.*"
                      r"--config\.train\.allow_changes=optim\.base_lr"):
@@ -466,11 +457,10 @@ def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
     train.train_and_evaluate(changed, str(workdir))
 
 
-def test_a_workdir_that_is_a_file_is_named(data_dir, tmp_path):
+def test_a_workdir_that_is_a_file_is_named(tiny_data_dir, tmp_path):
   (tmp_path / "run").write_text("my notes")
-  with pytest.raises(NotADirectoryError, match=rf"{re.escape(str(tmp_path / 'run'))} is a "
-                     "file"):
-    train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "run"))
+  with pytest.raises(NotADirectoryError, match=re.escape(str(tmp_path / "run"))):
+    train.train_and_evaluate(tiny_config(tiny_data_dir), str(tmp_path / "run"))
   assert (tmp_path / "run").read_text() == "my notes"
 
 
@@ -486,8 +476,8 @@ def test_use_best_without_an_evaluated_checkpoint_says_so():
 
   config = tiny_config("unused")
   config.eval.use_best = True
-  with pytest.raises(FileNotFoundError, match=r"config\.eval\.use_best: no checkpoint in "
-                     r"w/checkpoints was evaluated.*\[2\].*step 2.*eval\.step"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"config\.eval\.use_best.*w/checkpoints.*\[2\].*step 2.*eval\.step"):
     restore._restore_checkpoint(Unscored(), config, "w")
 
 
@@ -496,8 +486,7 @@ def test_a_config_file_that_takes_no_argument_refuses_one_by_name(config_file):
   import importlib
 
   get = importlib.import_module(f"configs.{config_file}").get_config
-  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py takes no argument, got "
-                     "'typo'"):
+  with pytest.raises(ValueError, match=rf"configs/{config_file}\.py.*'typo'"):
     get("typo")
   assert get() is not None and get("") is not None
 
@@ -507,18 +496,18 @@ def test_the_command_line_refuses_a_config_argument_by_name():
       [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
-  assert "configs/market1501.py takes no argument, got 'typo'" in result.stderr
+  assert "configs/market1501.py" in result.stderr and "'typo'" in result.stderr
 
 
 @pytest.mark.slow
-def test_a_failed_evaluation_keeps_the_step_it_evaluated(data_dir, tmp_path, monkeypatch):
+def test_a_failed_evaluation_keeps_the_step_it_evaluated(tiny_data_dir, tmp_path, monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError("the evaluation broke")
 
   from apnet_jax.evaluation import evaluator as evaluator_lib
 
   monkeypatch.setattr(evaluator_lib.ReidEvaluator, "run", broken)
-  config = tiny_config(data_dir, max_steps=2, eval_epochs=(1,), checkpoint_every_epochs=2)
+  config = tiny_config(tiny_data_dir, max_steps=2, eval_epochs=(1,), checkpoint_every_epochs=2)
   with pytest.raises(RuntimeError, match="the evaluation broke"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints")).all_steps() == [2]

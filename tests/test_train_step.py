@@ -285,7 +285,7 @@ def test_shard_batch_places_numeric_entries_along_data(harness):
 def test_shard_batch_rejects_a_batch_not_divisible_by_devices(harness):
   batch = make_batch()
   batch["label"] = batch["label"][:12]
-  with pytest.raises(ValueError, match=r"batch\['label'\].*divisible by the 8 devices"):
+  with pytest.raises(ValueError, match=r"shard_batch: batch\['label'\].*\(12,\).*\b8\b"):
     sharding.shard_batch(batch, harness.mesh("8-explicit"))
 
 
@@ -295,11 +295,11 @@ def test_train_step_rejects_bad_batches(harness):
   batch = make_batch()
   with pytest.raises(KeyError, match="label"):
     step_fn(state, {"image": batch["image"]})
-  with pytest.raises(ValueError, match=r"batch\['image'\] must be uint8"):
+  with pytest.raises(ValueError, match=r"batch\['image'\].*uint8.*float32"):
     step_fn(state, {"image": batch["image"].astype(np.float32), "label": batch["label"]})
   with pytest.raises(ValueError, match=r"batch\['label'\]"):
     step_fn(state, {"image": batch["image"], "label": batch["label"][:8]})
-  with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+  with pytest.raises(ValueError, match=r"train_step: .*\b12\b.*\b8\b.*'data'"):
     harness.step_fn("8-explicit")(state, {"image": batch["image"][:12],
                                           "label": batch["label"][:12]})
   # Nothing was donated by the rejected calls.

@@ -199,21 +199,21 @@ def test_plot_writes_the_grid(channel, tmp_path):
 
 def test_attention_maps_refuses_bad_input(channel):
   _, model, images, _ = channel
-  with pytest.raises(ValueError, match=r"uint8 images \(N, H, W, 3\), got float32"):
+  with pytest.raises(ValueError, match=r"attention_maps.*uint8.*float32"):
     visualize.attention_maps(model, images.astype(np.float32))
-  with pytest.raises(ValueError, match=r"no images \(N = 0\)"):
+  with pytest.raises(ValueError, match=r"attention_maps.*N = 0"):
     visualize.attention_maps(model, images[:0])
-  with pytest.raises(ValueError, match=r"3 train labels in \[-1, 8\), got \[0, 8, 1\]"):
+  with pytest.raises(ValueError, match=r"labels.*\[-1, 8\).*\[0, 8, 1\]"):
     visualize.attention_maps(model, images, labels=[0, 8, 1])
 
 
 @pytest.fixture(scope="module")
-def workdir_config(channel, tmp_path_factory):
+def workdir_config(channel, tiny_data_dir, tmp_path_factory):
   """A tiny synthetic config whose model is an official-layout checkpoint of `channel`."""
   root = tmp_path_factory.mktemp("visualize")
   config, model, _, _ = channel
   config = config.copy_and_resolve_references()
-  config.data.data_dir = str(root / "tfds")
+  config.data.data_dir = tiny_data_dir
   save_torch_weights(model, root / "apnet.pth")
   config.eval.torch_checkpoint = str(root / "apnet.pth")
   return root, config
@@ -236,12 +236,12 @@ def test_visualize_workdir_errors_name_the_problem(workdir_config, tmp_path):
   _, config = workdir_config
   config = config.copy_and_resolve_references()
   config.visualize.num_queries = 0
-  with pytest.raises(ValueError, match=r"visualize\.num_queries=0: a whole number >= 1"):
+  with pytest.raises(ValueError, match=r"visualize\.num_queries=0"):
     visualize.visualize_workdir(config, str(tmp_path / "run"))
   config.visualize.num_queries = 2
   config.eval.torch_checkpoint = ""
   empty = tmp_path / "empty_run"
-  with pytest.raises(FileNotFoundError, match=f"{empty}/checkpoints has no checkpoint"):
+  with pytest.raises(FileNotFoundError, match=re.escape(f"{empty}/checkpoints")):
     visualize.visualize_workdir(config, str(empty))
   assert not (empty / "attention.png").exists()
 
@@ -274,8 +274,9 @@ def test_compare_runs_puts_the_paper_beside(tmp_path):
                               "paper", "mAP"]
   assert lines[1].split() == ["market", "market1501", "kept", "95.1", "88.0", "96.2", "90.5"]
   assert lines[2].split() == ["demo", "synthetic_reid/small", "kept", "95.8", "86.1", "-", "-"]
-  with pytest.raises(FileNotFoundError, match=f"no results.json at {tmp_path}/nowhere"):
+  with pytest.raises(FileNotFoundError) as error:
     visualize.compare_runs([str(tmp_path / "nowhere")])
+  assert "results.json" in str(error.value) and str(tmp_path / "nowhere") in str(error.value)
   (tmp_path / "bad.json").write_text(json.dumps({"R1": 1.0}))
-  with pytest.raises(ValueError, match=r"bad.json lacks 'protocol'"):
+  with pytest.raises(ValueError, match=r"bad\.json.*'protocol'"):
     visualize.compare_runs([str(tmp_path / "bad.json")])

@@ -245,8 +245,8 @@ def test_wrong_shapes_are_all_named_and_nothing_is_loaded():
 def test_disagreeing_alias_is_named():
   state = weights.torch_state_dict(small_model(seed=1))
   state["base_3.0.1.bn2.running_mean"] = state["base_3.0.1.bn2.running_mean"] + 1
-  with pytest.raises(ValueError, match=r"base_3.0.1.bn2.running_mean \(alias of "
-                     r"base.layer2.1.bn2.running_mean\)"):
+  with pytest.raises(ValueError, match=r"base_3\.0\.1\.bn2\.running_mean.*"
+                     r"base\.layer2\.1\.bn2\.running_mean"):
     load_torch_weights(small_model(seed=2), state)
 
 
@@ -255,10 +255,10 @@ def test_layout_and_alias_errors_name_the_file(tmp_path):
   state["base_3.0.1.bn2.running_mean"] = state["base_3.0.1.bn2.running_mean"] + 1
   path = tmp_path / "official.pth"
   torch_io.write_pth(state, path)
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: aliases disagree"):
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*base_3\.0\.1\.bn2"):
     load_torch_weights(small_model(seed=2), path)
   torch_io.write_pth({"encoder.weight": np.zeros(3, np.float32)}, path)
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not a torchvision ResNet"):
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: .*encoder\.weight"):
     load_torch_weights(small_model(), path)
 
 
@@ -280,7 +280,7 @@ def test_missing_and_unexpected_are_reported():
 
 
 def test_unknown_layout_is_refused():
-  with pytest.raises(ValueError, match="not a torchvision ResNet nor an official APNet"):
+  with pytest.raises(ValueError, match=r"conv1\.weight.*encoder\.weight"):
     load_torch_weights(small_model(), {"encoder.weight": np.zeros(3)})
 
 
@@ -291,6 +291,6 @@ def test_nan_weights_are_named_as_such_not_as_disagreeing_aliases(tmp_path):
     state[key] = np.full_like(state[key], np.nan)
   path = tmp_path / "diverged.pth"
   torch_io.write_pth(state, path)
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: NaN or infinite values "
-                     r"in 1 tensor\(s\) \(base\.layer2\.1\.bn2\.running_mean\)"):
+  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: NaN.*"
+                     r"\(base\.layer2\.1\.bn2\.running_mean\)"):
     load_torch_weights(small_model(seed=2), path)

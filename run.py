@@ -19,25 +19,33 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file (configs/*.py[:arg]).", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, results.json.")
 flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "extract", "export", "visualize", "prepare", "summary"],
-    "train: prepare the data if needed, train, evaluate. eval: evaluate a checkpoint of "
-    "--workdir. extract: features (and rankings) of your own images. export: write the "
-    "feature extractor as a jax.export file. visualize: attention maps of query images "
-    "(attention.png). prepare: build the dataset only. summary: "
-    "print the model's parameter table, output shapes and FLOPs.")
+  "mode",
+  "train",
+  ["train", "eval", "extract", "export", "visualize", "prepare", "summary"],
+  "train: prepare the data if needed, train, evaluate. eval: evaluate a checkpoint of "
+  "--workdir. extract: features (and rankings) of your own images. export: write the "
+  "feature extractor as a jax.export file. visualize: attention maps of query images "
+  "(attention.png). prepare: build the dataset only. summary: "
+  "print the model's parameter table, output shapes and FLOPs.",
+)
 flags.DEFINE_string(
-    "coordinator_address", None,
-    "Multi-host (all modes but prepare and summary): HOST:PORT of process 0's coordinator, the "
-    "same on every process. Unset: JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU, "
-    "SLURM and Open MPI.")
-flags.DEFINE_integer("num_processes", None,
-                     "Multi-host: number of processes (unset: detected, as above).")
-flags.DEFINE_integer("process_id", None,
-                     "Multi-host: this process, 0..num_processes-1 (unset: detected).")
+  "coordinator_address",
+  None,
+  "Multi-host (all modes but prepare and summary): HOST:PORT of process 0's coordinator, the "
+  "same on every process. Unset: JAX_COORDINATOR_ADDRESS, or detected on Cloud TPU, "
+  "SLURM and Open MPI.",
+)
+flags.DEFINE_integer(
+  "num_processes", None, "Multi-host: number of processes (unset: detected, as above)."
+)
+flags.DEFINE_integer(
+  "process_id", None, "Multi-host: this process, 0..num_processes-1 (unset: detected)."
+)
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -94,9 +102,13 @@ def _run(config):
 def _eval_command() -> str:
   """This command line in --mode eval: what finishes a final evaluation stopped by a signal."""
   args = sys.argv[1:]
-  kept = [a for i, a in enumerate(args)
-          if not a.startswith(("--mode=", "-mode=")) and a not in ("--mode", "-mode")
-          and (i == 0 or args[i - 1] not in ("--mode", "-mode"))]
+  kept = [
+    a
+    for i, a in enumerate(args)
+    if not a.startswith(("--mode=", "-mode="))
+    and a not in ("--mode", "-mode")
+    and (i == 0 or args[i - 1] not in ("--mode", "-mode"))
+  ]
   return shlex.join(["python", "run.py", *kept, "--mode", "eval"])
 
 

@@ -67,8 +67,7 @@ class CheckpointReadError(RuntimeError):
   """Reading a checkpoint failed; the message names the step, the folder, what to do."""
 
 
-def make_manager(workdir: str, *, keep_best: int,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def make_manager(workdir: str, *, keep_best: int, read_only: bool = False) -> ocp.CheckpointManager:
   """A manager of ``workdir/checkpoints`` with asynchronous saves.
 
   The training (writing) manager first deletes the temporary folders of saves
@@ -78,23 +77,39 @@ def make_manager(workdir: str, *, keep_best: int,
   warning at every use.)
   """
   cpu.save_replicas_whole(jax.devices())
-  policy = policies.AnyPreservationPolicy([
+  policy = policies.AnyPreservationPolicy(
+    [
       policies.LatestN(n=1),
-      policies.BestN(get_metric_fn=lambda metrics: metrics["mAP"], n=keep_best,
-                     keep_checkpoints_without_metrics=False),
-  ])
+      policies.BestN(
+        get_metric_fn=lambda metrics: metrics["mAP"],
+        n=keep_best,
+        keep_checkpoints_without_metrics=False,
+      ),
+    ]
+  )
   # best_fn only makes Orbax write each checkpoint's metrics to disk (so the
   # ranking survives restarts); the policy above decides what is kept.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=lambda metrics: metrics["mAP"], best_mode="max",
-      enable_async_checkpointing=True, create=not read_only,
-      cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=options)
+    preservation_policy=policy,
+    best_fn=lambda metrics: metrics["mAP"],
+    best_mode="max",
+    enable_async_checkpointing=True,
+    create=not read_only,
+    cleanup_tmp_directories=not read_only,
+  )
+  return ocp.CheckpointManager(
+    os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, Any], *,
-         metrics: dict[str, float] | None = None) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  meta: dict[str, Any],
+  *,
+  metrics: dict[str, float] | None = None,
+) -> None:
   """Starts an asynchronous save of ``step`` (returns before it is written).
 
   Waits for the previous save first. Raises `CheckpointSaveError` if that one
@@ -103,12 +118,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict[str, 
   wait_until_finished(manager)
   try:
     manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-        force=True)
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+      force=True,
+    )
   except Exception as e:
     raise _save_error(manager, step, e) from e
 
@@ -130,24 +144,30 @@ def close_quietly(manager: ocp.CheckpointManager) -> None:
     absl_logging.warning("closing the checkpoint manager failed as well", exc_info=True)
 
 
-def _save_error(manager: ocp.CheckpointManager, step: int | None,
-                error: Exception) -> CheckpointSaveError:
+def _save_error(
+  manager: ocp.CheckpointManager, step: int | None, error: Exception
+) -> CheckpointSaveError:
   # Python writes raise OSError; TensorStore's array writes carry the text.
-  disk_full = (getattr(error, "errno", None) == errno.ENOSPC
-               or os.strerror(errno.ENOSPC) in str(error))
+  disk_full = getattr(error, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(
+    error
+  )
   try:
     manager.reload()  # forget the failed step; list what is on disk
     kept = list(manager.all_steps())
   except Exception:  # pylint: disable=broad-except  (the save's error matters more)
     kept = None
-  message = (f"Could not write the checkpoint of step {step} to {manager.directory}"
-             f"{' (the disk is full)' if disk_full else ''}: {str(error).rstrip('.')}.")
+  message = (
+    f"Could not write the checkpoint of step {step} to {manager.directory}"
+    f"{' (the disk is full)' if disk_full else ''}: {str(error).rstrip('.')}."
+  )
   if kept:
     message += f" The checkpoints written before are intact (steps {kept})"
     # Rerunning helps when the disk failed, not when the state cannot be saved.
     if disk_full or isinstance(error, OSError):
-      message += (f"; rerun the same command{' after freeing space' if disk_full else ''} "
-                  f"to resume from step {kept[-1]}")
+      message += (
+        f"; rerun the same command{' after freeing space' if disk_full else ''} "
+        f"to resume from step {kept[-1]}"
+      )
     message += "."
   elif kept is not None:
     message += " No earlier checkpoint exists to resume from."
@@ -164,8 +184,7 @@ def abstract_like(state: Any) -> Any:
 FORMER_FIELD_NAMES = {"model_state": "rest"}
 
 
-def restore(manager: ocp.CheckpointManager, step: int,
-            state: Any) -> tuple[Any, dict[str, Any]]:
+def restore(manager: ocp.CheckpointManager, step: int, state: Any) -> tuple[Any, dict[str, Any]]:
   """Restores ``step`` into the structure of ``state``; returns it and its record.
 
   A dataclass ``state`` (the `TrainState`) also restores from a checkpoint
@@ -185,14 +204,20 @@ def restore(manager: ocp.CheckpointManager, step: int,
   if former is not None:
     with contextlib.suppress(Exception):
       restored, meta = _restore(manager, step, former)
-      return type(state)(**{f.name: restored[FORMER_FIELD_NAMES.get(f.name, f.name)]
-                            for f in dataclasses.fields(state)}), meta
+      return type(state)(
+        **{
+          f.name: restored[FORMER_FIELD_NAMES.get(f.name, f.name)]
+          for f in dataclasses.fields(state)
+        }
+      ), meta
   raise _read_error(manager, step, error) from error
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  restored = manager.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+  )
   return restored["state"], restored["meta"]
 
 
@@ -214,8 +239,7 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise _read_error(manager, step, e) from e
 
 
-def _read_error(manager: ocp.CheckpointManager, step: int,
-                error: Exception) -> CheckpointReadError:
+def _read_error(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointReadError:
   # Orbax's errors (a missing item, broken JSON, a truncated array) name
   # neither the step nor the folder, nor what the user can do about them.
   folder = os.path.join(str(manager.directory), str(step))
@@ -227,12 +251,15 @@ def _read_error(manager: ocp.CheckpointManager, step: int,
     others = [s for s in manager.all_steps() if s != step]
   except Exception:  # pylint: disable=broad-except  (the read's error matters more)
     others = None
-  message = (f"Cannot read the checkpoint of step {step} in {folder} "
-             f"({type(error).__name__}: {text.rstrip('.')}). Nothing was deleted. "
-             f"If it is damaged, move {folder} out of {manager.directory} and rerun")
+  message = (
+    f"Cannot read the checkpoint of step {step} in {folder} "
+    f"({type(error).__name__}: {text.rstrip('.')}). Nothing was deleted. "
+    f"If it is damaged, move {folder} out of {manager.directory} and rerun"
+  )
   if others:
-    message += (f": the run then uses step {max(others)}, the latest of the other kept "
-                f"steps {others}.")
+    message += (
+      f": the run then uses step {max(others)}, the latest of the other kept steps {others}."
+    )
   elif others is not None:
     message += "; no other step is kept, so training would start over from step 0."
   else:
@@ -242,29 +269,37 @@ def _read_error(manager: ocp.CheckpointManager, step: int,
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
   """The kept step with the highest mAP, or None if none has metrics."""
-  scored = [(metrics["mAP"], step) for step in manager.all_steps()
-            if (metrics := manager.metrics(step)) and "mAP" in metrics]
+  scored = [
+    (metrics["mAP"], step)
+    for step in manager.all_steps()
+    if (metrics := manager.metrics(step)) and "mAP" in metrics
+  ]
   return max(scored)[1] if scored else None
 
 
 # Config keys a checkpoint's arrays depend on; the rest (paths, workers,
 # evaluation feature, compute dtype) may change between runs.
 _STATE_KEYS = {
-    "model": ("depth", "width", "last_stride", "stem_relu", "level", "kind", "input_size"),
-    "data": ("name", "config", "p", "k"),
+  "model": ("depth", "width", "last_stride", "stem_relu", "level", "kind", "input_size"),
+  "data": ("name", "config", "p", "k"),
 }
 
 
 # What evaluating a checkpoint depends on: its arrays' shapes and the dataset
 # (the number of classes is the checkpoint's own); not the batch's P x K.
 EVAL_KEYS = {
-    "model": _STATE_KEYS["model"],
-    "data": ("name", "config"),
+  "model": _STATE_KEYS["model"],
+  "data": ("name", "config"),
 }
 
 
-def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: str, *,
-                     keys: dict[str, tuple[str, ...]] = _STATE_KEYS) -> None:
+def check_compatible(
+  saved: dict[str, Any],
+  current: dict[str, Any],
+  workdir: str,
+  *,
+  keys: dict[str, tuple[str, ...]] = _STATE_KEYS,
+) -> None:
   """Refuses a checkpoint of another model, dataset or seed, naming the keys.
 
   ``keys``: the config keys compared, by section (by default, those training
@@ -278,13 +313,16 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], workdir: st
       if old != new:
         diffs.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
   if saved.get("num_classes") != current.get("num_classes"):
-    diffs.append(f"num_classes: checkpoint {saved.get('num_classes')}, "
-                 f"dataset {current.get('num_classes')}")
+    diffs.append(
+      f"num_classes: checkpoint {saved.get('num_classes')}, dataset {current.get('num_classes')}"
+    )
   # Every random draw is a function of (seed, step): another seed would splice
   # two runs together. A record without it is let through.
   if "seed" in saved and saved["seed"] != current.get("seed"):
     diffs.append(f"train.seed: checkpoint {saved.get('seed')!r}, config {current.get('seed')!r}")
   if diffs:
-    raise ValueError(f"{workdir}/checkpoints belongs to another run: " + "; ".join(diffs)
-                     + ". Use another --workdir, or set these back to the checkpoint's values.")
-
+    raise ValueError(
+      f"{workdir}/checkpoints belongs to another run: "
+      + "; ".join(diffs)
+      + ". Use another --workdir, or set these back to the checkpoint's values."
+    )

@@ -24,14 +24,15 @@ try:
   from jax.monitoring import unregister_event_duration_listener as _unregister_duration_listener
 except ImportError:
   from jax._src.monitoring import (  # pylint: disable=g-import-not-at-top
-      _unregister_event_duration_listener_by_callback as _unregister_duration_listener)
+    _unregister_event_duration_listener_by_callback as _unregister_duration_listener,
+  )
 
 __all__ = [
-    "enable_x64",
-    "iter_modules",
-    "module_list",
-    "set_value",
-    "unregister_event_duration_listener",
+  "enable_x64",
+  "iter_modules",
+  "module_list",
+  "set_value",
+  "unregister_event_duration_listener",
 ]
 
 

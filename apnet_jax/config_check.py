@@ -27,8 +27,9 @@ class ConfigError(ValueError):
   def __init__(self, problems: Sequence[tuple[str, Any, str]]):
     self.problems = list(problems)
     lines = [f"  {key}={value!r}: {allowed}" for key, value, allowed in self.problems]
-    super().__init__(f"{len(lines)} invalid config setting(s); nothing was run or written:\n"
-                     + "\n".join(lines))
+    super().__init__(
+      f"{len(lines)} invalid config setting(s); nothing was run or written:\n" + "\n".join(lines)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,35 +86,42 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def integer(minimum: int) -> Rule:
   """A whole number >= ``minimum``."""
+
   def rule(value, context):
     del context
     if not _is_int(value) or value < minimum:
       return f"a whole number >= {minimum}"
     return None
+
   return rule
 
 
-def number(low: float, high: float = math.inf, *, low_open: bool = False,
-           high_open: bool = False) -> Rule:
+def number(
+  low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = False
+) -> Rule:
   """A finite number in the interval; ``*_open`` excludes that end."""
   if high == math.inf:
     allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
   else:
-    allowed = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
-               f"{')' if high_open else ']'}")
+    allowed = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
   def rule(value, context):
     del context
-    if (not _is_number(value) or value < low or value > high
-        or (low_open and value == low) or (high_open and value == high)):
+    if (
+      not _is_number(value)
+      or value < low
+      or value > high
+      or (low_open and value == low)
+      or (high_open and value == high)
+    ):
       return allowed
     return None
+
   return rule
 
 
@@ -122,19 +130,23 @@ PROBABILITY = number(0.0, 1.0)
 
 def unset_or(rule: Rule, follows: str) -> Rule:
   """None (the value of ``follows`` then applies) or a value that passes ``rule``."""
+
   def unset_or_rule(value, context):
     allowed = None if value is None else rule(value, context)
     return None if allowed is None else f"{allowed}, or None (unset: {follows} applies)"
+
   return unset_or_rule
 
 
 def one_of(*options: Any) -> Rule:
   """One of ``options`` (compared with their type: True is not 1)."""
+
   def rule(value, context):
     del context
     if not any(type(value) is type(o) and value == o for o in options):
       return f"one of {', '.join(repr(o) for o in options)}"
     return None
+
   return rule
 
 
@@ -155,21 +167,28 @@ def nonempty_text(value, context):
 
 def pair(element: Rule, what: str) -> Rule:
   """A pair (tuple or list of two) of values that each pass ``element``."""
+
   def rule(value, context):
-    if (not isinstance(value, (tuple, list)) or len(value) != 2
-        or any(element(v, context) for v in value)):
+    if (
+      not isinstance(value, (tuple, list))
+      or len(value) != 2
+      or any(element(v, context) for v in value)
+    ):
       return f"a pair of {what}"
     return None
+
   return rule
 
 
 def epochs_of_the_schedule(*, increasing: bool) -> Rule:
   """Epochs in [1, train.epochs] (a tuple, possibly empty); ``increasing``: strictly."""
+
   def rule(value, context):
     last = context.get("train.epochs")
     bound = f"{last}" if _is_int(last) and last >= 1 else "train.epochs"
-    allowed = (f"a tuple of {'increasing ' if increasing else ''}epochs in [1, {bound}] "
-               "(train.epochs)")
+    allowed = (
+      f"a tuple of {'increasing ' if increasing else ''}epochs in [1, {bound}] (train.epochs)"
+    )
     if not isinstance(value, (tuple, list)) or not all(_is_int(e) and e >= 1 for e in value):
       return allowed
     if increasing and any(a >= b for a, b in zip(value, value[1:])):
@@ -177,6 +196,7 @@ def epochs_of_the_schedule(*, increasing: bool) -> Rule:
     if _is_int(last) and any(e > last for e in value):
       return allowed
     return None
+
   return rule
 
 
@@ -201,8 +221,9 @@ def images_per_identity(value, context):
   allowed = identities_per_batch(value, context)
   p, devices = context.get("data.p"), context.num_devices
   if allowed is None and devices and _is_int(p) and (p * value) % devices:
-    return (f"a value that makes data.p x data.k = {p * value} images a multiple of the "
-            f"{devices} devices")
+    return (
+      f"a value that makes data.p x data.k = {p * value} images a multiple of the {devices} devices"
+    )
   return allowed
 
 
@@ -230,8 +251,10 @@ def dataset_config(value, context):
     return "a string"
   name = context.get("data.name")
   if value and isinstance(name, str) and ("+" in name or ":" in name):
-    return (f"'' while data.name={name!r} gives its datasets as name[:config] entries "
-            "(write each config there)")
+    return (
+      f"'' while data.name={name!r} gives its datasets as name[:config] entries "
+      "(write each config there)"
+    )
   return None
 
 
@@ -277,9 +300,11 @@ def drop_distractors(value, context):
     return None  # that key's own rule names the problem
   others = sorted({n for n in names if n not in DATASETS_WITH_DISTRACTORS})
   if others:
-    return (f"False while evaluating {', '.join(others)}: only "
-            f"{', '.join(DATASETS_WITH_DISTRACTORS)} mark distractors with pid 0; elsewhere "
-            "pid 0 is a real person")
+    return (
+      f"False while evaluating {', '.join(others)}: only "
+      f"{', '.join(DATASETS_WITH_DISTRACTORS)} mark distractors with pid 0; elsewhere "
+      "pid 0 is a real person"
+    )
   return None
 
 
@@ -288,8 +313,10 @@ def manual_dir(value, context):
     return "a string"
   name = context.get("data.name")
   if value and isinstance(name, str) and "+" in name:
-    return (f"'' while data.name={name!r} joins several datasets (one folder cannot hold "
-            "them all): prepare each with --mode prepare first")
+    return (
+      f"'' while data.name={name!r} joins several datasets (one folder cannot hold "
+      "them all): prepare each with --mode prepare first"
+    )
   return None
 
 
@@ -305,83 +332,84 @@ def dotted_keys(value, context):
 # --- The table -----------------------------------------------------------------
 
 RULES: dict[str, Rule] = {
-    "model.depth": one_of(18, 34, 50, 101),
-    "model.width": number(0.0, low_open=True),
-    "model.last_stride": one_of(1, 2),
-    "model.stem_relu": boolean,
-    "model.level": one_of(0, 1, 2, 3),
-    "model.kind": one_of("channel", "spatial"),
-    "model.input_size": pair(integer(1), "whole numbers >= 1 (height, width)"),
-    "model.eval_feature": one_of("bn", "global", "logits"),
-    "model.dtype": one_of("float32", "bfloat16"),
-    "model.init_from": text,
-    "data.name": dataset_name,
-    "data.config": dataset_config,
-    "data.data_dir": nonempty_text,
-    "data.manual_dir": manual_dir,
-    "data.p": identities_per_batch,
-    "data.k": images_per_identity,
-    "data.num_workers": integer(0),
-    "augment.pad": integer(0),
-    "augment.flip_p": PROBABILITY,
-    "augment.erase_p": PROBABILITY,
-    "loss.margin": number(0.0, low_open=True),
-    # 1 would make every target uniform: no identity is learned.
-    "loss.label_smoothing": number(0.0, 1.0, high_open=True),
-    "optim.base_lr": number(0.0, low_open=True),
-    "optim.weight_decay": number(0.0),
-    "optim.bias_lr_factor": number(0.0),
-    "optim.weight_decay_bias": unset_or(number(0.0), FOLLOWS["optim.weight_decay_bias"]),
-    "optim.betas": pair(number(0.0, 1.0, high_open=True), "numbers in [0, 1)"),
-    "optim.warmup_factor": number(0.0, 1.0),
-    "optim.warmup_epochs": integer(0),
-    "optim.milestones": epochs_of_the_schedule(increasing=True),
-    "optim.gamma": number(0.0, 1.0, low_open=True),
-    "train.epochs": integer(1),
-    "train.max_steps": max_steps,
-    "train.seed": integer(0),
-    "train.log_every_steps": integer(1),
-    "train.checkpoint_every_epochs": integer(1),
-    "train.keep_best": integer(0),
-    "train.eval_epochs": epochs_of_the_schedule(increasing=False),
-    "train.allow_changes": dotted_keys,
-    "eval.datasets": eval_datasets,
-    "eval.batch_size": eval_batch_size,
-    "eval.step": integer(-1),
-    "eval.use_best": use_best,
-    "eval.torch_checkpoint": text,
-    "eval.drop_distractors": drop_distractors,
-    "eval.rerank": boolean,
-    "eval.rerank_k1": integer(1),
-    "eval.rerank_k2": integer(1),
-    "eval.rerank_lambda": PROBABILITY,
-    "eval.query_expansion": boolean,
-    "eval.query_expansion_k": integer(1),
-    "eval.query_expansion_alpha": number(0.0),
-    "eval.max_rank": integer(1),
-    "extract.input_dir": text,
-    "extract.gallery_dir": text,
-    "extract.top": integer(1),
-    "extract.num_pictures": integer(1),
-    "visualize.num_queries": integer(1),
+  "model.depth": one_of(18, 34, 50, 101),
+  "model.width": number(0.0, low_open=True),
+  "model.last_stride": one_of(1, 2),
+  "model.stem_relu": boolean,
+  "model.level": one_of(0, 1, 2, 3),
+  "model.kind": one_of("channel", "spatial"),
+  "model.input_size": pair(integer(1), "whole numbers >= 1 (height, width)"),
+  "model.eval_feature": one_of("bn", "global", "logits"),
+  "model.dtype": one_of("float32", "bfloat16"),
+  "model.init_from": text,
+  "data.name": dataset_name,
+  "data.config": dataset_config,
+  "data.data_dir": nonempty_text,
+  "data.manual_dir": manual_dir,
+  "data.p": identities_per_batch,
+  "data.k": images_per_identity,
+  "data.num_workers": integer(0),
+  "augment.pad": integer(0),
+  "augment.flip_p": PROBABILITY,
+  "augment.erase_p": PROBABILITY,
+  "loss.margin": number(0.0, low_open=True),
+  # 1 would make every target uniform: no identity is learned.
+  "loss.label_smoothing": number(0.0, 1.0, high_open=True),
+  "optim.base_lr": number(0.0, low_open=True),
+  "optim.weight_decay": number(0.0),
+  "optim.bias_lr_factor": number(0.0),
+  "optim.weight_decay_bias": unset_or(number(0.0), FOLLOWS["optim.weight_decay_bias"]),
+  "optim.betas": pair(number(0.0, 1.0, high_open=True), "numbers in [0, 1)"),
+  "optim.warmup_factor": number(0.0, 1.0),
+  "optim.warmup_epochs": integer(0),
+  "optim.milestones": epochs_of_the_schedule(increasing=True),
+  "optim.gamma": number(0.0, 1.0, low_open=True),
+  "train.epochs": integer(1),
+  "train.max_steps": max_steps,
+  "train.seed": integer(0),
+  "train.log_every_steps": integer(1),
+  "train.checkpoint_every_epochs": integer(1),
+  "train.keep_best": integer(0),
+  "train.eval_epochs": epochs_of_the_schedule(increasing=False),
+  "train.allow_changes": dotted_keys,
+  "eval.datasets": eval_datasets,
+  "eval.batch_size": eval_batch_size,
+  "eval.step": integer(-1),
+  "eval.use_best": use_best,
+  "eval.torch_checkpoint": text,
+  "eval.drop_distractors": drop_distractors,
+  "eval.rerank": boolean,
+  "eval.rerank_k1": integer(1),
+  "eval.rerank_k2": integer(1),
+  "eval.rerank_lambda": PROBABILITY,
+  "eval.query_expansion": boolean,
+  "eval.query_expansion_k": integer(1),
+  "eval.query_expansion_alpha": number(0.0),
+  "eval.max_rank": integer(1),
+  "extract.input_dir": text,
+  "extract.gallery_dir": text,
+  "extract.top": integer(1),
+  "extract.num_pictures": integer(1),
+  "visualize.num_queries": integer(1),
 }
 
 # The keys each mode reads: a section name covers all of its keys.
 _DATASET = ("data.name", "data.config", "data.data_dir", "data.manual_dir", "data.num_workers")
 _RESTORE = ("model", "train.keep_best", "eval")
 MODE_KEYS: dict[str, tuple[str, ...]] = {
-    "train": tuple(sorted({k.split(".")[0] for k in RULES})),
-    "eval": _RESTORE + _DATASET,
-    "extract": _RESTORE + ("extract",),
-    "export": _RESTORE,
-    "visualize": _RESTORE + _DATASET + ("visualize",),
-    "prepare": _DATASET,
-    "summary": ("model",) + _DATASET,
+  "train": tuple(sorted({k.split(".")[0] for k in RULES})),
+  "eval": _RESTORE + _DATASET,
+  "extract": _RESTORE + ("extract",),
+  "export": _RESTORE,
+  "visualize": _RESTORE + _DATASET + ("visualize",),
+  "prepare": _DATASET,
+  "summary": ("model",) + _DATASET,
 }
 
 # Keys a mode cannot do without, and what to give.
-_REQUIRED = {"extract": {"extract.input_dir": "--mode extract needs "
-                                              "--config.extract.input_dir=FOLDER"}}
+_REQUIRED = {
+  "extract": {"extract.input_dir": "--mode extract needs --config.extract.input_dir=FOLDER"}
+}
 
 
 def keys_of(mode: str) -> list[str]:
@@ -392,8 +420,13 @@ def keys_of(mode: str) -> list[str]:
   return [k for k in RULES if k in wanted or k.split(".")[0] in wanted]
 
 
-def check(config: ml_collections.ConfigDict, mode: str, *, num_devices: int | None = None,
-          datasets: Collection[str] | None = None) -> None:
+def check(
+  config: ml_collections.ConfigDict,
+  mode: str,
+  *,
+  num_devices: int | None = None,
+  datasets: Collection[str] | None = None,
+) -> None:
   """Refuses every key ``mode`` uses that is missing, unknown or out of range.
 
   Args:
@@ -412,8 +445,11 @@ def check(config: ml_collections.ConfigDict, mode: str, *, num_devices: int | No
   for section in sorted(sections):  # a key the table does not know is a typo in a config file
     node = config.get(section)
     if isinstance(node, ml_collections.ConfigDict):
-      problems += [(f"{section}.{k}", node[k], "not a config key of apnet-jax")
-                   for k in node.keys() if f"{section}.{k}" not in RULES]
+      problems += [
+        (f"{section}.{k}", node[k], "not a config key of apnet-jax")
+        for k in node.keys()
+        if f"{section}.{k}" not in RULES
+      ]
   for key in keys:
     if not _has(config, key):
       problems.append((key, None, "missing from the config"))

@@ -35,8 +35,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Joins this process to a multi-process JAX run, if it is part of one.
 
   Must run before any JAX computation (JAX raises ``RuntimeError`` otherwise).
@@ -59,8 +62,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   if jax.distributed.is_initialized():
     return True
-  explicit = (any(v is not None for v in (coordinator_address, num_processes, process_id))
-              or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  explicit = any(v is not None for v in (coordinator_address, num_processes, process_id)) or bool(
+    os.environ.get("JAX_COORDINATOR_ADDRESS")
+  )
   if not explicit and _single_task_launch():
     # JAX would still initialize here and then show this one process only the
     # GPU of its local rank: `srun --ntasks=1 --gpus=8` would train on one GPU.
@@ -73,14 +77,19 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not explicit and "coordinator_address" in str(e):
       return False
     raise ValueError(
-        f"multi-host setup: {e} Outside Cloud TPU, SLURM and Open MPI pass all of "
-        "--coordinator_address=HOST:PORT (of process 0, the same everywhere), "
-        "--num_processes=N and --process_id=0..N-1 (got coordinator_address="
-        f"{coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')!r}, "
-        f"num_processes={num_processes!r}, process_id={process_id!r}).") from e
-  logging.info("JAX distributed runtime: process %d of %d, %d local of %d devices.",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+      f"multi-host setup: {e} Outside Cloud TPU, SLURM and Open MPI pass all of "
+      "--coordinator_address=HOST:PORT (of process 0, the same everywhere), "
+      "--num_processes=N and --process_id=0..N-1 (got coordinator_address="
+      f"{coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS')!r}, "
+      f"num_processes={num_processes!r}, process_id={process_id!r})."
+    ) from e
+  logging.info(
+    "JAX distributed runtime: process %d of %d, %d local of %d devices.",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
   return True
 
 

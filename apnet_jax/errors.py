@@ -20,8 +20,12 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step."""
 
 
-USER_ERRORS = (NonFiniteLossError, checkpointing.CheckpointReadError,
-               checkpointing.CheckpointSaveError, workdir_lib.WorkdirBusyError)
+USER_ERRORS = (
+  NonFiniteLossError,
+  checkpointing.CheckpointReadError,
+  checkpointing.CheckpointSaveError,
+  workdir_lib.WorkdirBusyError,
+)
 
 
 def exit_with_error(error: BaseException) -> NoReturn:

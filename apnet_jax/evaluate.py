@@ -17,7 +17,6 @@ from apnet_jax import config_check, restore, sharding
 from apnet_jax import workdir as workdir_lib
 from apnet_jax.evaluation import evaluator as evaluator_lib
 
-
 EVAL_FOLDER = "eval"  # --mode eval's report while a training holds the workdir
 
 
@@ -33,8 +32,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """
   config_check.check_mode(config, "eval")
   workdir = os.path.abspath(os.path.expanduser(workdir))
-  evaluator = evaluator_lib.ReidEvaluator(config, evaluator_lib.open_eval_datasets(config),
-                                          mesh=sharding.make_mesh())
+  evaluator = evaluator_lib.ReidEvaluator(
+    config, evaluator_lib.open_eval_datasets(config), mesh=sharding.make_mesh()
+  )
   model, source = restore.restore_model(config, workdir)
   report = evaluator.run(model)
   results = dict(report.results, **source, config=config.to_dict())
@@ -47,8 +47,10 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   except workdir_lib.WorkdirBusyError as e:
     with workdir_lib.replace_folder(os.path.join(workdir, EVAL_FOLDER)) as folder:
       evaluator_lib.write_report(folder, results, pictures)
-    print(f"{workdir} is in use ({e.holder}): the report went to {workdir}/{EVAL_FOLDER}/, "
-          "not beside the training's files.")
+    print(
+      f"{workdir} is in use ({e.holder}): the report went to {workdir}/{EVAL_FOLDER}/, "
+      "not beside the training's files."
+    )
   else:
     with held:
       evaluator_lib.write_report(workdir, results, pictures)

@@ -10,7 +10,7 @@ in, so loading needs neither the model code nor a checkpoint: only JAX.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.export  # a submodule that `import jax` alone loads only in newer releases
@@ -25,9 +25,14 @@ from apnet_jax.evaluation.features import make_embed_fn
 _MAGIC = b"APNET-JAX-EXPORT-1\n"
 
 
-def export_feature_extractor(model: nnx.Module, path: str | os.PathLike, *,
-                             input_size: tuple[int, int], eval_feature: str,
-                             platforms: tuple[str, ...] = ("cpu", "cuda", "tpu")) -> None:
+def export_feature_extractor(
+  model: nnx.Module,
+  path: str | os.PathLike,
+  *,
+  input_size: tuple[int, int],
+  eval_feature: str,
+  platforms: tuple[str, ...] = ("cpu", "cuda", "tpu"),
+) -> None:
   """Serializes ``model``'s feature extractor for any batch size to ``path``.
 
   Args:
@@ -47,7 +52,8 @@ def export_feature_extractor(model: nnx.Module, path: str | os.PathLike, *,
   batch = jax.export.symbolic_shape("batch")[0]
   height, width = input_size
   exported = jax.export.export(jax.jit(extractor), platforms=platforms)(
-      jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8))
+    jax.ShapeDtypeStruct((batch, height, width, 3), jnp.uint8)
+  )
   path = os.fspath(path)
   with open(path + ".tmp", "wb") as f:
     f.write(_MAGIC + exported.serialize())
@@ -62,7 +68,7 @@ def load(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
   if not data.startswith(_MAGIC):
     raise ValueError(f"{path} is not a feature extractor written by apnet_jax.export")
   try:
-    exported = jax.export.deserialize(bytearray(data[len(_MAGIC):]))
+    exported = jax.export.deserialize(bytearray(data[len(_MAGIC) :]))
   except Exception as e:  # the flatbuffer reader raises assorted errors
     raise ValueError(f"{path}: the exported function cannot be read ({e})") from e
   (shape,) = [a.shape for a in exported.in_avals]
@@ -70,8 +76,10 @@ def load(path: str | os.PathLike) -> Callable[[np.ndarray], jax.Array]:
   def extract(images):
     images = jnp.asarray(images)
     if images.dtype != jnp.uint8 or images.shape[1:] != shape[1:]:
-      raise ValueError(f"{path} takes uint8 images of shape (B, {shape[1]}, {shape[2]}, 3), "
-                       f"got {images.dtype} {tuple(images.shape)}")
+      raise ValueError(
+        f"{path} takes uint8 images of shape (B, {shape[1]}, {shape[2]}, 3), "
+        f"got {images.dtype} {tuple(images.shape)}"
+      )
     return exported.call(images)
 
   return extract

@@ -21,8 +21,22 @@ from PIL import Image
 
 # Modes PIL converts to RGB correctly (alpha, if any, dropped). 'La' (alpha
 # premultiplied grey) has no direct conversion; it goes through 'LA'.
-_PIL_CONVERTS = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
-                 "YCbCr", "LAB", "HSV")
+_PIL_CONVERTS = (
+  "1",
+  "L",
+  "LA",
+  "La",
+  "P",
+  "PA",
+  "RGB",
+  "RGBA",
+  "RGBa",
+  "RGBX",
+  "CMYK",
+  "YCbCr",
+  "LAB",
+  "HSV",
+)
 # Integer modes whose samples are 16-bit (PIL opens 16-bit greyscale PNGs as
 # 'I;16' or, in older versions, as 32-bit 'I' holding 0..65535).
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -48,15 +62,20 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
     samples = np.asarray(image).astype(np.int64)
     if samples.size and (samples.min() < 0 or samples.max() > _SIXTEEN_BIT_MAX):
       raise ImageModeError(
-          f"{name}: mode {mode!r} holds samples from {samples.min()} to {samples.max()}, "
-          f"outside the 16-bit range 0..{_SIXTEEN_BIT_MAX} this reader scales from; save it "
-          "as an 8- or 16-bit PNG or a JPEG.")
+        f"{name}: mode {mode!r} holds samples from {samples.min()} to {samples.max()}, "
+        f"outside the 16-bit range 0..{_SIXTEEN_BIT_MAX} this reader scales from; save it "
+        "as an 8- or 16-bit PNG or a JPEG."
+      )
     grey = (samples * 255 + _SIXTEEN_BIT_MAX // 2) // _SIXTEEN_BIT_MAX  # rounded
     return Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
-  what = ("floating-point samples, which have no fixed range to scale to 8 bits"
-          if mode == "F" else "a pixel format this reader does not map to RGB")
-  raise ImageModeError(f"{name}: image mode {mode!r} holds {what}; save it as an 8- or 16-bit "
-                   "PNG or a JPEG.")
+  what = (
+    "floating-point samples, which have no fixed range to scale to 8 bits"
+    if mode == "F"
+    else "a pixel format this reader does not map to RGB"
+  )
+  raise ImageModeError(
+    f"{name}: image mode {mode!r} holds {what}; save it as an 8- or 16-bit PNG or a JPEG."
+  )
 
 
 def decode_rgb(data: bytes, name: str) -> Image.Image:

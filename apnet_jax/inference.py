@@ -29,8 +29,12 @@ def list_images(folder: str) -> list[str]:
   folder = os.path.expanduser(folder)
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"image folder not found: {folder}")
-  files = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  files = sorted(
+    os.path.join(root, name)
+    for root, _, names in os.walk(folder)
+    for name in names
+    if name.lower().endswith(IMAGE_EXTENSIONS)
+  )
   if not files:
     raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
   return files
@@ -48,12 +52,12 @@ class _FolderSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     with open(self.files[index], "rb") as f:
       image = f.read()
-    return {"image": image, "pid": -1, "camid": -1, "label": -1,
-            "filename": self.files[index]}
+    return {"image": image, "pid": -1, "camid": -1, "label": -1, "filename": self.files[index]}
 
 
-def folder_features(model, files: list[str], config: ml_collections.ConfigDict, *,
-                    desc: str) -> np.ndarray:
+def folder_features(
+  model, files: list[str], config: ml_collections.ConfigDict, *, desc: str
+) -> np.ndarray:
   """Evaluation features (image + flip) of image files, in order; ``desc`` names the bar."""
   # The evaluator's extractor, so that these features compare with a benchmark's.
   evaluator = evaluator_lib.ReidEvaluator(config, datasets=())
@@ -94,15 +98,20 @@ def extract_folder(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
       _write_lines(os.path.join(staging, "gallery_files.txt"), gallery_files)
       top = min(config.extract.top, len(gallery_files))
       order, dist = plots.rank(features, gallery, top=top)
-      ranking = {f: [{"file": gallery_files[j], "distance": float(d)}
-                     for j, d in zip(row, drow)] for f, row, drow in zip(files, order, dist)}
+      ranking = {
+        f: [{"file": gallery_files[j], "distance": float(d)} for j, d in zip(row, drow)]
+        for f, row, drow in zip(files, order, dist)
+      }
       with open(os.path.join(staging, "ranking.json"), "w") as f:
         json.dump(ranking, f, indent=1)
       shown = range(min(config.extract.num_pictures, len(files)))
-      plots.plot_ranked_lists([_read(files[i]) for i in shown],
-                              [[_read(gallery_files[j]) for j in order[i]] for i in shown],
-                              None, os.path.join(staging, "ranked_list.png"),
-                              query_labels=[os.path.basename(files[i]) for i in shown])
+      plots.plot_ranked_lists(
+        [_read(files[i]) for i in shown],
+        [[_read(gallery_files[j]) for j in order[i]] for i in shown],
+        None,
+        os.path.join(staging, "ranked_list.png"),
+        query_labels=[os.path.basename(files[i]) for i in shown],
+      )
   print(f"features of {len(files)} images -> {out_dir}")
   return result
 
@@ -120,10 +129,13 @@ def export_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   path = os.path.join(workdir, "feature_extractor.jaxexport")
   if jax.process_index() == 0:  # one file, written by one process
     workdir_lib.ensure_workdir(workdir)
-    export.export_feature_extractor(model, path, input_size=tuple(config.model.input_size),
-                                    eval_feature=config.model.eval_feature)
-    print(f"exported the feature extractor (uint8 images of {tuple(config.model.input_size)}, "
-          f"any batch size) -> {path}")
+    export.export_feature_extractor(
+      model, path, input_size=tuple(config.model.input_size), eval_feature=config.model.eval_feature
+    )
+    print(
+      f"exported the feature extractor (uint8 images of {tuple(config.model.input_size)}, "
+      f"any batch size) -> {path}"
+    )
   return path
 
 

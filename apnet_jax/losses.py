@@ -26,17 +26,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-__all__ = ["cross_entropy_label_smooth", "pairwise_euclidean", "total_loss",
-           "triplet_loss_batch_hard"]
+__all__ = [
+  "cross_entropy_label_smooth",
+  "pairwise_euclidean",
+  "total_loss",
+  "triplet_loss_batch_hard",
+]
 
 
 def cross_entropy_label_smooth(
-    logits: jax.Array,
-    labels: jax.Array,
-    num_classes: int,
-    epsilon: float = 0.1,
+  logits: jax.Array,
+  labels: jax.Array,
+  num_classes: int,
+  epsilon: float = 0.1,
 ) -> jax.Array:
   """Cross-entropy against label-smoothed targets (Szegedy et al., 2016).
 
@@ -58,12 +63,14 @@ def cross_entropy_label_smooth(
   """
   if logits.ndim != 2 or labels.shape != logits.shape[:1]:
     raise ValueError(
-        f"cross_entropy_label_smooth: need logits (B, C) and labels (B,); got "
-        f"logits {logits.shape} and labels {labels.shape}.")
+      f"cross_entropy_label_smooth: need logits (B, C) and labels (B,); got "
+      f"logits {logits.shape} and labels {labels.shape}."
+    )
   if logits.shape[-1] != num_classes:
     raise ValueError(
-        f"cross_entropy_label_smooth: num_classes={num_classes} but the logits "
-        f"have {logits.shape[-1]} classes.")
+      f"cross_entropy_label_smooth: num_classes={num_classes} but the logits "
+      f"have {logits.shape[-1]} classes."
+    )
   if not 0.0 <= epsilon <= 1.0:
     raise ValueError(f"cross_entropy_label_smooth: epsilon must be in [0, 1], got {epsilon}.")
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -103,9 +110,9 @@ def pairwise_euclidean(features: jax.Array) -> jax.Array:
 
 
 def triplet_loss_batch_hard(
-    features: jax.Array,
-    labels: jax.Array,
-    margin: float = 0.3,
+  features: jax.Array,
+  labels: jax.Array,
+  margin: float = 0.3,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Batch-hard triplet loss (Hermans et al., 2017) as the official TripletLoss.
 
@@ -131,8 +138,9 @@ def triplet_loss_batch_hard(
   """
   if features.ndim != 2 or labels.shape != features.shape[:1]:
     raise ValueError(
-        f"triplet_loss_batch_hard: need features (N, D) and labels (N,); got "
-        f"features {features.shape} and labels {labels.shape}.")
+      f"triplet_loss_batch_hard: need features (N, D) and labels (N,); got "
+      f"features {features.shape} and labels {labels.shape}."
+    )
   dist = pairwise_euclidean(features)
   labels = _replicated(labels)
   same = labels[:, None] == labels[None, :]
@@ -143,12 +151,12 @@ def triplet_loss_batch_hard(
 
 
 def total_loss(
-    outputs: dict[str, jax.Array],
-    labels: jax.Array,
-    *,
-    num_classes: int,
-    margin: float,
-    epsilon: float,
+  outputs: dict[str, jax.Array],
+  labels: jax.Array,
+  *,
+  num_classes: int,
+  margin: float,
+  epsilon: float,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The official ``softmax_triplet`` objective: smoothed CE + triplet, weight 1 each.
 
@@ -166,17 +174,16 @@ def total_loss(
   """
   for key in ("logits", "global_feat"):
     if key not in outputs:
-      raise KeyError(f"total_loss: the model outputs have no {key!r} "
-                     f"(got {sorted(outputs)}).")
+      raise KeyError(f"total_loss: the model outputs have no {key!r} (got {sorted(outputs)}).")
   logits = outputs["logits"]
   ce = cross_entropy_label_smooth(logits, labels, num_classes, epsilon)
   triplet, dist_ap, dist_an = triplet_loss_batch_hard(outputs["global_feat"], labels, margin)
   acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   aux: dict[str, Any] = {
-      "ce": ce,
-      "triplet": triplet,
-      "acc": acc,
-      "dist_ap": jnp.mean(dist_ap),
-      "dist_an": jnp.mean(dist_an),
+    "ce": ce,
+    "triplet": triplet,
+    "acc": acc,
+    "dist_ap": jnp.mean(dist_ap),
+    "dist_an": jnp.mean(dist_an),
   }
   return ce + triplet, aux

@@ -80,17 +80,21 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     aside = set_aside_after(workdir, resume_step)
     if aside:
-      logging.warning("Resuming at step %d: the metrics.jsonl lines of later steps are moved "
-                      "to %s.", resume_step, aside)
+      logging.warning(
+        "Resuming at step %d: the metrics.jsonl lines of later steps are moved to %s.",
+        resume_step,
+        aside,
+      )
     self._jsonl = open(os.path.join(workdir, JSONL), "a", buffering=1)
     self._tensorboard = tensorboardX.SummaryWriter(
-        os.path.join(workdir, TENSORBOARD),
-        purge_step=resume_step + 1 if resume_step else None,
-        # tensorboardX writes from a thread, to disk every flush_secs whatever
-        # flush() says: soon enough to follow a run live.
-        flush_secs=5,
-        # Its own file even when another writer started in the same second.
-        filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+      os.path.join(workdir, TENSORBOARD),
+      purge_step=resume_step + 1 if resume_step else None,
+      # tensorboardX writes from a thread, to disk every flush_secs whatever
+      # flush() says: soon enough to follow a run live.
+      flush_secs=5,
+      # Its own file even when another writer started in the same second.
+      filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}",
+    )
 
   def write(self, step: int, metrics: Mapping[str, float], *, kind: str = "train") -> None:
     """One JSON line (``kind``, ``step`` and the metrics) and one scalar per number."""
@@ -104,14 +108,14 @@ class MetricWriter:
         self._tensorboard.add_scalar(f"{kind}/{name}", float(value), int(step))
     self._tensorboard.flush()
 
-  def write_images(self, step: int, images: Mapping[str, np.ndarray], *,
-                   kind: str = "eval") -> None:
+  def write_images(
+    self, step: int, images: Mapping[str, np.ndarray], *, kind: str = "eval"
+  ) -> None:
     """TensorBoard images ``<kind>/<name>``, each uint8 (H, W, 3)."""
     if not self.enabled:
       return
     for name, image in images.items():
-      self._tensorboard.add_image(f"{kind}/{name}", np.asarray(image), int(step),
-                                  dataformats="HWC")
+      self._tensorboard.add_image(f"{kind}/{name}", np.asarray(image), int(step), dataformats="HWC")
     self._tensorboard.flush()
 
   def close(self) -> None:

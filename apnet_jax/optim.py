@@ -85,7 +85,7 @@ def make_schedule(optim_config: Any, steps_per_epoch: int) -> Callable[[jax.Arra
       warmup = jnp.float32(1.0)
     # bisect_right(milestones, epoch) = number of milestones <= epoch.
     decays = jnp.sum(milestone_array <= epoch)
-    return (base_lr * warmup * gamma ** decays).astype(jnp.float32)
+    return (base_lr * warmup * gamma**decays).astype(jnp.float32)
 
   return schedule
 
@@ -109,7 +109,7 @@ def _bias_mask(params: Any, want_bias: bool) -> Any:
 
 
 def make_optimizer(
-    config: Any, steps_per_epoch: int
+  config: Any, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
   """PyTorch-Adam with coupled weight decay, bias groups and the official schedule.
 
@@ -137,13 +137,11 @@ def make_optimizer(
     # Coupled decay per group, one Adam (elementwise, so one Adam over both
     # groups equals two), then the per-group learning rate.
     return optax.chain(
-        optax.masked(optax.add_decayed_weights(weight_decay),
-                     lambda p: _bias_mask(p, False)),
-        optax.masked(optax.add_decayed_weights(weight_decay_bias),
-                     lambda p: _bias_mask(p, True)),
-        optax.scale_by_adam(b1=b1, b2=b2, eps=_ADAM_EPS),
-        optax.scale_by_learning_rate(learning_rate),
-        optax.masked(optax.scale(bias_lr_factor), lambda p: _bias_mask(p, True)),
+      optax.masked(optax.add_decayed_weights(weight_decay), lambda p: _bias_mask(p, False)),
+      optax.masked(optax.add_decayed_weights(weight_decay_bias), lambda p: _bias_mask(p, True)),
+      optax.scale_by_adam(b1=b1, b2=b2, eps=_ADAM_EPS),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.masked(optax.scale(bias_lr_factor), lambda p: _bias_mask(p, True)),
     )
 
   tx = optax.inject_hyperparams(adam, hyperparam_dtype=jnp.float32)(learning_rate=schedule)
@@ -157,6 +155,8 @@ def current_learning_rate(opt_state: Any) -> jax.Array:
   """
   hyperparams = getattr(opt_state, "hyperparams", None)
   if not isinstance(hyperparams, dict) or "learning_rate" not in hyperparams:
-    raise TypeError("current_learning_rate: opt_state does not come from make_optimizer's "
-                    f"transformation (got {type(opt_state).__name__}).")
+    raise TypeError(
+      "current_learning_rate: opt_state does not come from make_optimizer's "
+      f"transformation (got {type(opt_state).__name__})."
+    )
   return hyperparams["learning_rate"]

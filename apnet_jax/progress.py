@@ -49,8 +49,9 @@ class _QuietBelowInfo(logging.Filter):
     self.prefixes = prefixes
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return (absl_logging.get_verbosity() >= absl_logging.INFO
-            or not record.getMessage().startswith(self.prefixes))
+    return absl_logging.get_verbosity() >= absl_logging.INFO or not record.getMessage().startswith(
+      self.prefixes
+    )
 
 
 def quiet_log_lines(*prefixes: str) -> None:

@@ -34,8 +34,11 @@ def machine_accelerator() -> str | None:
   """
   if glob.glob("/dev/nvidia[0-9]*"):
     return "gpu"
-  if (glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*")
-      or os.environ.get("TPU_ACCELERATOR_TYPE")):
+  if (
+    glob.glob("/dev/accel[0-9]*")
+    or glob.glob("/dev/vfio/[0-9]*")
+    or os.environ.get("TPU_ACCELERATOR_TYPE")
+  ):
     return "tpu"
   return None
 
@@ -51,11 +54,13 @@ def describe() -> str:
   """One line per fact: versions, backend, devices."""
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
-  return "\n".join([
+  return "\n".join(
+    [
       f"jax {jax.__version__}, jaxlib {_installed('jaxlib')}",
       f"backend: {jax.default_backend()}",
       f"devices: {len(devices)} x {', '.join(kinds)} ({jax.process_count()} process(es))",
-  ])
+    ]
+  )
 
 
 def check_accelerator(accelerator: Callable[[], str | None] = machine_accelerator) -> str:
@@ -83,11 +88,14 @@ def check_accelerator(accelerator: Callable[[], str | None] = machine_accelerato
   if plugin is None:
     why = f"{name} is not installed"
   elif present == "gpu" and plugin != jaxlib:
-    why = (f"{name} {plugin} does not match jaxlib {jaxlib} (an install that replaced the "
-           "runtime's jax or jaxlib leaves its plugin behind)")
+    why = (
+      f"{name} {plugin} does not match jaxlib {jaxlib} (an install that replaced the "
+      "runtime's jax or jaxlib leaves its plugin behind)"
+    )
   else:
     why = f"{name} {plugin} is installed but did not load (JAX's warning above says why)"
   raise AcceleratorNotUsedError(
-      f"This machine has a {present.upper()}, but JAX {version} computes on the CPU: {why}. "
-      f'Run `pip install "jax[{extra}]=={version}"`, then restart the runtime (Colab: '
-      "Runtime > Restart session).")
+    f"This machine has a {present.upper()}, but JAX {version} computes on the CPU: {why}. "
+    f'Run `pip install "jax[{extra}]=={version}"`, then restart the runtime (Colab: '
+    "Runtime > Restart session)."
+  )

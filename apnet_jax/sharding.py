@@ -15,7 +15,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -46,22 +47,25 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 def check_mesh(mesh: Mesh) -> None:
   if DATA_AXIS not in mesh.axis_names:
     raise ValueError(
-        f"the mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}; build it with "
-        "sharding.make_mesh().")
+      f"the mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}; build it with "
+      "sharding.make_mesh()."
+    )
 
 
 @functools.lru_cache(maxsize=8)  # called every step; a failing check is not cached
 def _check_process_rows(sharding: NamedSharding) -> None:
   # The pipelines load block i of each batch on process i; its devices must hold that block.
   shards = sharding.mesh.shape[DATA_AXIS]
-  rows = sorted({index[0].start for index in
-                 sharding.addressable_devices_indices_map((shards,)).values()})
+  rows = sorted(
+    {index[0].start for index in sharding.addressable_devices_indices_map((shards,)).values()}
+  )
   first = jax.process_index() * len(rows)
   if rows != list(range(first, first + len(rows))):
     raise ValueError(
-        f"shard_batch: process {jax.process_index()} loads block {jax.process_index()} of each "
-        f"batch, but its devices hold the mesh's shards {rows} of {shards}; build the mesh "
-        "with sharding.make_mesh(), which groups the devices by process.")
+      f"shard_batch: process {jax.process_index()} loads block {jax.process_index()} of each "
+      f"batch, but its devices hold the mesh's shards {rows} of {shards}; build the mesh "
+      "with sharding.make_mesh(), which groups the devices by process."
+    )
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -93,8 +97,9 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
       continue
     if array.ndim == 0 or array.shape[0] % local_shards:
       raise ValueError(
-          f"shard_batch: batch[{key!r}] has shape {array.shape}; its first axis must be "
-          f"divisible by the {local_shards} devices this process feeds.")
+        f"shard_batch: batch[{key!r}] has shape {array.shape}; its first axis must be "
+        f"divisible by the {local_shards} devices this process feeds."
+      )
     if jax.process_count() == 1:
       out[key] = jax.device_put(array, sharding)
     else:

@@ -24,7 +24,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, BinaryIO, Mapping
+from collections.abc import Mapping
+from typing import Any, BinaryIO
 
 import ml_dtypes  # bfloat16 for numpy (a JAX dependency); safetensors.numpy reads BF16 by it
 import numpy as np
@@ -32,15 +33,15 @@ import safetensors
 import safetensors.numpy
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -69,7 +70,8 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   if not size:
     return storage[offset].copy()
   view = np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride))
+    storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+  )
   return np.ascontiguousarray(view)
 
 
@@ -80,11 +82,11 @@ def _rebuild_parameter(data, *unused):
 
 
 _GLOBALS = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,  # files before PyTorch 0.4
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,  # files before PyTorch 0.4
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
 
 
@@ -106,7 +108,8 @@ class _Unpickler(pickle.Unpickler):
     if module == "torch" and name.endswith("Storage"):
       return _StorageType(name)
     raise pickle.UnpicklingError(
-        f"global {module}.{name} is not part of a state dict and is not loaded")
+      f"global {module}.{name} is not part of a state dict and is not loaded"
+    )
 
   def persistent_load(self, pid):
     kind, storage_type, key, _location, numel = pid[:5]
@@ -210,8 +213,14 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     return _read_legacy_pth(path)
   except CheckpointFormatError:
     raise
-  except (pickle.UnpicklingError, EOFError, KeyError, ValueError, struct.error,
-          zipfile.BadZipFile) as e:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    KeyError,
+    ValueError,
+    struct.error,
+    zipfile.BadZipFile,
+  ) as e:
     raise CheckpointFormatError(f"{path}: cannot be read as a checkpoint ({e})") from e
 
 
@@ -229,19 +238,19 @@ class _Global:
 
 
 class _TensorRef:
-
   def __init__(self, key: str, array: np.ndarray):
     self.key, self.array = key, array
 
   def __reduce__(self):
     a = self.array
     stride = tuple(s // a.itemsize for s in a.strides) if a.ndim else ()
-    return (_Global("torch._utils", "_rebuild_tensor_v2"),
-            (_StorageRef(self.key, a), 0, a.shape, stride, False, collections.OrderedDict()))
+    return (
+      _Global("torch._utils", "_rebuild_tensor_v2"),
+      (_StorageRef(self.key, a), 0, a.shape, stride, False, collections.OrderedDict()),
+    )
 
 
 class _StorageRef:
-
   def __init__(self, key: str, array: np.ndarray):
     self.key, self.array = key, array
 

@@ -21,8 +21,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from apnet_jax import checkpointing, config_check, distributed, optim, progress, restore
-from apnet_jax import sharding, train_step
+from apnet_jax import (
+  checkpointing,
+  config_check,
+  distributed,
+  optim,
+  progress,
+  restore,
+  sharding,
+  train_step,
+)
 from apnet_jax import workdir as workdir_lib
 from apnet_jax.data import opening, pipeline
 from apnet_jax.errors import NonFiniteLossError
@@ -32,8 +40,9 @@ from apnet_jax.models import build_model
 from apnet_jax.preemption import StopSignals
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       eval_command: str | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, eval_command: str | None = None
+) -> dict[str, Any]:
   """Trains APNet as ``config`` says, resuming from ``workdir``; returns the results.
 
   Writes ``workdir/config.json``, ``metrics.jsonl``, TensorBoard events,
@@ -71,8 +80,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if eval_command is None:
     eval_command = f"python run.py --config CONFIG --workdir {workdir} --mode eval"
   with StopSignals() as stop:
-    held = distributed.on_process_0_first(lambda: workdir_lib.WorkdirLock.acquire(workdir, "training"),
-        f"{workdir}: process 0 could not take the workdir")
+    held = distributed.on_process_0_first(
+      lambda: workdir_lib.WorkdirLock.acquire(workdir, "training"),
+      f"{workdir}: process 0 could not take the workdir",
+    )
     try:
       return _train_and_evaluate_locked(config, workdir, stop, eval_command)
     finally:
@@ -80,8 +91,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         held.release()
 
 
-def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
-                               stop: StopSignals, eval_command: str) -> dict[str, Any]:
+def _train_and_evaluate_locked(
+  config: ml_collections.ConfigDict, workdir: str, stop: StopSignals, eval_command: str
+) -> dict[str, Any]:
   """`train_and_evaluate` once the workdir (absolute, existing) is this run's."""
   # Setup: resolved config, mesh.
   is_main = jax.process_index() == 0
@@ -91,26 +103,36 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
   # Data: the train split's size, in identities and steps; every dataset the
   # evaluator will need, opened now so that a missing one stops the run before step 1.
   train_split = opening.open_train_split(config.data)
-  evaluator = evaluator_lib.ReidEvaluator(config, evaluator_lib.open_eval_datasets(config),
-                                          mesh=mesh)
+  evaluator = evaluator_lib.ReidEvaluator(
+    config, evaluator_lib.open_eval_datasets(config), mesh=mesh
+  )
   stop.exit_if_set("nothing trained yet")
   num_classes = train_split.num_classes
-  steps_per_epoch = pipeline.steps_per_epoch(train_split.labels, p=config.data.p,
-                                             k=config.data.k)
+  steps_per_epoch = pipeline.steps_per_epoch(train_split.labels, p=config.data.p, k=config.data.k)
   total_steps = config.train.epochs * steps_per_epoch
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
 
   # The latest checkpoint, if any: its record is checked before any compute.
-  meta = {"seed": config.train.seed, "num_classes": num_classes,
-          "model": config.model.to_dict(), "data": config.data.to_dict()}
+  meta = {
+    "seed": config.train.seed,
+    "num_classes": num_classes,
+    "model": config.model.to_dict(),
+    "data": config.data.to_dict(),
+  }
   # Looked at read-only: a refused workdir is left exactly as it was.
-  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best,
-                                       read_only=True)
+  manager = checkpointing.make_manager(workdir, keep_best=config.train.keep_best, read_only=True)
   start_step = manager.latest_step() or 0
   if start_step:
-    _check_resumable(manager, start_step, meta, config, total_steps=total_steps,
-                     steps_per_epoch=steps_per_epoch, workdir=workdir)
+    _check_resumable(
+      manager,
+      start_step,
+      meta,
+      config,
+      total_steps=total_steps,
+      steps_per_epoch=steps_per_epoch,
+      workdir=workdir,
+    )
   manager.close()
   # The logs (config.json, metrics, TensorBoard) continue only the same recipe,
   # checkpoint or not: another run's would be mixed into them.
@@ -122,9 +144,16 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
     # The identity-balanced loader (from the resumed step: batches are a
     # function of (seed, step)), model, optimizer and train state (resumed).
     loader = pipeline.train_loader(
-        train_split.source, train_split.labels, p=config.data.p, k=config.data.k,
-        height=config.model.input_size[0], width=config.model.input_size[1],
-        seed=config.train.seed, start_step=start_step, num_workers=config.data.num_workers)
+      train_split.source,
+      train_split.labels,
+      p=config.data.p,
+      k=config.data.k,
+      height=config.model.input_size[0],
+      width=config.model.input_size[1],
+      seed=config.train.seed,
+      start_step=start_step,
+      num_workers=config.data.num_workers,
+    )
     model = build_model(config.model, num_classes, rngs=nnx.Rngs(config.train.seed))
     if config.model.init_from:
       restore.init_from_imagenet(model, config.model.init_from)
@@ -141,8 +170,9 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
           f.write(config.to_json_best_effort(indent=2))
 
     # The loop. Device metrics are fetched only at logging steps.
-    step_fn = train_step.make_train_step(graphdef, tx, num_classes=num_classes, config=config,
-                                         mesh=mesh, seed=config.train.seed)
+    step_fn = train_step.make_train_step(
+      graphdef, tx, num_classes=num_classes, config=config, mesh=mesh, seed=config.train.seed
+    )
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start_step)
     # Set when the last step was an evaluation epoch: the final report reuses it.
     final_report = final_pictures = None
@@ -150,8 +180,9 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
     with progress.bar(total_steps, "train", "step", initial=start_step) as bar:
       for step in range(start_step, total_steps):
         batch = next(loader)
-        state, metrics = step_fn(state, sharding.shard_batch(
-            {"image": batch["image"], "label": batch["label"]}, mesh))
+        state, metrics = step_fn(
+          state, sharding.shard_batch({"image": batch["image"], "label": batch["label"]}, mesh)
+        )
         window.append(metrics)
         done = step + 1
         stop.poll(done)
@@ -160,9 +191,10 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
         last = done == total_steps
         if done % config.train.log_every_steps == 0 or epoch_end or last or stop.set:
           record = _reduce_window(window, window_start)
-          record.update(epoch=done / steps_per_epoch,
-                        img_per_s=len(window) * config.data.p * config.data.k
-                        / max(time.time() - tick, 1e-9))
+          record.update(
+            epoch=done / steps_per_epoch,
+            img_per_s=len(window) * config.data.p * config.data.k / max(time.time() - tick, 1e-9),
+          )
           writer.write(done, record)
           # Updated only here, after the sync: dispatch runs ahead of the device.
           bar.update(done - bar.n)
@@ -184,10 +216,13 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
           writer.write_images(done, pictures)
           if last:
             final_report, final_pictures = report, pictures
-        if ((epoch_end and epoch % config.train.checkpoint_every_epochs == 0) or evaluated
-            or last or stop.set):
-          checkpointing.save(manager, done, state, dict(meta, epoch=epoch),
-                             metrics=evaluated)
+        if (
+          (epoch_end and epoch % config.train.checkpoint_every_epochs == 0)
+          or evaluated
+          or last
+          or stop.set
+        ):
+          checkpointing.save(manager, done, state, dict(meta, epoch=epoch), metrics=evaluated)
         if stop.set and not last:
           checkpointing.wait_until_finished(manager)  # closed on the way out, below
           writer.close()
@@ -204,9 +239,11 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
 
   # Final evaluation (reused when the last epoch was evaluated), results and pictures.
   # From here on a signal ends the evaluation at once: the checkpoint is complete.
-  stop.stop_at_once(f"the final evaluation was stopped; the final checkpoint (step "
-                    f"{total_steps}) is saved in {workdir}; finish the evaluation with: "
-                    f"{eval_command}")
+  stop.stop_at_once(
+    f"the final evaluation was stopped; the final checkpoint (step "
+    f"{total_steps}) is saved in {workdir}; finish the evaluation with: "
+    f"{eval_command}"
+  )
   report, pictures = final_report, final_pictures
   if report is None:
     report = evaluator.run(nnx.merge(graphdef, state.params, state.model_state))
@@ -219,9 +256,16 @@ def _train_and_evaluate_locked(config: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-def _check_resumable(manager, step: int, meta: dict[str, Any],
-                     config: ml_collections.ConfigDict, *, total_steps: int,
-                     steps_per_epoch: int, workdir: str) -> None:
+def _check_resumable(
+  manager,
+  step: int,
+  meta: dict[str, Any],
+  config: ml_collections.ConfigDict,
+  *,
+  total_steps: int,
+  steps_per_epoch: int,
+  workdir: str,
+) -> None:
   """Refuses checkpoint ``step`` of another run or of a longer schedule."""
   try:
     saved = checkpointing.restore_meta(manager, step)
@@ -230,17 +274,19 @@ def _check_resumable(manager, step: int, meta: dict[str, Any],
       # The loop would not run, and the results would carry this config's
       # schedule for a model that trained longer.
       if 0 < config.train.max_steps < config.train.epochs * steps_per_epoch:
-        limit, fix = (f"config.train.max_steps={config.train.max_steps}",
-                      f"config.train.max_steps to at least {step}")
+        limit, fix = (
+          f"config.train.max_steps={config.train.max_steps}",
+          f"config.train.max_steps to at least {step}",
+        )
       else:
-        limit = (f"config.train.epochs={config.train.epochs} x {steps_per_epoch} steps per "
-                 "epoch")
+        limit = f"config.train.epochs={config.train.epochs} x {steps_per_epoch} steps per epoch"
         fix = f"config.train.epochs to at least {-(-step // steps_per_epoch)}"
       raise ValueError(
-          f"{workdir}/checkpoints holds step {step}, past this config's last step "
-          f"{total_steps} ({limit}); nothing was changed. To continue that run, set {fix}; "
-          "to score its checkpoint, use --mode eval; to train with these settings, use "
-          "another --workdir.")
+        f"{workdir}/checkpoints holds step {step}, past this config's last step "
+        f"{total_steps} ({limit}); nothing was changed. To continue that run, set {fix}; "
+        "to score its checkpoint, use --mode eval; to train with these settings, use "
+        "another --workdir."
+      )
   except Exception:
     manager.close()  # its threads would outlive the refusal (in a notebook, say)
     raise
@@ -253,6 +299,7 @@ def _reduce_window(window: list[dict[str, Any]], first_step: int) -> dict[str, f
   bad = np.flatnonzero(~np.isfinite(losses_))
   if bad.size:
     raise NonFiniteLossError(
-        f"the loss became {losses_[bad[0]]} at step {first_step + int(bad[0]) + 1}; "
-        "training stopped, the last checkpoint before it is kept.")
+      f"the loss became {losses_[bad[0]]} at step {first_step + int(bad[0]) + 1}; "
+      "training stopped, the last checkpoint before it is kept."
+    )
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}

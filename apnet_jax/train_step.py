@@ -75,7 +75,7 @@ class TrainState:
 
 
 def create_train_state(
-    model: nnx.Module, tx: optax.GradientTransformation
+  model: nnx.Module, tx: optax.GradientTransformation
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Splits a model into its static graph and a fresh train state.
 
@@ -92,23 +92,23 @@ def create_train_state(
   model.train()
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   state = TrainState(
-      params=params,
-      model_state=model_state,
-      # Jitted: eagerly, each zero-filled moment would compile a program per shape.
-      opt_state=jax.jit(tx.init)(params),
-      step=jnp.zeros((), jnp.int32),
+    params=params,
+    model_state=model_state,
+    # Jitted: eagerly, each zero-filled moment would compile a program per shape.
+    opt_state=jax.jit(tx.init)(params),
+    step=jnp.zeros((), jnp.int32),
   )
   return graphdef, state
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    *,
-    num_classes: int,
-    config: Any,
-    mesh: Mesh,
-    seed: int,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  *,
+  num_classes: int,
+  config: Any,
+  mesh: Mesh,
+  seed: int,
 ) -> TrainStep:
   """Builds the jitted train step.
 
@@ -141,9 +141,9 @@ def make_train_step(
   margin = float(config.loss.margin)
   epsilon = float(config.loss.label_smoothing)
   augment_kwargs = {
-      "pad": int(config.augment.pad),
-      "flip_p": float(config.augment.flip_p),
-      "erase_p": float(config.augment.erase_p),
+    "pad": int(config.augment.pad),
+    "flip_p": float(config.augment.flip_p),
+    "erase_p": float(config.augment.erase_p),
   }
   base_key = jax.random.key(int(seed))
   convolution = cpu.convolution_for(mesh)
@@ -154,7 +154,8 @@ def make_train_step(
     model = nnx.merge(graphdef, params, model_state, copy=True)
     outputs = model(images)
     loss, aux = losses.total_loss(
-        outputs, labels, num_classes=num_classes, margin=margin, epsilon=epsilon)
+      outputs, labels, num_classes=num_classes, margin=margin, epsilon=epsilon
+    )
     # The forward pass updated the BatchNorm running statistics in `model`.
     _, _, new_model_state = nnx.split(model, nnx.Param, ...)
     return loss, (aux, new_model_state)
@@ -164,29 +165,31 @@ def make_train_step(
     images = augment.train_augment(rng, batch["image"], **augment_kwargs)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     with layers.convolution(convolution):
-      (loss, (aux, new_model_state)), grads = grad_fn(state.params, state.model_state, images,
-                                                      batch["label"])
+      (loss, (aux, new_model_state)), grads = grad_fn(
+        state.params, state.model_state, images, batch["label"]
+      )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss,
-        **aux,
-        "lr": optim.current_learning_rate(opt_state),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
+      "loss": loss,
+      **aux,
+      "lr": optim.current_learning_rate(opt_state),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
     }
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-    new_state = TrainState(params=params, model_state=new_model_state, opt_state=opt_state,
-                           step=state.step + 1)
+    new_state = TrainState(
+      params=params, model_state=new_model_state, opt_state=opt_state, step=state.step + 1
+    )
     return new_state, metrics
 
   replicated = sharding.replicated_sharding(mesh)
   jitted = jax.jit(
-      step,
-      in_shardings=(replicated, sharding.data_sharding(mesh)),
-      out_shardings=(replicated, replicated),
-      donate_argnums=(0,),
-      compiler_options=cpu.compiler_options(mesh),
+    step,
+    in_shardings=(replicated, sharding.data_sharding(mesh)),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+    compiler_options=cpu.compiler_options(mesh),
   )
 
   return TrainStep(step=step, jitted=jitted, mesh=mesh)
@@ -208,21 +211,27 @@ class TrainStep:
   jitted: Any
   mesh: Mesh
 
-  def __call__(self, state: TrainState,
-               batch: Mapping[str, jax.Array]) -> tuple[TrainState, Metrics]:
+  def __call__(
+    self, state: TrainState, batch: Mapping[str, jax.Array]
+  ) -> tuple[TrainState, Metrics]:
     """Checks the batch (names what is wrong), then runs the jitted step."""
     missing = [k for k in _STEP_KEYS if k not in batch]
     if missing:
       raise KeyError(f"train_step: the batch has no {missing} (got keys {sorted(batch)}).")
     image, label = batch["image"], batch["label"]
     if image.dtype != jnp.uint8 or image.ndim != 4 or image.shape[-1] != 3:
-      raise ValueError(f"train_step: batch['image'] must be uint8 (B, H, W, 3), got "
-                       f"{image.dtype} {image.shape}.")
+      raise ValueError(
+        f"train_step: batch['image'] must be uint8 (B, H, W, 3), got {image.dtype} {image.shape}."
+      )
     if label.shape != image.shape[:1] or not jnp.issubdtype(label.dtype, jnp.integer):
-      raise ValueError(f"train_step: batch['label'] must be integer ({image.shape[0]},), got "
-                       f"{label.dtype} {label.shape}.")
+      raise ValueError(
+        f"train_step: batch['label'] must be integer ({image.shape[0]},), got "
+        f"{label.dtype} {label.shape}."
+      )
     devices = self.mesh.shape[sharding.DATA_AXIS]
     if image.shape[0] % devices:
-      raise ValueError(f"train_step: batch size {image.shape[0]} is not divisible by the "
-                       f"{devices} devices of the mesh's 'data' axis.")
+      raise ValueError(
+        f"train_step: batch size {image.shape[0]} is not divisible by the "
+        f"{devices} devices of the mesh's 'data' axis."
+      )
     return self.jitted(state, {"image": image, "label": label})

@@ -47,10 +47,10 @@ STAGE_NAMES = ("stem", "layer1", "layer2", "layer3", "layer4")
 # results.json's protocol.dataset. CUHK03's is the labeled 767/700 figure the
 # authors quote; MSMT17's is for the standard train split.
 PAPER_RESULTS = {
-    "market1501": {"R1": 96.2, "mAP": 90.5},
-    "dukemtmc_reid": {"R1": 90.4, "mAP": 81.5},
-    "cuhk03/labeled": {"R1": 87.4, "mAP": 85.3},
-    "msmt17/train": {"R1": 83.7, "mAP": 63.5},
+  "market1501": {"R1": 96.2, "mAP": 90.5},
+  "dukemtmc_reid": {"R1": 90.4, "mAP": 81.5},
+  "cuhk03/labeled": {"R1": 87.4, "mAP": 85.3},
+  "msmt17/train": {"R1": 83.7, "mAP": 63.5},
 }
 
 
@@ -110,8 +110,9 @@ def grad_cam_of(activation: jax.Array, gradient: jax.Array) -> jax.Array:
   return jnp.where(peak > 0, cam / jnp.where(peak > 0, peak, 1), 0)
 
 
-def attention_maps(model: nnx.Module, images: np.ndarray,
-                   labels: Sequence[int] | np.ndarray | None = None) -> AttentionMaps:
+def attention_maps(
+  model: nnx.Module, images: np.ndarray, labels: Sequence[int] | np.ndarray | None = None
+) -> AttentionMaps:
   """Grad-CAM of every stage and the attention weights for ``images``.
 
   Runs in eval mode (the model's own mode is not changed).
@@ -129,35 +130,48 @@ def attention_maps(model: nnx.Module, images: np.ndarray,
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise ValueError(f"attention_maps takes uint8 images (N, H, W, 3), got {images.dtype} "
-                     f"{images.shape}")
+    raise ValueError(
+      f"attention_maps takes uint8 images (N, H, W, 3), got {images.dtype} {images.shape}"
+    )
   if len(images) == 0:
     raise ValueError("attention_maps got no images (N = 0)")
   num_classes = model.classifier.out_features
   labels = np.full(len(images), -1) if labels is None else np.asarray(labels)
-  if (labels.shape != (len(images),) or labels.min(initial=-1) < -1
-      or labels.max(initial=-1) >= num_classes):
-    raise ValueError(f"labels must be {len(images)} train labels in [-1, {num_classes}), "
-                     f"got {labels.tolist()}")
+  if (
+    labels.shape != (len(images),)
+    or labels.min(initial=-1) < -1
+    or labels.max(initial=-1) >= num_classes
+  ):
+    raise ValueError(
+      f"labels must be {len(images)} train labels in [-1, {num_classes}), got {labels.tolist()}"
+    )
   graphdef, state = nnx.split(model)
   # One image per call (eval mode: images are independent), so one compilation
   # serves any count and the bar moves image by image.
   per_image = []
   with progress.bar(len(images), "attention maps", "img") as bar:
     for image, label in zip(images, labels):
-      per_image.append(jax.device_get(
-          _maps(graphdef, state, jnp.asarray(image[None]), jnp.asarray(label[None], jnp.int32))))
+      per_image.append(
+        jax.device_get(
+          _maps(graphdef, state, jnp.asarray(image[None]), jnp.asarray(label[None], jnp.int32))
+        )
+      )
       bar.update(1)
   cams, weights, target = jax.tree.map(lambda *parts: np.concatenate(parts), *per_image)
   squeeze = (lambda w: w[..., 0]) if model.kind == "spatial" else (lambda w: w)
   return AttentionMaps(
-      images=images, target=np.asarray(target), grad_cam=[np.asarray(c) for c in cams],
-      attention=[[np.asarray(squeeze(w)) for w in stage] for stage in weights],
-      parts=tuple(model.pyramids[0].parts), kind=model.kind)
+    images=images,
+    target=np.asarray(target),
+    grad_cam=[np.asarray(c) for c in cams],
+    attention=[[np.asarray(squeeze(w)) for w in stage] for stage in weights],
+    parts=tuple(model.pyramids[0].parts),
+    kind=model.kind,
+  )
 
 
-def plot_attention(maps: AttentionMaps, path: str, *,
-                   query_labels: Sequence[str] | None = None) -> None:
+def plot_attention(
+  maps: AttentionMaps, path: str, *, query_labels: Sequence[str] | None = None
+) -> None:
   """The grid of `attention_maps` as a PNG: per image, one block of rows.
 
   Columns: the image, then the five stages. Rows of a block: Grad-CAM over
@@ -171,12 +185,23 @@ def plot_attention(maps: AttentionMaps, path: str, *,
   spatial = maps.kind == "spatial"
   attention_rows = len(maps.parts)
   ratios = ([2.0] + [2.0 if spatial else 0.4] * attention_rows) * n
-  fig, axes = plt.subplots(len(ratios), stages + 1, dpi=80, squeeze=False,
-                           figsize=(0.95 * (stages + 1), 0.95 * sum(ratios)),
-                           gridspec_kw={"height_ratios": ratios})
+  fig, axes = plt.subplots(
+    len(ratios),
+    stages + 1,
+    dpi=80,
+    squeeze=False,
+    figsize=(0.95 * (stages + 1), 0.95 * sum(ratios)),
+    gridspec_kw={"height_ratios": ratios},
+  )
   height, width = maps.images.shape[1:3]
-  overlay = {"cmap": "jet", "alpha": 0.5, "vmin": 0, "vmax": 1, "interpolation": "bilinear",
-             "extent": (-0.5, width - 0.5, height - 0.5, -0.5)}
+  overlay = {
+    "cmap": "jet",
+    "alpha": 0.5,
+    "vmin": 0,
+    "vmax": 1,
+    "interpolation": "bilinear",
+    "extent": (-0.5, width - 0.5, height - 0.5, -0.5),
+  }
   for i in range(n):
     top = i * (attention_rows + 1)
     plots.show_image(axes[top, 0], maps.images[i], "#333333")
@@ -194,8 +219,7 @@ def plot_attention(maps: AttentionMaps, path: str, *,
         name = f"RGA-S, {parts} stripes" if parts > 1 else "RGA-S, whole"
       else:
         name = f"SAMS, {parts} groups" if parts > 1 else "SE"
-      row[0].text(0.5, 0.5, name, fontsize=6, ha="center", va="center",
-                  transform=row[0].transAxes)
+      row[0].text(0.5, 0.5, name, fontsize=6, ha="center", va="center", transform=row[0].transAxes)
       for s in range(stages):
         weights = maps.attention[s][r][i]
         if spatial:
@@ -205,11 +229,18 @@ def plot_attention(maps: AttentionMaps, path: str, *,
             row[s + 1].axhline(k * height / parts - 0.5, color="white", linewidth=0.8)
         else:
           strip = weights.reshape(1, -1)  # SAMS groups side by side, in channel order
-          plots.show_image(row[s + 1], strip, "#333333", cmap="viridis", vmin=0, vmax=1,
-                           aspect="auto", interpolation="nearest")
+          plots.show_image(
+            row[s + 1],
+            strip,
+            "#333333",
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            aspect="auto",
+            interpolation="nearest",
+          )
           for k in range(1, parts):
-            row[s + 1].axvline(k * strip.shape[1] / parts - 0.5, color="white",
-                               linewidth=0.8)
+            row[s + 1].axvline(k * strip.shape[1] / parts - 0.5, color="white", linewidth=0.8)
   fig.tight_layout(pad=0.3)
   fig.savefig(path)
   plt.close(fig)
@@ -231,9 +262,18 @@ def visualize_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   query = sources.load_split(dataset.builder, "query")
   picked = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
   height, width = config.model.input_size
-  batch = next(iter(pipeline.eval_batches(
-      [query[int(i)] for i in picked], batch_size=len(picked), height=height, width=width,
-      process_index=0, process_count=1)))
+  batch = next(
+    iter(
+      pipeline.eval_batches(
+        [query[int(i)] for i in picked],
+        batch_size=len(picked),
+        height=height,
+        width=width,
+        process_index=0,
+        process_count=1,
+      )
+    )
+  )
   maps = attention_maps(model, batch["image"])
   path = os.path.join(workdir, "attention.png")
   if jax.process_index() == 0:
@@ -259,8 +299,10 @@ def compare_runs(runs: Sequence[str]) -> str:
     if os.path.isdir(path):
       path = os.path.join(path, "results.json")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"no results.json at {path}; evaluate the run first "
-                              "(python run.py --mode eval --workdir ...)")
+      raise FileNotFoundError(
+        f"no results.json at {path}; evaluate the run first "
+        "(python run.py --mode eval --workdir ...)"
+      )
     with open(path) as f:
       results = json.load(f)
     try:
@@ -274,6 +316,9 @@ def compare_runs(runs: Sequence[str]) -> str:
     name = os.path.basename(os.path.dirname(os.path.abspath(path)))
     rows.append((name, dataset, distractors, *measured, *published))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
-                              for i, (cell, w) in enumerate(zip(row, widths)))
-                    for row in rows)
+  return "\n".join(
+    "  ".join(
+      cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))
+    )
+    for row in rows
+  )

@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -61,8 +62,10 @@ class _Entry:
 
 def _split_names(level: int, stage: int) -> list[tuple[str, str]]:
   """(attention, BatchNorm) official names of the split levels, finest first."""
-  names = [(f"att_s{stage}", f"BN{stage}.bottleneck2"),
-           (f"att_ss{stage}", f"BN_{stage}.bottleneck2")]
+  names = [
+    (f"att_s{stage}", f"BN{stage}.bottleneck2"),
+    (f"att_ss{stage}", f"BN_{stage}.bottleneck2"),
+  ]
   return names[: len(attention.split_sizes(level))][::-1]
 
 
@@ -155,7 +158,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     raise ValueError(f"{source}: holds a {type(obj).__name__}, not a state dict")
   out = {}
   for key, value in obj.items():
-    key = key[len("module."):] if key.startswith("module.") else key
+    key = key[len("module.") :] if key.startswith("module.") else key
     out[key] = np.asarray(value)
   return out
 
@@ -187,8 +190,7 @@ def _resolve_aliases(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
       continue
     if canon in out:
       # equal_nan: a damaged tensor is reported as such (`_check_finite`), not as a mismatch.
-      if out[canon].shape != value.shape or not np.array_equal(out[canon], value,
-                                                                equal_nan=True):
+      if out[canon].shape != value.shape or not np.array_equal(out[canon], value, equal_nan=True):
         disagree.append(f"{key} (alias of {canon})")
     else:
       out[canon] = value
@@ -199,12 +201,17 @@ def _resolve_aliases(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _check_finite(state: dict[str, np.ndarray]) -> None:
   """Refuses tensors holding NaN or infinity: a damaged file or a diverged training."""
-  bad = [key for key, value in state.items()
-         if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all()]
+  bad = [
+    key
+    for key, value in state.items()
+    if np.issubdtype(value.dtype, np.inexact) and not np.isfinite(value).all()
+  ]
   if bad:
-    raise ValueError(f"NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
-                     f"{', ...' if len(bad) > 5 else ''}): the file is damaged or its training "
-                     "diverged; use another checkpoint.")
+    raise ValueError(
+      f"NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+      f"{', ...' if len(bad) > 5 else ''}): the file is damaged or its training "
+      "diverged; use another checkpoint."
+    )
 
 
 def detect_layout(keys) -> str:
@@ -216,8 +223,9 @@ def detect_layout(keys) -> str:
     return "torchvision"
   sample = ", ".join(sorted(keys)[:5])
   raise ValueError(
-      "not a torchvision ResNet nor an official APNet state dict (expected 'conv1.weight' "
-      f"and 'layer1.0.conv1.weight', or 'base.*' keys); first keys: {sample}")
+    "not a torchvision ResNet nor an official APNet state dict (expected 'conv1.weight' "
+    f"and 'layer1.0.conv1.weight', or 'base.*' keys); first keys: {sample}"
+  )
 
 
 def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, Any]) -> LoadReport:
@@ -255,7 +263,7 @@ def load_torch_weights(model: APNet, source: str | os.PathLike | Mapping[str, An
     entries = {k: e for k, e in entries.items() if k.startswith("base.")}
 
   def shown(key):
-    return key[len("base."):] if layout == "torchvision" else key
+    return key[len("base.") :] if layout == "torchvision" else key
 
   mismatched, updates = [], []
   for key, entry in entries.items():
@@ -299,10 +307,10 @@ def torch_state_dict(model: APNet) -> dict[str, np.ndarray]:
 
 
 def _alias(key: str) -> str:
-  rest = key[len("base."):]
+  rest = key[len("base.") :]
   for module, index in (("conv1.", "0."), ("bn1.", "1.")):
     if rest.startswith(module):
-      return "base_1." + index + rest[len(module):]
+      return "base_1." + index + rest[len(module) :]
   m = re.match(r"layer(\d)\.(.*)$", rest)
   return f"base_{int(m.group(1)) + 1}.0.{m.group(2)}"
 

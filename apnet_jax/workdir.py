@@ -41,9 +41,11 @@ class WorkdirBusyError(RuntimeError):
   """Another process holds the workdir; the message names the workdir and the holder."""
 
   def __init__(self, workdir: str, holder: str):
-    super().__init__(f"{workdir} is in use by another process ({holder}); one run writes a "
-                     "workdir at a time. Wait for it to finish, stop it, or use another "
-                     "--workdir.")
+    super().__init__(
+      f"{workdir} is in use by another process ({holder}); one run writes a "
+      "workdir at a time. Wait for it to finish, stop it, or use another "
+      "--workdir."
+    )
     self.workdir, self.holder = workdir, holder
 
 
@@ -51,13 +53,16 @@ def ensure_workdir(workdir: str) -> str:
   """``workdir`` made absolute and created; refuses a path that is not a folder, by name."""
   workdir = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise NotADirectoryError(f"--workdir {workdir} is a file, not a folder; give the run a "
-                             "folder (new or existing) instead.")
+    raise NotADirectoryError(
+      f"--workdir {workdir} is a file, not a folder; give the run a "
+      "folder (new or existing) instead."
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
   except FileExistsError as e:  # a file further up the path
-    raise NotADirectoryError(f"--workdir {workdir}: {e.filename} is a file, not a folder; "
-                             "give the run a path of folders.") from e
+    raise NotADirectoryError(
+      f"--workdir {workdir}: {e.filename} is a file, not a folder; give the run a path of folders."
+    ) from e
   return workdir
 
 
@@ -116,13 +121,12 @@ def _read_holder(fd: int) -> str:
 # max_steps), how often it logs, saves or evaluates, paths, worker counts and
 # evaluation settings, none of which changes a step's update.
 RECIPE_KEYS: dict[str, tuple[str, ...] | None] = {
-    "model": ("depth", "width", "last_stride", "stem_relu", "level", "kind", "input_size",
-              "dtype"),
-    "data": ("name", "config", "p", "k"),
-    "augment": None,
-    "loss": None,
-    "optim": None,
-    "train": ("seed",),
+  "model": ("depth", "width", "last_stride", "stem_relu", "level", "kind", "input_size", "dtype"),
+  "data": ("name", "config", "p", "k"),
+  "augment": None,
+  "loss": None,
+  "optim": None,
+  "train": ("seed",),
 }
 
 
@@ -143,10 +147,15 @@ def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
   keys = [k.strip() for k in str(config.train.allow_changes).split(",") if k.strip()]
   for key in keys:
     section, _, name = key.partition(".")
-    if section not in config or not isinstance(config[section], ml_collections.ConfigDict) \
-        or name not in config[section]:
-      raise ValueError(f"config.train.allow_changes names {key!r}, which is not a config key; "
-                       "list dotted keys such as optim.base_lr,train.seed.")
+    if (
+      section not in config
+      or not isinstance(config[section], ml_collections.ConfigDict)
+      or name not in config[section]
+    ):
+      raise ValueError(
+        f"config.train.allow_changes names {key!r}, which is not a config key; "
+        "list dotted keys such as optim.base_lr,train.seed."
+      )
   return keys
 
 
@@ -172,28 +181,38 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
     with open(path) as f:
       saved = _recipe(json.load(f))
   except (OSError, ValueError, AttributeError) as e:
-    raise ValueError(f"{path} cannot be read ({e}); it should hold the config of the run in "
-                     f"{workdir}. Move it away to start a new run there, or use another "
-                     "--workdir.") from e
+    raise ValueError(
+      f"{path} cannot be read ({e}); it should hold the config of the run in "
+      f"{workdir}. Move it away to start a new run there, or use another "
+      "--workdir."
+    ) from e
   current = _recipe(config.to_dict())
-  unset = {key for key, value in _recipe(config.to_dict(), effective=False).items()
-           if value is None}
-  changed = {key: {"from": saved[key], "to": current.get(key)}
-             for key in saved if saved[key] != current.get(key)}
+  unset = {
+    key for key, value in _recipe(config.to_dict(), effective=False).items() if value is None
+  }
+  changed = {
+    key: {"from": saved[key], "to": current.get(key)}
+    for key in saved
+    if saved[key] != current.get(key)
+  }
   allowed = set(allowed_changes(config))
-  following = {key for key, source in config_check.FOLLOWS.items()
-               if key in changed and key in unset and source in changed
-               and saved[key] == saved[source]}
+  following = {
+    key
+    for key, source in config_check.FOLLOWS.items()
+    if key in changed and key in unset and source in changed and saved[key] == saved[source]
+  }
   refused = [key for key in changed if key not in allowed | following]
   if refused:
-    diffs = "; ".join(f"{key}: workdir {changed[key]['from']!r}, config {changed[key]['to']!r}"
-                      for key in refused)
+    diffs = "; ".join(
+      f"{key}: workdir {changed[key]['from']!r}, config {changed[key]['to']!r}" for key in refused
+    )
     raise ValueError(
-        f"{workdir} holds the records of a run with another recipe ({CONFIG_FILE}, and the "
-        f"metrics and checkpoints it wrote, if any): {diffs}. Nothing was changed. To "
-        "continue it with these values, add "
-        f"--config.train.allow_changes={','.join(refused)} (the change is recorded in "
-        f"{CHANGES_FILE}); otherwise set them back or use another --workdir.")
+      f"{workdir} holds the records of a run with another recipe ({CONFIG_FILE}, and the "
+      f"metrics and checkpoints it wrote, if any): {diffs}. Nothing was changed. To "
+      "continue it with these values, add "
+      f"--config.train.allow_changes={','.join(refused)} (the change is recorded in "
+      f"{CHANGES_FILE}); otherwise set them back or use another --workdir."
+    )
   return changed
 
 
@@ -201,8 +220,11 @@ def record_changes(workdir: str, changes: dict[str, dict[str, Any]], *, step: in
   """Appends the accepted recipe changes, and the step they take effect at, to the log."""
   if not changes:
     return
-  record = {"step": int(step), "time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"), "changes": changes}
+  record = {
+    "step": int(step),
+    "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "changes": changes,
+  }
   with open(os.path.join(workdir, CHANGES_FILE), "a") as f:
     f.write(json.dumps(record) + "\n")
 
@@ -233,7 +255,7 @@ def _clean_abandoned(parent: str, name: str) -> None:
   for kind in ("old", "new"):
     prefix = _staging_prefix(name, kind)
     for entry in sorted(os.listdir(parent)):
-      pid = entry[len(prefix):].split("-", 1)[0]
+      pid = entry[len(prefix) :].split("-", 1)[0]
       if not entry.startswith(prefix) or not pid.isdigit() or _pid_alive(int(pid)):
         continue
       abandoned = os.path.join(parent, entry)
@@ -257,8 +279,9 @@ def replace_folder(path: str) -> Iterator[str]:
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   if os.path.lexists(path) and not os.path.isdir(path):
-    raise NotADirectoryError(f"{path} is a file; the outputs go to a folder of that name. "
-                             "Move the file away.")
+    raise NotADirectoryError(
+      f"{path} is a file; the outputs go to a folder of that name. Move the file away."
+    )
   _clean_abandoned(parent, name)
   staging = tempfile.mkdtemp(prefix=_staging_prefix(name, "new") + f"{os.getpid()}-", dir=parent)
   try:
@@ -276,8 +299,11 @@ def replace_file(path: str) -> Iterator[str]:
   parent, name = os.path.split(path)
   os.makedirs(parent, exist_ok=True)
   _clean_abandoned(parent, name)
-  fd, staging = tempfile.mkstemp(prefix=_staging_prefix(name, "new") + f"{os.getpid()}-",
-                                 suffix=os.path.splitext(name)[1], dir=parent)
+  fd, staging = tempfile.mkstemp(
+    prefix=_staging_prefix(name, "new") + f"{os.getpid()}-",
+    suffix=os.path.splitext(name)[1],
+    dir=parent,
+  )
   os.close(fd)
   try:
     yield staging

@@ -50,7 +50,8 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top  (after flags: importing JAX is slow)
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P
 
   from apnet_jax import build_model  # pylint: disable=g-import-not-at-top
   from apnet_jax.evaluation import features  # pylint: disable=g-import-not-at-top
@@ -61,8 +62,9 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   height, width = config.model.input_size
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   if batch_size % mesh.size:
-    raise SystemExit(f"error: --batch_size {batch_size} is not divisible by the {mesh.size} "
-                     "devices.")
+    raise SystemExit(
+      f"error: --batch_size {batch_size} is not divisible by the {mesh.size} devices."
+    )
 
   # The classifier size only matters for eval_feature='logits'; Market's 751.
   model = build_model(config.model, 751, rngs=nnx.Rngs(0))
@@ -70,14 +72,18 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   del model
   replicated = NamedSharding(mesh, P())
   state = jax.device_put(state, replicated)
-  embed = jax.jit(features.make_embed_fn(graphdef, str(config.model.eval_feature),
-                                         conv_general_dilated=cpu.convolution_for(mesh)),
-                  in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                  out_shardings=replicated,
-                  compiler_options=cpu.compiler_options(mesh))
+  embed = jax.jit(
+    features.make_embed_fn(
+      graphdef, str(config.model.eval_feature), conv_general_dilated=cpu.convolution_for(mesh)
+    ),
+    in_shardings=(replicated, NamedSharding(mesh, P("data"))),
+    out_shardings=replicated,
+    compiler_options=cpu.compiler_options(mesh),
+  )
   images = jax.device_put(
-      np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8),
-      NamedSharding(mesh, P("data")))
+    np.random.default_rng(0).integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8),
+    NamedSharding(mesh, P("data")),
+  )
 
   start = time.perf_counter()
   out = embed(state, images).block_until_ready()
@@ -99,28 +105,32 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   if not np.all(np.isfinite(feature)):
     raise SystemExit("error: feature extraction produced non-finite features.")
   flops_per_image = bench.per_image_flops(
-      lambda cpu_mesh: jax.jit(features.make_embed_fn(graphdef, str(config.model.eval_feature)),
-                               in_shardings=NamedSharding(cpu_mesh, P())),
-      (state, images), batch_size)
+    lambda cpu_mesh: jax.jit(
+      features.make_embed_fn(graphdef, str(config.model.eval_feature)),
+      in_shardings=NamedSharding(cpu_mesh, P()),
+    ),
+    (state, images),
+    batch_size,
+  )
   result = {
-      "benchmark": "extract",
-      "argv": list(argv),
-      "config": config_flags.get_config_filename(fv["config"]),
-      **bench.model_settings(config),
-      "eval_feature": str(config.model.eval_feature),
-      "feature_dim": int(feature.shape[-1]),
-      "batch_size": batch_size,
-      "height": int(height),
-      "width": int(width),
-      "steps": fv.steps,
-      "warmup": fv.warmup,
-      "img_per_s": fv.steps * batch_size / seconds,
-      "batch_seconds": seconds / fv.steps,
-      "compile_seconds": compile_seconds,
-      "flops_per_image": flops_per_image,
-      "compilations": int(embed._cache_size()),  # pylint: disable=protected-access
-      "compiles_in_timed_steps": compiles_in_timed_steps,
-      **bench.run_environment(),
+    "benchmark": "extract",
+    "argv": list(argv),
+    "config": config_flags.get_config_filename(fv["config"]),
+    **bench.model_settings(config),
+    "eval_feature": str(config.model.eval_feature),
+    "feature_dim": int(feature.shape[-1]),
+    "batch_size": batch_size,
+    "height": int(height),
+    "width": int(width),
+    "steps": fv.steps,
+    "warmup": fv.warmup,
+    "img_per_s": fv.steps * batch_size / seconds,
+    "batch_seconds": seconds / fv.steps,
+    "compile_seconds": compile_seconds,
+    "flops_per_image": flops_per_image,
+    "compilations": int(embed._cache_size()),  # pylint: disable=protected-access
+    "compiles_in_timed_steps": compiles_in_timed_steps,
+    **bench.run_environment(),
   }
   bench.write_json(result, fv.json)
   return result

@@ -27,14 +27,12 @@ from apnet_jax.data import augment, pipeline
 
 
 def make_market_like_source(
-    num_images: int, num_ids: int, seed: int = 0
+  num_images: int, num_ids: int, seed: int = 0
 ) -> tuple[list[dict], np.ndarray]:
   """Returns synthetic train records with photo-like 128 x 64 JPEGs."""
   rng = np.random.default_rng(seed)
   # Every id gets >= 1 image; the rest are spread unevenly, like Market.
-  labels = np.concatenate(
-      [np.arange(num_ids), rng.integers(0, num_ids, num_images - num_ids)]
-  )
+  labels = np.concatenate([np.arange(num_ids), rng.integers(0, num_ids, num_images - num_ids)])
   records = []
   for i, label in enumerate(labels):
     # Smooth content (upsampled coarse noise) compresses and decodes like a
@@ -43,19 +41,19 @@ def make_market_like_source(
     img = Image.fromarray(coarse).resize((64, 128), Image.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
-    records.append({
+    records.append(
+      {
         "image": buf.getvalue(),
         "pid": int(label),
         "camid": i % 6,
         "label": int(label),
         "filename": f"{label:04d}_c{i % 6 + 1}_{i:06d}.jpg",
-    })
+      }
+    )
   return records, labels
 
 
-def time_loader(
-    records, labels, args, num_workers: int
-) -> tuple[list[float], float]:
+def time_loader(records, labels, args, num_workers: int) -> tuple[list[float], float]:
   """Times the train loader with ``num_workers`` processes.
 
   Returns:
@@ -65,16 +63,16 @@ def time_loader(
     what else runs on the machine.
   """
   it = pipeline.train_loader(
-      records,
-      labels,
-      p=args.p,
-      k=args.k,
-      height=args.height,
-      width=args.width,
-      seed=0,
-      num_workers=num_workers,
-      process_index=0,
-      process_count=1,
+    records,
+    labels,
+    p=args.p,
+    k=args.k,
+    height=args.height,
+    width=args.width,
+    seed=0,
+    num_workers=num_workers,
+    process_index=0,
+    process_count=1,
   )
   for _ in range(args.warmup):
     next(it)
@@ -97,9 +95,7 @@ def time_augment(args) -> float:
   """Returns seconds per call of the jitted train_augment (batch of p*k)."""
   rng = np.random.default_rng(0)
   images = jax.device_put(
-      rng.integers(
-          0, 256, (args.p * args.k, args.height, args.width, 3), np.uint8
-      )
+    rng.integers(0, 256, (args.p * args.k, args.height, args.width, 3), np.uint8)
   )
   key = jax.random.key(0)
   augment.train_augment(key, images).block_until_ready()  # Compile.
@@ -129,25 +125,23 @@ def main() -> None:
   mean_kb = np.mean([len(r["image"]) for r in records]) / 1024
   print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
   print(
-      f"source: {len(records)} JPEGs of 128x64 ({mean_kb:.1f} KiB on average),"
-      f" {args.num_ids} ids; batches of p={args.p} x k={args.k} at "
-      f"{args.height}x{args.width}"
+    f"source: {len(records)} JPEGs of 128x64 ({mean_kb:.1f} KiB on average),"
+    f" {args.num_ids} ids; batches of p={args.p} x k={args.k} at "
+    f"{args.height}x{args.width}"
   )
   # Before the loaders: their worker processes would compete with the
   # dispatch of the augmentation for the CPU.
   seconds = time_augment(args)
   print(
-      f"train_augment on {jax.default_backend()} ({args.p * args.k} x "
-      f"{args.height}x{args.width}): {seconds * 1e3:.1f} ms/batch, "
-      f"{args.p * args.k / seconds:,.0f} images/s"
+    f"train_augment on {jax.default_backend()} ({args.p * args.k} x "
+    f"{args.height}x{args.width}): {seconds * 1e3:.1f} ms/batch, "
+    f"{args.p * args.k / seconds:,.0f} images/s"
   )
   for num_workers in args.workers:
     rates, per_cpu_second = time_loader(records, labels, args, num_workers)
     line = (
-        f"train_loader num_workers={num_workers}: median "
-        f"{np.median(rates):,.0f} images/s (runs: "
-        + ", ".join(f"{r:,.0f}" for r in rates)
-        + ")"
+      f"train_loader num_workers={num_workers}: median "
+      f"{np.median(rates):,.0f} images/s (runs: " + ", ".join(f"{r:,.0f}" for r in rates) + ")"
     )
     if num_workers == 0:
       line += f"; {per_cpu_second:,.0f} images per CPU-second"

@@ -44,8 +44,9 @@ class Bottleneck(nn.Module):
     self.bn3 = nn.BatchNorm2d(out_ch)
     self.downsample = None
     if stride != 1 or in_ch != out_ch:
-      self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False),
-                                      nn.BatchNorm2d(out_ch))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch)
+      )
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     out = F.relu(self.bn1(self.conv1(x)))
@@ -113,8 +114,9 @@ def main() -> None:
   def step() -> float:
     optimizer.zero_grad(set_to_none=True)
     logits, global_feat = model(images)
-    loss = (F.cross_entropy(logits, pids, label_smoothing=0.1)
-            + batch_hard_triplet(global_feat, pids, 0.3))
+    loss = F.cross_entropy(logits, pids, label_smoothing=0.1) + batch_hard_triplet(
+      global_feat, pids, 0.3
+    )
     loss.backward()
     optimizer.step()
     return loss.item()
@@ -128,14 +130,21 @@ def main() -> None:
     loss = step()
   step_seconds = (time.perf_counter() - start) / args.steps
   result = {
-      "benchmark": "torch_train_step", "torch_version": torch.__version__,
-      "threads": args.threads,
-      "batch_size": args.batch_size, "height": args.height, "width": args.width,
-      "steps": args.steps, "warmup": args.warmup, "warmup_seconds": warmup_s,
-      "step_seconds": step_seconds, "img_per_s": args.batch_size / step_seconds,
-      "final_loss": loss, "python_version": platform.python_version(),
-      "processor": platform.processor() or platform.machine(),
-      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    "benchmark": "torch_train_step",
+    "torch_version": torch.__version__,
+    "threads": args.threads,
+    "batch_size": args.batch_size,
+    "height": args.height,
+    "width": args.width,
+    "steps": args.steps,
+    "warmup": args.warmup,
+    "warmup_seconds": warmup_s,
+    "step_seconds": step_seconds,
+    "img_per_s": args.batch_size / step_seconds,
+    "final_loss": loss,
+    "python_version": platform.python_version(),
+    "processor": platform.processor() or platform.machine(),
+    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
   }
   line = json.dumps(result)
   print(line)

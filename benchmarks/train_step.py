@@ -43,8 +43,14 @@ if str(_REPO_ROOT) not in sys.path:
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-__all__ = ["compile_counter", "main", "parse_flags", "per_image_flops", "run_environment",
-           "write_json"]
+__all__ = [
+  "compile_counter",
+  "main",
+  "parse_flags",
+  "per_image_flops",
+  "run_environment",
+  "write_json",
+]
 
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -73,7 +79,7 @@ compile_counter = _CompileCounter()
 
 
 def parse_flags(
-    argv: Sequence[str], define_extra: Callable[[flags.FlagValues], None] | None = None
+  argv: Sequence[str], define_extra: Callable[[flags.FlagValues], None] | None = None
 ) -> tuple[Any, flags.FlagValues]:
   """Parses the flags the benchmarks share and applies them to the config.
 
@@ -91,19 +97,33 @@ def parse_flags(
   # sys_argv: the override flags (--config.a.b) are read from these arguments,
   # not from sys.argv, so main(argv) works when called from Python.
   config_flags.DEFINE_config_file(
-      "config", None, "Config file (configs/*.py[:arg]); --config.a.b=v overrides.",
-      flag_values=fv, lock_config=True, sys_argv=full_argv)
-  flags.DEFINE_integer("batch_size", None, "Global batch; default: the config's.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("height", None, "Input height; default: config.model.input_size.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("width", None, "Input width; default: config.model.input_size.",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                    "Compute dtype; default: config.model.dtype.", flag_values=fv)
+    "config",
+    None,
+    "Config file (configs/*.py[:arg]); --config.a.b=v overrides.",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=full_argv,
+  )
+  flags.DEFINE_integer(
+    "batch_size", None, "Global batch; default: the config's.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "height", None, "Input height; default: config.model.input_size.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "width", None, "Input width; default: config.model.input_size.", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "dtype",
+    None,
+    ["float32", "bfloat16"],
+    "Compute dtype; default: config.model.dtype.",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("steps", 10, "Timed steps (batches).", lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("warmup", 1, "Untimed steps after the first (compiling) call.",
-                       lower_bound=0, flag_values=fv)
+  flags.DEFINE_integer(
+    "warmup", 1, "Untimed steps after the first (compiling) call.", lower_bound=0, flag_values=fv
+  )
   flags.DEFINE_string("json", None, "Write the results to this JSON file.", flag_values=fv)
   if define_extra is not None:
     define_extra(fv)
@@ -116,12 +136,15 @@ def parse_flags(
   except flags.Error as e:
     raise SystemExit(f"error: {e}") from e
   except (AttributeError, KeyError) as e:
-    raise SystemExit(f"error: a --config.* override names a key the config does not have: "
-                     f"{e}") from e
+    raise SystemExit(
+      f"error: a --config.* override names a key the config does not have: {e}"
+    ) from e
   except OSError as e:  # the config file is missing or fails to import
-    raise SystemExit(f"error: cannot load the config file "
-                     f"{config_flags.get_config_filename(fv['config'])!r}: "
-                     f"{e.__cause__ or e}") from e
+    raise SystemExit(
+      f"error: cannot load the config file "
+      f"{config_flags.get_config_filename(fv['config'])!r}: "
+      f"{e.__cause__ or e}"
+    ) from e
   config.model.input_size = (fv.height or int(height), fv.width or int(width))
   if fv.dtype:
     config.model.dtype = fv.dtype
@@ -136,19 +159,20 @@ def run_environment() -> dict[str, Any]:
 
   devices = jax.devices()
   return {
-      "backend": jax.default_backend(),
-      "device_kind": devices[0].device_kind,
-      "device_count": len(devices),
-      "jax_version": jax.__version__,
-      "jaxlib_version": jaxlib.__version__,
-      "flax_version": flax.__version__,
-      "python_version": platform.python_version(),
-      "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    "backend": jax.default_backend(),
+    "device_kind": devices[0].device_kind,
+    "device_count": len(devices),
+    "jax_version": jax.__version__,
+    "jaxlib_version": jaxlib.__version__,
+    "flax_version": flax.__version__,
+    "python_version": platform.python_version(),
+    "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
   }
 
 
-def per_image_flops(build: Callable[[Any], Any], args: Sequence[Any],
-                    batch_size: int) -> float | None:
+def per_image_flops(
+  build: Callable[[Any], Any], args: Sequence[Any], batch_size: int
+) -> float | None:
   """FLOPs per image of a jitted function, counted by XLA on a CPU lowering.
 
   ``build(mesh)`` returns the jitted function for a mesh; it is rebuilt on a
@@ -185,20 +209,35 @@ def write_json(result: dict[str, Any], path: str | None) -> None:
 
 
 def _define_train_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_integer("level", None, "Attention pyramid level; default: config.model.level.",
-                       lower_bound=0, upper_bound=3, flag_values=fv)
-  flags.DEFINE_integer("num_classes", 751,
-                       "Classifier outputs (train identities; 751 = Market-1501).",
-                       lower_bound=1, flag_values=fv)
-  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device, for MFU.",
-                     lower_bound=0.0, flag_values=fv)
+  flags.DEFINE_integer(
+    "level",
+    None,
+    "Attention pyramid level; default: config.model.level.",
+    lower_bound=0,
+    upper_bound=3,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_classes",
+    751,
+    "Classifier outputs (train identities; 751 = Market-1501).",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s of one device, for MFU.", lower_bound=0.0, flag_values=fv
+  )
 
 
 def model_settings(config) -> dict[str, Any]:
   """The model fields every benchmark report carries."""
-  return {"depth": int(config.model.depth), "width_multiplier": float(config.model.width),
-          "level": int(config.model.level), "kind": str(config.model.kind),
-          "dtype": str(config.model.dtype)}
+  return {
+    "depth": int(config.model.depth),
+    "width_multiplier": float(config.model.width),
+    "level": int(config.model.level),
+    "kind": str(config.model.kind),
+    "dtype": str(config.model.dtype),
+  }
 
 
 def main(argv: Sequence[str]) -> dict[str, Any]:
@@ -225,11 +264,13 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   num_pids = batch_size // k
   if batch_size % k or num_pids > fv.num_classes:
     raise SystemExit(
-        f"error: --batch_size {batch_size} must be P x K with K = config.data.k = {k} and "
-        f"P <= --num_classes {fv.num_classes}.")
+      f"error: --batch_size {batch_size} must be P x K with K = config.data.k = {k} and "
+      f"P <= --num_classes {fv.num_classes}."
+    )
   if batch_size % mesh.size:
-    raise SystemExit(f"error: --batch_size {batch_size} is not divisible by the {mesh.size} "
-                     "devices.")
+    raise SystemExit(
+      f"error: --batch_size {batch_size} is not divisible by the {mesh.size} devices."
+    )
 
   # Model, optimiser and state exactly as apnet_jax.train builds them.
   model = build_model(config.model, fv.num_classes, rngs=nnx.Rngs(config.train.seed))
@@ -237,15 +278,19 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   graphdef, state = train_step_lib.create_train_state(model, tx)
   del model
   state = jax.device_put(state, sharding.replicated_sharding(mesh))
-  step_fn = train_step_lib.make_train_step(graphdef, tx, num_classes=fv.num_classes,
-                                           config=config, mesh=mesh, seed=config.train.seed)
+  step_fn = train_step_lib.make_train_step(
+    graphdef, tx, num_classes=fv.num_classes, config=config, mesh=mesh, seed=config.train.seed
+  )
 
   rng = np.random.default_rng(0)
   pids = rng.choice(fv.num_classes, size=num_pids, replace=False)
-  batch = sharding.shard_batch({
+  batch = sharding.shard_batch(
+    {
       "image": rng.integers(0, 256, (batch_size, height, width, 3), dtype=np.uint8),
       "label": np.repeat(pids, k).astype(np.int32),
-  }, mesh)
+    },
+    mesh,
+  )
 
   start = time.perf_counter()
   state, metrics = step_fn(state, batch)
@@ -264,38 +309,47 @@ def main(argv: Sequence[str]) -> dict[str, Any]:
   compiles_in_timed_steps = compile_counter.count - compiles_before
 
   flops_per_image = per_image_flops(
-      lambda cpu_mesh: train_step_lib.make_train_step(
-          graphdef, tx, num_classes=fv.num_classes, config=config, mesh=cpu_mesh,
-          seed=config.train.seed).jitted,
-      (state, batch), batch_size)
+    lambda cpu_mesh: (
+      train_step_lib.make_train_step(
+        graphdef,
+        tx,
+        num_classes=fv.num_classes,
+        config=config,
+        mesh=cpu_mesh,
+        seed=config.train.seed,
+      ).jitted
+    ),
+    (state, batch),
+    batch_size,
+  )
   img_per_s = fv.steps * batch_size / seconds
   mfu = None
   if fv.peak_tflops and flops_per_image is not None:
     mfu = flops_per_image * img_per_s / (fv.peak_tflops * 1e12 * mesh.size)
   loss = float(metrics["loss"])
   result = {
-      "benchmark": "train_step",
-      "argv": list(argv),
-      "config": config_flags.get_config_filename(fv["config"]),
-      **model_settings(config),
-      "batch_size": batch_size,
-      "p": num_pids,
-      "k": k,
-      "height": int(height),
-      "width": int(width),
-      "num_classes": fv.num_classes,
-      "steps": fv.steps,
-      "warmup": fv.warmup,
-      "peak_tflops": fv.peak_tflops,
-      "img_per_s": img_per_s,
-      "step_seconds": seconds / fv.steps,
-      "compile_seconds": compile_seconds,
-      "flops_per_image": flops_per_image,
-      "mfu": mfu,
-      "compilations": int(step_fn.jitted._cache_size()),  # pylint: disable=protected-access
-      "compiles_in_timed_steps": compiles_in_timed_steps,
-      "final_loss": loss,
-      **run_environment(),
+    "benchmark": "train_step",
+    "argv": list(argv),
+    "config": config_flags.get_config_filename(fv["config"]),
+    **model_settings(config),
+    "batch_size": batch_size,
+    "p": num_pids,
+    "k": k,
+    "height": int(height),
+    "width": int(width),
+    "num_classes": fv.num_classes,
+    "steps": fv.steps,
+    "warmup": fv.warmup,
+    "peak_tflops": fv.peak_tflops,
+    "img_per_s": img_per_s,
+    "step_seconds": seconds / fv.steps,
+    "compile_seconds": compile_seconds,
+    "flops_per_image": flops_per_image,
+    "mfu": mfu,
+    "compilations": int(step_fn.jitted._cache_size()),  # pylint: disable=protected-access
+    "compiles_in_timed_steps": compiles_in_timed_steps,
+    "final_loss": loss,
+    **run_environment(),
   }
   if not math.isfinite(loss):
     raise SystemExit(f"error: the train step produced a non-finite loss ({loss}).")

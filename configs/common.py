@@ -16,16 +16,17 @@ def choose(arg: str | None, options: tuple[str, ...], config_file: str) -> str:
   if arg is None or arg == "":
     return options[0]
   if arg not in options:
-    raise ValueError(f"{config_file} takes {' or '.join(repr(o) for o in options)}, "
-                     f"got {arg!r}")
+    raise ValueError(f"{config_file} takes {' or '.join(repr(o) for o in options)}, got {arg!r}")
   return arg
 
 
 def no_argument(arg: str | None, config_file: str) -> None:
   """Refuses a ``:arg`` given to a config file that takes none (a typo would pass unseen)."""
   if arg is not None and arg != "":
-    raise ValueError(f"{config_file} takes no argument, got {arg!r}; use {config_file} alone "
-                     "and change settings with --config.section.key=value.")
+    raise ValueError(
+      f"{config_file} takes no argument, got {arg!r}; use {config_file} alone "
+      "and change settings with --config.section.key=value."
+    )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -24,8 +24,9 @@ import os
 import pathlib
 
 # Under .pytest_cache/d, the folder pytest gives plugins: --cache-clear removes it.
-_CACHE = (pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "d"
-          / "jax-compilation-cache")
+_CACHE = (
+  pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "d" / "jax-compilation-cache"
+)
 
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -38,16 +39,20 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs",
-                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
-jax.config.update("jax_persistent_cache_min_entry_size_bytes",
-                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+jax.config.update(
+  "jax_persistent_cache_min_compile_time_secs",
+  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+jax.config.update(
+  "jax_persistent_cache_min_entry_size_bytes",
+  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]),
+)
 
-
-from flax import nnx  # noqa: E402
-import pytest  # noqa: E402
 
 import data_fixtures as fx  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
 from apnet_jax import build_model  # noqa: E402
 from configs.synthetic import get_config as synthetic_config  # noqa: E402
 
@@ -80,6 +85,14 @@ def tiny_model(_tiny_model_built_once):
 def pytest_report_header(config):
   """The versions under test, at the top of every run (CI runs two sets)."""
   del config
-  names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "tensorflow-datasets",
-           "numpy")
+  names = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "tensorflow-datasets",
+    "numpy",
+  )
   return "apnet-jax under " + ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)

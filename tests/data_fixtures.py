@@ -46,32 +46,28 @@ def build(name, manual_dir, data_dir, config=None):
   """
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", prepare.StatisticsWarning)
-    return prepare.prepare(
-        name, manual_dir=manual_dir, data_dir=data_dir, config=config
-    )
+    return prepare.prepare(name, manual_dir=manual_dir, data_dir=data_dir, config=config)
 
 
 def records(builder, split):
   """All records of a split as (filename, pid, camid, label, image bytes)."""
   source = sources.load_split(builder, split)
   return [
-      (
-          r["filename"].decode(),
-          int(r["pid"]),
-          int(r["camid"]),
-          int(r["label"]),
-          r["image"],
-      )
-      for r in (source[i] for i in range(len(source)))
+    (
+      r["filename"].decode(),
+      int(r["pid"]),
+      int(r["camid"]),
+      int(r["label"]),
+      r["image"],
+    )
+    for r in (source[i] for i in range(len(source)))
   ]
 
 
 def jpeg_bytes(seed: int, size=(8, 4)) -> bytes:
   rng = np.random.default_rng(seed)
   buffer = io.BytesIO()
-  PIL.Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(
-      buffer, format="JPEG"
-  )
+  PIL.Image.fromarray(rng.integers(0, 256, (*size, 3)).astype(np.uint8)).save(buffer, format="JPEG")
   return buffer.getvalue()
 
 
@@ -86,8 +82,8 @@ def decode(data: bytes) -> np.ndarray:
 # Persons per camera pair, and which of the 10 slots hold an image (slots
 # 0-4: the pair's first camera, 5-9: its second; the others are empty).
 CUHK03_PAIRS = (
-    {1: (0, 1, 5, 6), 2: (0, 5), 3: (1, 2, 7)},
-    {1: (0, 5, 8), 2: (3, 9)},
+  {1: (0, 1, 5, 6), 2: (0, 5), 3: (1, 2, 7)},
+  {1: (0, 5, 8), 2: (3, 9)},
 )
 
 
@@ -143,10 +139,7 @@ def cuhk03_protocol() -> tuple[list[str], list[int], dict[str, list[int]]]:
         split_of[len(filelist)] = split
         filelist.append(name)
         pids.append(pid)
-  indices = {
-      s: [i for i, v in split_of.items() if v == s]
-      for s in ("train", "query", "gallery")
-  }
+  indices = {s: [i for i, v in split_of.items() if v == s] for s in ("train", "query", "gallery")}
   return filelist, pids, indices
 
 
@@ -157,13 +150,12 @@ def write_cuhk03_protocol(path: pathlib.Path, **overrides) -> None:
   for i, name in enumerate(filelist):
     cells[i, 0] = name
   content = {
-      "filelist": cells,
-      "labels": np.array(pids, np.float64).reshape(-1, 1),
-      "camId": np.array([int(n.split("_")[2]) for n in filelist], np.float64)
-      .reshape(-1, 1),
-      "train_idx": np.array(indices["train"], np.float64).reshape(-1, 1) + 1,
-      "query_idx": np.array(indices["query"], np.float64).reshape(-1, 1) + 1,
-      "gallery_idx": np.array(indices["gallery"], np.float64).reshape(-1, 1) + 1,
+    "filelist": cells,
+    "labels": np.array(pids, np.float64).reshape(-1, 1),
+    "camId": np.array([int(n.split("_")[2]) for n in filelist], np.float64).reshape(-1, 1),
+    "train_idx": np.array(indices["train"], np.float64).reshape(-1, 1) + 1,
+    "query_idx": np.array(indices["query"], np.float64).reshape(-1, 1) + 1,
+    "gallery_idx": np.array(indices["gallery"], np.float64).reshape(-1, 1) + 1,
   }
   content.update(overrides)
   content = {k: v for k, v in content.items() if v is not None}

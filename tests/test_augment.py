@@ -50,36 +50,24 @@ def test_shapes_dtypes_and_determinism():
 
 def test_no_randomness_enabled_is_plain_normalization():
   images = _images()
-  out = augment.train_augment(
-      jax.random.key(3), images, pad=0, flip_p=0.0, erase_p=0.0
-  )
+  out = augment.train_augment(jax.random.key(3), images, pad=0, flip_p=0.0, erase_p=0.0)
   np.testing.assert_allclose(out, _np_normalize(images), atol=1e-6)
 
 
 def test_forced_flip_mirrors_the_width_axis():
   images = _images()
-  out = augment.train_augment(
-      jax.random.key(3), images, pad=0, flip_p=1.0, erase_p=0.0
-  )
-  np.testing.assert_allclose(
-      out, _np_normalize(images[:, :, ::-1]), atol=1e-6
-  )
+  out = augment.train_augment(jax.random.key(3), images, pad=0, flip_p=1.0, erase_p=0.0)
+  np.testing.assert_allclose(out, _np_normalize(images[:, :, ::-1]), atol=1e-6)
 
 
 def test_half_flip_probability_flips_about_half():
   images = _images(batch=200, height=4, width=6)
-  out = np.asarray(
-      augment.train_augment(
-          jax.random.key(5), images, pad=0, flip_p=0.5, erase_p=0.0
-      )
-  )
+  out = np.asarray(augment.train_augment(jax.random.key(5), images, pad=0, flip_p=0.5, erase_p=0.0))
   flipped = np.all(
-      np.isclose(out, _np_normalize(images[:, :, ::-1]), atol=1e-6),
-      axis=(1, 2, 3),
+    np.isclose(out, _np_normalize(images[:, :, ::-1]), atol=1e-6),
+    axis=(1, 2, 3),
   )
-  kept = np.all(
-      np.isclose(out, _np_normalize(images), atol=1e-6), axis=(1, 2, 3)
-  )
+  kept = np.all(np.isclose(out, _np_normalize(images), atol=1e-6), axis=(1, 2, 3))
   assert np.all(flipped | kept)
   assert 60 <= flipped.sum() <= 140  # Binomial(200, 0.5): ~7 sigma margin.
 
@@ -88,22 +76,21 @@ def test_pad_and_crop_is_a_window_of_the_zero_padded_image():
   pad = 2
   images = _images(batch=32, height=10, width=6, seed=1)
   out = np.asarray(
-      augment.train_augment(
-          jax.random.key(7), images, pad=pad, flip_p=0.0, erase_p=0.0
-      )
+    augment.train_augment(jax.random.key(7), images, pad=pad, flip_p=0.0, erase_p=0.0)
   )
   # Zero padding happens on uint8 before normalization (torchvision Pad).
   padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
   offsets = set()
   for i in range(len(images)):
     matches = [
-        (dy, dx)
-        for dy in range(2 * pad + 1)
-        for dx in range(2 * pad + 1)
-        if np.allclose(
-            out[i], _np_normalize(padded[i, dy : dy + 10, dx : dx + 6]),
-            atol=1e-6,
-        )
+      (dy, dx)
+      for dy in range(2 * pad + 1)
+      for dx in range(2 * pad + 1)
+      if np.allclose(
+        out[i],
+        _np_normalize(padded[i, dy : dy + 10, dx : dx + 6]),
+        atol=1e-6,
+      )
     ]
     assert len(matches) == 1, (i, matches)
     offsets.add(matches[0])
@@ -122,9 +109,7 @@ def _rectangle(mask):
 def test_forced_erasing_fills_one_valid_rectangle_with_the_mean():
   height, width = 64, 32
   images = np.zeros((64, height, width, 3), np.uint8)  # Never equals FILL.
-  out = augment.train_augment(
-      jax.random.key(11), images, pad=0, flip_p=0.0, erase_p=1.0
-  )
+  out = augment.train_augment(jax.random.key(11), images, pad=0, flip_p=0.0, erase_p=1.0)
   masks = _erased_masks(out)
   for mask in masks:
     assert mask.any()
@@ -137,23 +122,19 @@ def test_forced_erasing_fills_one_valid_rectangle_with_the_mean():
     assert 0.3 * (w - 1) - 1 <= h <= (w + 1) / 0.3 + 1
   # Off-mask pixels are untouched (the zero image, normalized).
   np.testing.assert_allclose(
-      np.asarray(out)[~masks],
-      np.broadcast_to(-MEAN / STD, (np.sum(~masks), 3)),
-      atol=1e-6,
+    np.asarray(out)[~masks],
+    np.broadcast_to(-MEAN / STD, (np.sum(~masks), 3)),
+    atol=1e-6,
   )
 
 
 def test_erasing_probability_and_disabled_erasing():
   images = np.zeros((200, 32, 16, 3), np.uint8)
   key = jax.random.key(12)
-  half = _erased_masks(
-      augment.train_augment(key, images, pad=0, flip_p=0.0, erase_p=0.5)
-  )
+  half = _erased_masks(augment.train_augment(key, images, pad=0, flip_p=0.0, erase_p=0.5))
   erased = half.any(axis=(1, 2)).sum()
   assert 60 <= erased <= 140
-  none = _erased_masks(
-      augment.train_augment(key, images, pad=0, flip_p=0.0, erase_p=0.0)
-  )
+  none = _erased_masks(augment.train_augment(key, images, pad=0, flip_p=0.0, erase_p=0.0))
   assert not none.any()
 
 
@@ -184,9 +165,7 @@ def test_erased_rectangle_distribution_matches_the_official_loop():
   ref_w = np.array([s[1] for s in reference], float)
   images = np.zeros((count, height, width, 3), np.uint8)
   masks = _erased_masks(
-      augment.train_augment(
-          jax.random.key(13), images, pad=0, flip_p=0.0, erase_p=1.0
-      )
+    augment.train_augment(jax.random.key(13), images, pad=0, flip_p=0.0, erase_p=1.0)
   )
   ours = np.array([_rectangle(m) for m in masks], float)
   for got, ref in ((ours[:, 0], ref_h), (ours[:, 1], ref_w)):
@@ -202,10 +181,14 @@ def test_failed_attempts_leave_the_image_unerased():
 
   def erased_fraction(attempts):
     masks = _erased_masks(
-        augment.train_augment(
-            key, images, pad=0, flip_p=0.0, erase_p=1.0,
-            erase_attempts=attempts,
-        )
+      augment.train_augment(
+        key,
+        images,
+        pad=0,
+        flip_p=0.0,
+        erase_p=1.0,
+        erase_attempts=attempts,
+      )
     )
     for mask in masks[masks.any(axis=(1, 2))]:
       assert _rectangle(mask)[1] < 4
@@ -218,9 +201,7 @@ def test_failed_attempts_leave_the_image_unerased():
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 def test_works_inside_jit_on_a_sharded_batch(axis_type):
   images = _images(batch=16, height=16, width=8)
-  mesh = jax.make_mesh(
-      (jax.device_count(),), ("data",), axis_types=(axis_type,)
-  )
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(axis_type,))
   sharded = jax.device_put(images, NamedSharding(mesh, PartitionSpec("data")))
 
   @jax.jit
@@ -229,20 +210,20 @@ def test_works_inside_jit_on_a_sharded_batch(axis_type):
     return augment.train_augment(key, batch).mean(axis=(1, 2, 3))
 
   got = step(0, 3, sharded)
-  want = augment.train_augment(
-      jax.random.fold_in(jax.random.key(0), 3), images
-  ).mean(axis=(1, 2, 3))
+  want = augment.train_augment(jax.random.fold_in(jax.random.key(0), 3), images).mean(
+    axis=(1, 2, 3)
+  )
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
-    "images, kwargs, match",
-    [
-        (np.zeros((2, 8, 4, 3), np.float32), {}, "uint8"),
-        (np.zeros((8, 4, 3), np.uint8), {}, r"\(B, H, W, 3\)"),
-        (np.zeros((2, 8, 4, 3), np.uint8), {"pad": -1}, r"\bpad\b.*-1"),
-        (np.zeros((2, 8, 4, 3), np.uint8), {"erase_min_aspect": 2.0}, r"erase_min_aspect.*2\.0"),
-    ],
+  "images, kwargs, match",
+  [
+    (np.zeros((2, 8, 4, 3), np.float32), {}, "uint8"),
+    (np.zeros((8, 4, 3), np.uint8), {}, r"\(B, H, W, 3\)"),
+    (np.zeros((2, 8, 4, 3), np.uint8), {"pad": -1}, r"\bpad\b.*-1"),
+    (np.zeros((2, 8, 4, 3), np.uint8), {"erase_min_aspect": 2.0}, r"erase_min_aspect.*2\.0"),
+  ],
 )
 def test_invalid_inputs_raise(images, kwargs, match):
   with pytest.raises(ValueError, match=match):

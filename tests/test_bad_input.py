@@ -14,33 +14,37 @@ import signal
 import subprocess
 import sys
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 from flax import nnx
 
-import data_fixtures as fx
 from apnet_jax import build_model, restore, torch_io, weights
 from apnet_jax.data import sources
 from configs.synthetic import get_config
 
 
-@pytest.mark.parametrize("mat", ["cuhk03_release/cuhk-03.mat",
-                                 "cuhk03_new_protocol_config_labeled.mat"])
+@pytest.mark.parametrize(
+  "mat", ["cuhk03_release/cuhk-03.mat", "cuhk03_new_protocol_config_labeled.mat"]
+)
 def test_truncated_cuhk03_mat_is_named(tmp_path, mat):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   path = manual / mat
-  path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])  # a download cut short
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a download cut short
   with pytest.raises(ValueError, match=re.escape(str(path))):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
-  assert not sources.get_builder("cuhk03", data_dir=tmp_path / "data",
-                                 config="labeled").is_prepared()
+  assert not sources.get_builder(
+    "cuhk03", data_dir=tmp_path / "data", config="labeled"
+  ).is_prepared()
 
 
 def test_imagenet_weights_of_another_width_name_the_file_and_keys(tmp_path):
   config = get_config("tiny")  # width 0.25: the stem has 16 channels
   model = nnx.eval_shape(lambda: build_model(config.model, 8, rngs=nnx.Rngs(0)))
-  full_width = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
-                "layer1.0.conv1.weight": np.zeros((64, 64, 3, 3), np.float32)}
+  full_width = {
+    "conv1.weight": np.zeros((64, 3, 7, 7), np.float32),
+    "layer1.0.conv1.weight": np.zeros((64, 64, 3, 3), np.float32),
+  }
   path = tmp_path / "resnet50-19c8e357.pth"
   torch_io.write_pth(full_width, path)
   with pytest.raises(ValueError) as error:
@@ -59,12 +63,18 @@ def test_official_checkpoint_of_another_model_names_the_file_and_settings(tiny_m
   torch_io.write_pth(state, path)
   config.eval.torch_checkpoint = str(path)
   config.model.level = 1
-  with pytest.raises(ValueError, match=rf"eval\.torch_checkpoint: {re.escape(str(path))} .*"
-                     r"\['BN1\.bottleneck2.*model\.level \(1\).*model\.kind \('channel'\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"eval\.torch_checkpoint: {re.escape(str(path))} .*"
+    r"\['BN1\.bottleneck2.*model\.level \(1\).*model\.kind \('channel'\)",
+  ):
     restore.restore_model(config, str(tmp_path))
   config.model.level, config.model.width = 2, 0.5
-  with pytest.raises(ValueError, match=rf"^eval\.torch_checkpoint: {re.escape(str(path))}: .*"
-                     r"base\.conv1\.weight.*\(32, 3, 7, 7\).*\(16, 3, 7, 7\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"^eval\.torch_checkpoint: {re.escape(str(path))}: .*"
+    r"base\.conv1\.weight.*\(32, 3, 7, 7\).*\(16, 3, 7, 7\)",
+  ):
     restore.restore_model(config, str(tmp_path))
 
 
@@ -90,8 +100,12 @@ prepare.prepare("market1501", manual_dir=sys.argv[1], data_dir=sys.argv[2])
 @pytest.mark.slow
 def test_killed_prepare_leaves_nothing_loadable_and_the_next_cleans_up(tmp_path):
   manual, data_dir = fx.dummy_data("market1501"), tmp_path / "data"
-  killed = subprocess.run([sys.executable, "-c", KILL_IN_PREPARE, str(manual), str(data_dir)],
-                          capture_output=True, text=True, timeout=300)
+  killed = subprocess.run(
+    [sys.executable, "-c", KILL_IN_PREPARE, str(manual), str(data_dir)],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   dataset_dir = data_dir / "market1501"
   unfinished = [p.name for p in dataset_dir.iterdir() if p.name.startswith("incomplete.")]
@@ -106,6 +120,9 @@ def test_killed_prepare_leaves_nothing_loadable_and_the_next_cleans_up(tmp_path)
   (dataset_dir / "incomplete.backup").mkdir()
   builder = fx.build("market1501", manual, data_dir)
   assert len(sources.load_split(builder, "gallery")) == 6
-  assert sorted(p.name for p in dataset_dir.iterdir()) == ["1.0.0", "incomplete.backup",
-                                                          "notes.txt"]
+  assert sorted(p.name for p in dataset_dir.iterdir()) == [
+    "1.0.0",
+    "incomplete.backup",
+    "notes.txt",
+  ]
   assert (dataset_dir / "notes.txt").read_text() == "mine"

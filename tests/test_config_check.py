@@ -20,33 +20,72 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A value outside the allowed range of each key that has one, with any other
 # settings it needs (drop_distractors is wrong only for a dataset without them).
 OUT_OF_RANGE = {
-    "model.depth": 19, "model.width": 0.0, "model.last_stride": 3, "model.level": 4,
-    "model.kind": "both", "model.input_size": (64,), "model.eval_feature": "logit",
-    "model.dtype": "float16",
-    "data.name": "market", "data.data_dir": "", "data.p": 1, "data.k": 1,
-    "data.num_workers": -1,
-    "augment.pad": -1, "augment.flip_p": 1.5, "augment.erase_p": -0.1,
-    "loss.margin": -1.0, "loss.label_smoothing": 2.0,
-    "optim.base_lr": math.nan, "optim.weight_decay": -1e-3, "optim.bias_lr_factor": -1.0,
-    "optim.weight_decay_bias": math.inf, "optim.betas": (0.9, 1.0), "optim.warmup_factor": 2.0,
-    "optim.warmup_epochs": -1, "optim.milestones": (2, 1), "optim.gamma": 0.0,
-    "train.epochs": 0, "train.max_steps": 0, "train.seed": -1, "train.log_every_steps": 0,
-    "train.checkpoint_every_epochs": 0, "train.keep_best": -1, "train.eval_epochs": (3,),
-    "train.allow_changes": "optim.lr",
-    "eval.batch_size": 0, "eval.step": -2, "eval.drop_distractors": True, "eval.rerank_k1": 0,
-    "eval.rerank_k2": 0, "eval.rerank_lambda": 1.5, "eval.max_rank": 0,
-    "eval.datasets": "market1501,nosuchset", "eval.query_expansion_k": 0,
-    "eval.query_expansion_alpha": -1.0, "data.manual_dir": "/downloads/market",
-    "extract.top": 0, "extract.num_pictures": 0,
-    "visualize.num_queries": 0,
+  "model.depth": 19,
+  "model.width": 0.0,
+  "model.last_stride": 3,
+  "model.level": 4,
+  "model.kind": "both",
+  "model.input_size": (64,),
+  "model.eval_feature": "logit",
+  "model.dtype": "float16",
+  "data.name": "market",
+  "data.data_dir": "",
+  "data.p": 1,
+  "data.k": 1,
+  "data.num_workers": -1,
+  "augment.pad": -1,
+  "augment.flip_p": 1.5,
+  "augment.erase_p": -0.1,
+  "loss.margin": -1.0,
+  "loss.label_smoothing": 2.0,
+  "optim.base_lr": math.nan,
+  "optim.weight_decay": -1e-3,
+  "optim.bias_lr_factor": -1.0,
+  "optim.weight_decay_bias": math.inf,
+  "optim.betas": (0.9, 1.0),
+  "optim.warmup_factor": 2.0,
+  "optim.warmup_epochs": -1,
+  "optim.milestones": (2, 1),
+  "optim.gamma": 0.0,
+  "train.epochs": 0,
+  "train.max_steps": 0,
+  "train.seed": -1,
+  "train.log_every_steps": 0,
+  "train.checkpoint_every_epochs": 0,
+  "train.keep_best": -1,
+  "train.eval_epochs": (3,),
+  "train.allow_changes": "optim.lr",
+  "eval.batch_size": 0,
+  "eval.step": -2,
+  "eval.drop_distractors": True,
+  "eval.rerank_k1": 0,
+  "eval.rerank_k2": 0,
+  "eval.rerank_lambda": 1.5,
+  "eval.max_rank": 0,
+  "eval.datasets": "market1501,nosuchset",
+  "eval.query_expansion_k": 0,
+  "eval.query_expansion_alpha": -1.0,
+  "data.manual_dir": "/downloads/market",
+  "extract.top": 0,
+  "extract.num_pictures": 0,
+  "visualize.num_queries": 0,
 }
-NEEDS = {"eval.drop_distractors": {"data.name": "msmt17"},
-         "data.manual_dir": {"data.name": "market1501+msmt17", "data.config": ""}}
+NEEDS = {
+  "eval.drop_distractors": {"data.name": "msmt17"},
+  "data.manual_dir": {"data.name": "market1501+msmt17", "data.config": ""},
+}
 # Keys where every value of their type is allowed (paths are checked when opened).
-ANY_VALUE = {"model.stem_relu", "model.init_from", "data.config",
-             "eval.use_best", "eval.torch_checkpoint", "eval.rerank", "eval.query_expansion",
-             "extract.input_dir",
-             "extract.gallery_dir"}
+ANY_VALUE = {
+  "model.stem_relu",
+  "model.init_from",
+  "data.config",
+  "eval.use_best",
+  "eval.torch_checkpoint",
+  "eval.rerank",
+  "eval.query_expansion",
+  "extract.input_dir",
+  "extract.gallery_dir",
+}
 
 
 def flat_keys(config):
@@ -82,13 +121,18 @@ def test_keys_without_a_range_take_any_value_of_their_type(key, tmp_path):
   value = config.get(key.split(".")[0])[key.split(".")[1]]
   config_check.check(config, "train")
   assert config_check.RULES[key](value, config_check.Context(config)) is None
-  assert config_check.RULES[key](not value if isinstance(value, bool) else "x",
-                                 config_check.Context(config)) is None
+  assert (
+    config_check.RULES[key](
+      not value if isinstance(value, bool) else "x", config_check.Context(config)
+    )
+    is None
+  )
 
 
 def test_all_bad_keys_are_reported_together_with_value_and_what_is_allowed(tmp_path):
-  config = tiny(tmp_path, **{"augment.erase_p": 1.5, "loss.margin": -1.0,
-                             "train.max_steps": 0, "data.k": 1})
+  config = tiny(
+    tmp_path, **{"augment.erase_p": 1.5, "loss.margin": -1.0, "train.max_steps": 0, "data.k": 1}
+  )
   with pytest.raises(config_check.ConfigError) as refusal:
     train.train_and_evaluate(config, str(tmp_path / "run"))
   message = str(refusal.value)
@@ -114,15 +158,18 @@ def test_the_batches_must_split_over_the_devices(tmp_path):
 
 
 def test_schedule_keys_must_lie_inside_the_schedule(tmp_path):
-  config = tiny(tmp_path, **{"train.epochs": 40, "optim.milestones": (10, 40),
-                             "train.eval_epochs": (40,)})
+  config = tiny(
+    tmp_path, **{"train.epochs": 40, "optim.milestones": (10, 40), "train.eval_epochs": (40,)}
+  )
   config_check.check(config, "train")  # the last epoch is inside
   config.train.eval_epochs = (40, 120)
   config.optim.milestones = (10, 41)
   with pytest.raises(config_check.ConfigError) as refusal:
     config_check.check(config, "train")
-  assert [name for name, _, _ in refusal.value.problems] == ["optim.milestones",
-                                                             "train.eval_epochs"]
+  assert [name for name, _, _ in refusal.value.problems] == [
+    "optim.milestones",
+    "train.eval_epochs",
+  ]
   assert "epochs in [1, 40]" in str(refusal.value)
 
 
@@ -147,8 +194,9 @@ def parse_command_line(*overrides):
   argv = ["run.py", "--config=configs/common.py", *overrides]
   flag_values = flags.FlagValues()
   # sys_argv: where the overrides are read from (run.py's: sys.argv).
-  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
   flag_values(argv)
   return flag_values.config
 
@@ -194,14 +242,18 @@ def test_resuming_with_another_weight_decay_is_refused_unless_allowed(tmp_path):
   run = workdir_of_an_earlier_version(tmp_path)
   config = common.get_config()
   config.optim.weight_decay = 5e-4
-  with pytest.raises(ValueError, match=r"optim\.weight_decay: workdir 0\.001, config 0\.0005"
-                     r".*allow_changes=optim\.weight_decay \("):
+  with pytest.raises(
+    ValueError,
+    match=r"optim\.weight_decay: workdir 0\.001, config 0\.0005"
+    r".*allow_changes=optim\.weight_decay \(",
+  ):
     workdir.check_recipe(config, run)
   config.train.allow_changes = "optim.weight_decay"
   # The unset bias decay followed weight_decay in the earlier run too: it changes with it.
   assert workdir.check_recipe(config, run) == {
-      "optim.weight_decay": {"from": 0.001, "to": 5e-4},
-      "optim.weight_decay_bias": {"from": 0.001, "to": 5e-4}}
+    "optim.weight_decay": {"from": 0.001, "to": 5e-4},
+    "optim.weight_decay_bias": {"from": 0.001, "to": 5e-4},
+  }
 
 
 def test_a_bias_decay_that_differed_from_weight_decay_is_not_changed_silently(tmp_path):
@@ -213,17 +265,19 @@ def test_a_bias_decay_that_differed_from_weight_decay_is_not_changed_silently(tm
   assert workdir.check_recipe(config, run) == {}
 
 
-@pytest.mark.parametrize("mode, run, key, value", [
+@pytest.mark.parametrize(
+  "mode, run, key, value",
+  [
     ("eval", evaluate.evaluate_workdir, "eval.max_rank", 0),
     ("eval", evaluate.evaluate_workdir, "model.eval_feature", "logit"),
     ("eval", evaluate.evaluate_workdir, "eval.drop_distractors", True),
     ("extract", inference.extract_folder, "extract.num_pictures", 0),
     ("export", inference.export_workdir, "eval.batch_size", 0),
     ("visualize", visualize.visualize_workdir, "visualize.num_queries", 0),
-])
+  ],
+)
 def test_each_mode_checks_the_keys_it_uses_first(tmp_path, mode, run, key, value):
-  config = tiny(tmp_path, **{key: value, "extract.input_dir": str(tmp_path)},
-                **NEEDS.get(key, {}))
+  config = tiny(tmp_path, **{key: value, "extract.input_dir": str(tmp_path)}, **NEEDS.get(key, {}))
   with pytest.raises(config_check.ConfigError, match=rf"{key}="):
     run(config, str(tmp_path / "run"))
   assert sorted(os.listdir(tmp_path)) == []
@@ -247,10 +301,22 @@ def test_extract_needs_an_input_folder(tmp_path):
 def test_the_command_line_ends_with_one_message_naming_every_bad_key(tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--workdir",
-       str(workdir), f"--config.data.data_dir={tmp_path / 'tfds'}",
-       "--config.augment.erase_p=1.5", "--config.loss.label_smoothing=2"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "run.py",
+      "--config",
+      "configs/synthetic.py:tiny",
+      "--workdir",
+      str(workdir),
+      f"--config.data.data_dir={tmp_path / 'tfds'}",
+      "--config.augment.erase_p=1.5",
+      "--config.loss.label_smoothing=2",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
   lines = result.stderr.strip().splitlines()
@@ -262,8 +328,20 @@ def test_the_command_line_ends_with_one_message_naming_every_bad_key(tmp_path):
 @pytest.mark.slow
 def test_summary_checks_the_model_keys():
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode", "summary",
-       "--config.model.depth=19"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "run.py",
+      "--config",
+      "configs/synthetic.py:tiny",
+      "--mode",
+      "summary",
+      "--config.model.depth=19",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0 and "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert "model.depth=19" in last and "18, 34, 50, 101" in last

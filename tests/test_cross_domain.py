@@ -26,8 +26,12 @@ def data_dir(tmp_path_factory):
   """A data_dir holding synthetic_reid:tiny and reid_folder:mine, both prepared."""
   root = tmp_path_factory.mktemp("cross")
   mine = root / "mine"
-  names = [f"train/{pid:04d}_c{cam}_{n}.jpg" for pid in range(1, FOLDER_TRAIN_IDS + 1)
-           for cam in (1, 2) for n in "ab"]
+  names = [
+    f"train/{pid:04d}_c{cam}_{n}.jpg"
+    for pid in range(1, FOLDER_TRAIN_IDS + 1)
+    for cam in (1, 2)
+    for n in "ab"
+  ]
   names += [f"query/{pid:04d}_c1_q.jpg" for pid in (11, 12, 13)]
   names += [f"gallery/{pid:04d}_c2_{n}.jpg" for pid in (11, 12, 13, 14) for n in "ab"]
   for seed, name in enumerate(names):
@@ -62,11 +66,15 @@ def test_each_entry_scores_as_it_would_as_the_main_dataset(data_dir, cross_run):
   workdir, config, results = cross_run
   assert list(results["datasets"]) == ["synthetic_reid:tiny", FOLDER]
   assert results["datasets"][FOLDER]["protocol"]["dataset"] == "reid_folder/mine"
-  assert (results["datasets"][FOLDER]["protocol"]["num_query"],
-          results["datasets"][FOLDER]["protocol"]["num_gallery"]) == (3, 8)
+  assert (
+    results["datasets"][FOLDER]["protocol"]["num_query"],
+    results["datasets"][FOLDER]["protocol"]["num_gallery"],
+  ) == (3, 8)
   model, _ = restore.restore_model(config, workdir)
-  for entry, name, builder_config in [("synthetic_reid:tiny", "synthetic_reid", "tiny"),
-                                      (FOLDER, "reid_folder", "mine")]:
+  for entry, name, builder_config in [
+    ("synthetic_reid:tiny", "synthetic_reid", "tiny"),
+    (FOLDER, "reid_folder", "mine"),
+  ]:
     alone = tiny_config(data_dir, **{"data.name": name, "data.config": builder_config})
     evaluator = evaluator_lib.ReidEvaluator(alone, evaluator_lib.open_eval_datasets(alone))
     separate = evaluator.run(model).results
@@ -82,8 +90,7 @@ def test_the_report_has_a_row_and_pictures_per_dataset(cross_run):
   workdir, _, results = cross_run
   table = evaluator_lib.format_results(results).splitlines()
   assert [line.split()[0] for line in table] == ["dataset", "synthetic_reid:tiny", FOLDER]
-  assert float(table[2].split()[4]) == pytest.approx(results["datasets"][FOLDER]["mAP"],
-                                                     abs=0.006)
+  assert float(table[2].split()[4]) == pytest.approx(results["datasets"][FOLDER]["mAP"], abs=0.006)
   with open(os.path.join(workdir, "results.json")) as f:
     assert set(json.load(f)["datasets"]) == {"synthetic_reid:tiny", FOLDER}
   for picture in ("cmc", "ranked_list"):
@@ -198,8 +205,9 @@ def test_resuming_with_another_set_of_datasets_is_refused_by_name(data_dir, join
   workdir, _, _ = joint_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  config = tiny_config(data_dir, **{"data.name": "synthetic_reid", "data.config": "tiny",
-                                    "train.max_steps": 4})
+  config = tiny_config(
+    data_dir, **{"data.name": "synthetic_reid", "data.config": "tiny", "train.max_steps": 4}
+  )
   with pytest.raises(ValueError) as refusal:
     train.train_and_evaluate(config, copy)
   assert "data.name" in str(refusal.value) and JOINT in str(refusal.value)

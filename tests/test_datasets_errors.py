@@ -3,11 +3,11 @@
 import re
 import zipfile
 
+import data_fixtures as fx
 import numpy as np
 import PIL.Image
 import pytest
 
-import data_fixtures as fx
 from apnet_jax.data import prepare, sources
 
 MARKET_ROOT = "Market-1501-v15.09.15"
@@ -71,8 +71,11 @@ def test_camera_out_of_range_is_named(tmp_path):
 def test_market_folder_is_refused_by_the_duke_builder(tmp_path):
   # Duke's 8 cameras cover Market's 6: only the names tell them apart.
   manual = fx.copy_dummy("market1501", tmp_path / "manual")
-  with pytest.raises(ValueError, match=r"bounding_box_train/0002_c1s1_000451_03\.jpg.*"
-                     r"Market-1501.*dukemtmc_reid"):
+  with pytest.raises(
+    ValueError,
+    match=r"bounding_box_train/0002_c1s1_000451_03\.jpg.*"
+    r"Market-1501.*dukemtmc_reid",
+  ):
     fx.build("dukemtmc_reid", manual, tmp_path / "data")
   assert not sources.get_builder("dukemtmc_reid", data_dir=tmp_path / "data").is_prepared()
 
@@ -80,8 +83,11 @@ def test_market_folder_is_refused_by_the_duke_builder(tmp_path):
 def test_duke_folder_is_refused_by_the_market_builder(tmp_path):
   manual = tmp_path / "manual"
   fx.zip_folder(fx.dummy_data("dukemtmc_reid") / "DukeMTMC-reID", manual / "DukeMTMC-reID.zip")
-  with pytest.raises(ValueError, match=r"DukeMTMC-reID\.zip:DukeMTMC-reID/bounding_box_train/"
-                     r"0001_c2_f0046182\.jpg.*DukeMTMC-reID"):
+  with pytest.raises(
+    ValueError,
+    match=r"DukeMTMC-reID\.zip:DukeMTMC-reID/bounding_box_train/"
+    r"0001_c2_f0046182\.jpg.*DukeMTMC-reID",
+  ):
     fx.build("market1501", manual, tmp_path / "data")
 
 
@@ -137,8 +143,8 @@ def test_corrupt_image_in_zip_is_named(tmp_path):
   manual = tmp_path / "manual"
   fx.zip_folder(src, manual / f"{MARKET_ROOT}.zip")
   with pytest.raises(
-      ValueError,
-      match=re.escape(f"{MARKET_ROOT}.zip:{MARKET_ROOT}/query/0003_c1s1_000101_00.jpg"),
+    ValueError,
+    match=re.escape(f"{MARKET_ROOT}.zip:{MARKET_ROOT}/query/0003_c1s1_000101_00.jpg"),
   ):
     fx.build("market1501", manual, tmp_path / "data")
 
@@ -161,17 +167,13 @@ def test_msmt17_listed_image_missing_is_named(tmp_path):
   manual = fx.copy_dummy("msmt17", tmp_path / "manual")
   with (manual / "MSMT17_V1" / "list_query.txt").open("a") as f:
     f.write("0009/0009_000_03_0303noon_0001_0.jpg 9\n")
-  with pytest.raises(
-      FileNotFoundError, match=r"list_query\.txt, line 3\b.*0009/0009_000_03"
-  ):
+  with pytest.raises(FileNotFoundError, match=r"list_query\.txt, line 3\b.*0009/0009_000_03"):
     fx.build("msmt17", manual, tmp_path / "data")
 
 
 def test_msmt17_malformed_line_is_named(tmp_path):
   manual = fx.copy_dummy("msmt17", tmp_path / "manual")
-  (manual / "MSMT17_V1" / "list_train.txt").write_text(
-      "0000/0000_000_01_0303morning_0008_0.jpg\n"
-  )
+  (manual / "MSMT17_V1" / "list_train.txt").write_text("0000/0000_000_01_0303morning_0008_0.jpg\n")
   with pytest.raises(ValueError, match=r"list_train\.txt, line 1\b"):
     fx.build("msmt17", manual, tmp_path / "data")
 
@@ -186,7 +188,7 @@ def test_msmt17_empty_list_is_named(tmp_path):
 def test_cuhk03_protocol_empty_split_is_named(tmp_path):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   fx.write_cuhk03_protocol(
-      manual / "cuhk03_new_protocol_config_labeled.mat", train_idx=np.zeros((0, 1))
+    manual / "cuhk03_new_protocol_config_labeled.mat", train_idx=np.zeros((0, 1))
   )
   with pytest.raises(ValueError, match=r"labeled\.mat: train_idx\b.*train split"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
@@ -194,9 +196,7 @@ def test_cuhk03_protocol_empty_split_is_named(tmp_path):
 
 def test_cuhk03_protocol_missing_field_is_named(tmp_path):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
-  fx.write_cuhk03_protocol(
-      manual / "cuhk03_new_protocol_config_labeled.mat", gallery_idx=None
-  )
+  fx.write_cuhk03_protocol(manual / "cuhk03_new_protocol_config_labeled.mat", gallery_idx=None)
   with pytest.raises(ValueError, match=r"labeled\.mat.*gallery_idx"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
@@ -204,8 +204,8 @@ def test_cuhk03_protocol_missing_field_is_named(tmp_path):
 def test_cuhk03_protocol_index_out_of_range(tmp_path):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   fx.write_cuhk03_protocol(
-      manual / "cuhk03_new_protocol_config_detected.mat",
-      query_idx=np.array([[1.0], [99.0]]),
+    manual / "cuhk03_new_protocol_config_detected.mat",
+    query_idx=np.array([[1.0], [99.0]]),
   )
   with pytest.raises(ValueError, match=r"detected\.mat: query_idx\b"):
     fx.build("cuhk03", manual, tmp_path / "data", "detected")
@@ -218,9 +218,7 @@ def test_cuhk03_protocol_naming_an_empty_slot(tmp_path):
   for i, name in enumerate(filelist):
     cells[i, 0] = name
   cells[0, 0] = "1_001_1_05.png"  # slot 5 of pair 1, person 1 is empty
-  fx.write_cuhk03_protocol(
-      manual / "cuhk03_new_protocol_config_labeled.mat", filelist=cells
-  )
+  fx.write_cuhk03_protocol(manual / "cuhk03_new_protocol_config_labeled.mat", filelist=cells)
   with pytest.raises(ValueError, match=r"1_001_1_05\.png"):
     fx.build("cuhk03", manual, tmp_path / "data", "labeled")
 
@@ -228,9 +226,7 @@ def test_cuhk03_protocol_naming_an_empty_slot(tmp_path):
 def test_cuhk03_missing_protocol_file_is_named(tmp_path):
   manual = fx.write_cuhk03_release(tmp_path / "manual")
   (manual / "cuhk03_new_protocol_config_detected.mat").unlink()
-  with pytest.raises(
-      FileNotFoundError, match=r"cuhk03_new_protocol_config_detected\.mat"
-  ):
+  with pytest.raises(FileNotFoundError, match=r"cuhk03_new_protocol_config_detected\.mat"):
     fx.build("cuhk03", manual, tmp_path / "data", "detected")
 
 
@@ -263,7 +259,7 @@ def test_a_corrupt_compressed_member_names_the_archive_and_member(tmp_path):
   # The member's deflate stream starts after its local header; 0xFF there is
   # block type 3, which zlib refuses ("invalid block type").
   start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-  data[start:start + 4] = b"\xff\xff\xff\xff"
+  data[start : start + 4] = b"\xff\xff\xff\xff"
   archive.write_bytes(bytes(data))
   with pytest.raises(ValueError, match=re.escape(f"{MARKET_ROOT}.zip:{member} (error: ")):
     fx.build("market1501", tmp_path / "manual", tmp_path / "data")
@@ -273,9 +269,12 @@ def test_a_truncated_prepared_split_is_named_with_the_fix(tmp_path):
   builder = fx.build("synthetic_reid", None, tmp_path / "data", config="tiny")
   (train_file,) = [p for p in builder.data_path.iterdir() if "-train.array_record" in p.name]
   data = train_file.read_bytes()
-  train_file.write_bytes(data[:len(data) // 2])
-  with pytest.raises(ValueError, match=rf"train split \({train_file.name}\).*"
-                     rf"{re.escape(str(builder.data_path))}"):
+  train_file.write_bytes(data[: len(data) // 2])
+  with pytest.raises(
+    ValueError,
+    match=rf"train split \({train_file.name}\).*"
+    rf"{re.escape(str(builder.data_path))}",
+  ):
     sources.load_split("synthetic_reid", "train", data_dir=tmp_path / "data", config="tiny")
   sources.load_split("synthetic_reid", "query", data_dir=tmp_path / "data", config="tiny")
 
@@ -285,7 +284,10 @@ def test_preparing_again_from_another_manual_dir_says_so_and_how_to_rebuild(tmp_
   second, _ = _market_copy(tmp_path / "b")
   builder = fx.build("market1501", first, tmp_path / "data")
   fx.build("market1501", first, tmp_path / "data")  # the same folder: reused quietly
-  with pytest.raises(ValueError, match=rf"{re.escape(str(builder.data_path))}.*manual_dir "
-                     rf"{re.escape(str(first))}.*{re.escape(str(second))}"
-                     rf".*{re.escape(str(builder.data_path))}"):
+  with pytest.raises(
+    ValueError,
+    match=rf"{re.escape(str(builder.data_path))}.*manual_dir "
+    rf"{re.escape(str(first))}.*{re.escape(str(second))}"
+    rf".*{re.escape(str(builder.data_path))}",
+  ):
     fx.build("market1501", second, tmp_path / "data")

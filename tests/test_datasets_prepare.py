@@ -4,24 +4,29 @@ import dataclasses
 import pathlib
 import warnings
 
+import data_fixtures as fx
 import pytest
 import tensorflow_datasets as tfds
 
-import data_fixtures as fx
 from apnet_jax.data import prepare, sources
 from apnet_jax.datasets.synthetic_reid import SyntheticReidConfig
 
 # Counted by hand from market1501/dummy_data (junk dropped, pid 0 kept).
 MARKET_DUMMY = {
-    "train": prepare.SplitStatistics(ids=3, images=5, cameras=5),
-    "query": prepare.SplitStatistics(ids=2, images=2, cameras=2),
-    "gallery": prepare.SplitStatistics(ids=4, images=6, cameras=5),
+  "train": prepare.SplitStatistics(ids=3, images=5, cameras=5),
+  "query": prepare.SplitStatistics(ids=2, images=2, cameras=2),
+  "gallery": prepare.SplitStatistics(ids=4, images=6, cameras=5),
 }
 
 
 def test_registry_names_the_builders():
   assert sorted(sources.BUILDERS) == [
-      "cuhk03", "dukemtmc_reid", "market1501", "msmt17", "reid_folder", "synthetic_reid"
+    "cuhk03",
+    "dukemtmc_reid",
+    "market1501",
+    "msmt17",
+    "reid_folder",
+    "synthetic_reid",
   ]
   for name, cls in sources.BUILDERS.items():
     assert cls.name == name  # the TFDS name, hence the data_dir folder
@@ -87,8 +92,8 @@ def test_statistics_mismatches_reports_missing_and_extra_splits():
   stats = {"train": prepare.SplitStatistics(1, 2, 1)}
   expected = {"query": prepare.SplitStatistics(1, 2, 1)}
   assert prepare.statistics_mismatches(stats, expected) == [
-      "query: missing (expected SplitStatistics(ids=1, images=2, cameras=1))",
-      "train: unexpected split",
+    "query: missing (expected SplitStatistics(ids=1, images=2, cameras=1))",
+    "train: unexpected split",
   ]
 
 
@@ -103,16 +108,20 @@ def test_prepared_dataset_is_readable_by_tfds_alone(tmp_path):
 
 def test_reusing_a_name_with_another_config_is_refused(tmp_path):
   mine = SyntheticReidConfig(
-      name="mine", num_train_ids=3, num_test_ids=3, num_distractors=1,
-      num_cameras=2, images_per_id_per_camera=2, height=32, width=16,
+    name="mine",
+    num_train_ids=3,
+    num_test_ids=3,
+    num_distractors=1,
+    num_cameras=2,
+    images_per_id_per_camera=2,
+    height=32,
+    width=16,
   )
   prepare.prepare("synthetic_reid", manual_dir=None, data_dir=tmp_path, config=mine)
   other = dataclasses.replace(mine, seed=1)
   with pytest.raises(ValueError, match=r"synthetic_reid/mine\b.*'seed': 0.*'seed': 1"):
     prepare.prepare("synthetic_reid", manual_dir=None, data_dir=tmp_path, config=other)
   renamed = dataclasses.replace(mine, name="mine_seed1", seed=1)
-  builder = prepare.prepare(
-      "synthetic_reid", manual_dir=None, data_dir=tmp_path, config=renamed
-  )
+  builder = prepare.prepare("synthetic_reid", manual_dir=None, data_dir=tmp_path, config=renamed)
   assert builder.info.metadata["config"]["seed"] == 1
   assert str(builder.data_path).endswith("synthetic_reid/mine_seed1/1.0.0")

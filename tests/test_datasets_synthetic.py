@@ -2,13 +2,13 @@
 
 import dataclasses
 
+import data_fixtures as fx
 import numpy as np
 import pytest
 
-import data_fixtures as fx
+from apnet_jax.data import sources
 from apnet_jax.datasets.synthetic_reid import SyntheticReidConfig
 from apnet_jax.datasets.synthetic_reid import synthetic_reid_dataset_builder as synthetic
-from apnet_jax.data import sources
 
 TINY = synthetic.Builder.builder_configs["tiny"]
 
@@ -19,9 +19,9 @@ def test_tiny_build_has_market_split_structure(tiny_data_dir):
   per_id = c.num_cameras * c.images_per_id_per_camera
   sizes = {s: builder.info.splits[s].num_examples for s in ("train", "query", "gallery")}
   assert sizes == {
-      "train": c.num_train_ids * per_id,
-      "query": c.num_test_ids * c.num_cameras,
-      "gallery": c.num_test_ids * (per_id - c.num_cameras) + c.num_distractors,
+    "train": c.num_train_ids * per_id,
+    "query": c.num_test_ids * c.num_cameras,
+    "gallery": c.num_test_ids * (per_id - c.num_cameras) + c.num_distractors,
   }
   train, query, gallery = (fx.records(builder, s) for s in ("train", "query", "gallery"))
   train_pids = {r[1] for r in train}
@@ -73,17 +73,19 @@ def _mean_ap(query, gallery):
 @pytest.mark.slow
 def test_identities_are_not_given_away_by_mean_colour():
   config = dataclasses.replace(
-      synthetic.Builder.builder_configs["small"], name="check",
-      num_test_ids=40, num_distractors=20,
+    synthetic.Builder.builder_configs["small"],
+    name="check",
+    num_test_ids=40,
+    num_distractors=20,
   )
   splits = synthetic.synthetic_images(config)
 
   def describe(images, descriptor):
     pixels = [fx.decode(i.read()).astype(np.float32) for i in images]
     return (
-        np.array([descriptor(p) for p in pixels]),
-        np.array([i.pid for i in images]),
-        np.array([i.camid for i in images]),
+      np.array([descriptor(p) for p in pixels]),
+      np.array([i.pid for i in images]),
+      np.array([i.camid for i in images]),
     )
 
   def mean_colour(p):
@@ -94,16 +96,20 @@ def test_identities_are_not_given_away_by_mean_colour():
     # normalisation (undoes a camera's gain and colour cast).
     p = p / p.mean((0, 1))
     h, w = p.shape[:2]
-    centre = p[:, w // 2 - w // 8: w // 2 + w // 8]
-    return np.concatenate([
-        centre[int(h * 0.3): int(h * 0.5)].mean((0, 1)),
-        centre[int(h * 0.6): int(h * 0.8)].mean((0, 1)),
-    ])
+    centre = p[:, w // 2 - w // 8 : w // 2 + w // 8]
+    return np.concatenate(
+      [
+        centre[int(h * 0.3) : int(h * 0.5)].mean((0, 1)),
+        centre[int(h * 0.6) : int(h * 0.8)].mean((0, 1)),
+      ]
+    )
 
-  by_mean = _mean_ap(describe(splits["query"], mean_colour),
-                     describe(splits["gallery"], mean_colour))
-  by_person = _mean_ap(describe(splits["query"], person_colours),
-                       describe(splits["gallery"], person_colours))
+  by_mean = _mean_ap(
+    describe(splits["query"], mean_colour), describe(splits["gallery"], mean_colour)
+  )
+  by_person = _mean_ap(
+    describe(splits["query"], person_colours), describe(splits["gallery"], person_colours)
+  )
   assert by_mean < 0.1  # the camera, not the person, dominates the mean colour
   assert by_person > 2 * by_mean  # yet the person carries identity
 
@@ -112,8 +118,9 @@ def test_annotations_match_records(tiny_data_dir):
   builder = sources.get_builder("synthetic_reid", data_dir=tiny_data_dir, config="tiny")
   for split in ("train", "query", "gallery"):
     rows = fx.records(builder, split)
-    annotations = sources.split_annotations("synthetic_reid", split, data_dir=tiny_data_dir,
-                                            config="tiny")
+    annotations = sources.split_annotations(
+      "synthetic_reid", split, data_dir=tiny_data_dir, config="tiny"
+    )
     np.testing.assert_array_equal(annotations.pid, [r[1] for r in rows])
     np.testing.assert_array_equal(annotations.camid, [r[2] for r in rows])
     np.testing.assert_array_equal(annotations.label, [r[3] for r in rows])

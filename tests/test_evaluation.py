@@ -5,7 +5,6 @@ import pytest
 
 from apnet_jax.evaluation import evaluate, k_reciprocal_rerank
 
-
 # -- Reference: the protocol, one query at a time, in float64 -----------------
 
 
@@ -37,10 +36,10 @@ def _reference_metrics(distances, query_pids, gallery_pids, query_camids, galler
     aps.append(np.mean(np.arange(1, len(match_ranks) + 1) / (match_ranks + 1)))
     inps.append(len(match_ranks) / (match_ranks[-1] + 1))
   return {
-      "cmc": cmc_sum / len(aps),
-      "mAP": float(np.mean(aps)),
-      "mINP": float(np.mean(inps)),
-      "num_valid_queries": len(aps),
+    "cmc": cmc_sum / len(aps),
+    "mAP": float(np.mean(aps)),
+    "mINP": float(np.mean(inps)),
+    "num_valid_queries": len(aps),
   }
 
 
@@ -80,25 +79,33 @@ def _planted(seed=0, num_query=37, num_gallery=300, dim=16, noise=0.9):
   gallery_camids[gallery_pids == num_ids] = 0
   # Same pid and camera as some query: junk the protocol must remove.
   junk = min(20, num_query - 4)
-  gallery_pids[:junk] = query_pids[4:4 + junk]
-  gallery_camids[:junk] = query_camids[4:4 + junk]
+  gallery_pids[:junk] = query_pids[4 : 4 + junk]
+  gallery_camids[:junk] = query_camids[4 : 4 + junk]
   query = centres[query_pids] + noise * rng.standard_normal((num_query, dim))
   gallery = centres[gallery_pids] + noise * rng.standard_normal((num_gallery, dim))
   return (
-      query.astype(np.float32),
-      gallery.astype(np.float32),
-      query_pids,
-      gallery_pids,
-      query_camids,
-      gallery_camids,
+    query.astype(np.float32),
+    gallery.astype(np.float32),
+    query_pids,
+    gallery_pids,
+    query_camids,
+    gallery_camids,
   )
 
 
 def _check(data, *, metric="euclidean", normalize=True, max_rank=50, chunk_size=8):
   query, gallery, qp, gp, qc, gc = data
   result = evaluate(
-      query, gallery, qp, gp, qc, gc, metric=metric, normalize=normalize,
-      max_rank=max_rank, chunk_size=chunk_size,
+    query,
+    gallery,
+    qp,
+    gp,
+    qc,
+    gc,
+    metric=metric,
+    normalize=normalize,
+    max_rank=max_rank,
+    chunk_size=chunk_size,
   )
   distances = _reference_distances(query, gallery, metric, normalize)
   expected = _reference_metrics(distances, qp, gp, qc, gc, max_rank)
@@ -159,8 +166,12 @@ def test_labels_of_any_integer_range_and_strings():
   expected = evaluate(query, gallery, qp, gp, qc, gc)
   # Large/negative pids and string camera ids only matter through equality.
   shifted = evaluate(
-      query, gallery, qp * 10**12 - 1, gp * 10**12 - 1,
-      np.char.add("cam", qc.astype(str)), np.char.add("cam", gc.astype(str)),
+    query,
+    gallery,
+    qp * 10**12 - 1,
+    gp * 10**12 - 1,
+    np.char.add("cam", qc.astype(str)),
+    np.char.add("cam", gc.astype(str)),
   )
   _assert_same(shifted, expected)
 
@@ -170,7 +181,7 @@ def test_rerank_scores_the_rerank_distance(normalize):
   query, gallery, qp, gp, qc, gc = _planted(seed=6, num_query=30, num_gallery=170)
   params = dict(k1=6, k2=3, lambda_value=0.3)
   result = evaluate(
-      query, gallery, qp, gp, qc, gc, normalize=normalize, rerank=params, chunk_size=8
+    query, gallery, qp, gp, qc, gc, normalize=normalize, rerank=params, chunk_size=8
   )
   if normalize:  # first normalise, then re-rank (the official R1_mAP_reranking)
     query = query / np.linalg.norm(query, axis=1, keepdims=True)
@@ -253,18 +264,18 @@ def test_rejects_labels_of_different_types(small):
 
 
 @pytest.mark.parametrize(
-    "kwargs, names",
-    [
-        (dict(max_rank=0), ("max_rank",)),
-        (dict(max_rank=2.5), ("max_rank", "2.5")),
-        (dict(metric="manhattan"), ("metric", "'manhattan'")),
-        (dict(chunk_size=0), ("chunk_size",)),
-        (dict(rerank=dict(k1=5, k3=2)), ("rerank", "'k3'")),
-        (dict(rerank=dict(k1=5), metric="cosine"), ("rerank", "metric='euclidean'")),
-        (dict(rerank=dict(k1=0)), ("k1",)),
-        (dict(rerank=dict(lambda_value=1.5)), ("lambda_value", "1.5")),
-        (dict(rerank=dict(k1=40)), ("k1", "36")),
-    ],
+  "kwargs, names",
+  [
+    (dict(max_rank=0), ("max_rank",)),
+    (dict(max_rank=2.5), ("max_rank", "2.5")),
+    (dict(metric="manhattan"), ("metric", "'manhattan'")),
+    (dict(chunk_size=0), ("chunk_size",)),
+    (dict(rerank=dict(k1=5, k3=2)), ("rerank", "'k3'")),
+    (dict(rerank=dict(k1=5), metric="cosine"), ("rerank", "metric='euclidean'")),
+    (dict(rerank=dict(k1=0)), ("k1",)),
+    (dict(rerank=dict(lambda_value=1.5)), ("lambda_value", "1.5")),
+    (dict(rerank=dict(k1=40)), ("k1", "36")),
+  ],
 )
 def test_rejects_bad_arguments(small, kwargs, names):
   with pytest.raises(ValueError) as error:
@@ -284,29 +295,38 @@ def test_ranked_list_picture_frames_each_verdict(tmp_path):
   queries = [flat(colours[i, 0], (128, 64)) for i in range(2)]
   gallery = [[flat(colours[i, j], (40 + 10 * j, 20)) for j in range(1, 4)] for i in range(2)]
   matches = np.array([[True, False, True], [False, False, True]])
-  plots.plot_ranked_lists(queries, gallery, matches, str(tmp_path / "ranked.png"),
-                          query_labels=["pid 1", "a very long file name.jpg"])
+  plots.plot_ranked_lists(
+    queries,
+    gallery,
+    matches,
+    str(tmp_path / "ranked.png"),
+    query_labels=["pid 1", "a very long file name.jpg"],
+  )
   picture = np.asarray(Image.open(tmp_path / "ranked.png").convert("RGB"))
   plots.plot_ranked_lists(queries, gallery, None, str(tmp_path / "unknown.png"))
   unknown = np.asarray(Image.open(tmp_path / "unknown.png").convert("RGB"))
 
   cell_h, cell_w = plots._CELL_HW
   framed_w, framed_h = cell_w + 2 * plots._FRAME, cell_h + 2 * plots._FRAME
-  hex_rgb = lambda h: [int(h[k:k + 2], 16) for k in (1, 3, 5)]  # noqa: E731
-  assert picture.shape == (plots._GAP + 2 * (plots._TEXT + framed_h + plots._GAP),
-                           plots._GAP + plots._QUERY_GAP + 4 * (framed_w + plots._GAP), 3)
+  hex_rgb = lambda h: [int(h[k : k + 2], 16) for k in (1, 3, 5)]  # noqa: E731
+  assert picture.shape == (
+    plots._GAP + 2 * (plots._TEXT + framed_h + plots._GAP),
+    plots._GAP + plots._QUERY_GAP + 4 * (framed_w + plots._GAP),
+    3,
+  )
   for i in range(2):
     for column in range(4):
       x = plots._GAP + column * (framed_w + plots._GAP) + (plots._QUERY_GAP if column else 0)
       y = plots._GAP + i * (plots._TEXT + framed_h + plots._GAP) + plots._TEXT
-      frame = (plots._QUERY if column == 0 else
-               plots._MATCH if matches[i, column - 1] else plots._MISMATCH)
+      frame = (
+        plots._QUERY if column == 0 else plots._MATCH if matches[i, column - 1] else plots._MISMATCH
+      )
       assert picture[y + 1, x + 1].tolist() == hex_rgb(frame), (i, column)
       assert picture[y + framed_h // 2, x + framed_w // 2].tolist() == colours[i, column].tolist()
       if column:
         assert unknown[y + 1, x + 1].tolist() == hex_rgb(plots._UNKNOWN)
   # Captions are written (dark pixels in the text band above the first row).
-  assert (picture[plots._GAP:plots._GAP + plots._TEXT] < 100).any()
+  assert (picture[plots._GAP : plots._GAP + plots._TEXT] < 100).any()
 
 
 def test_rank_orders_by_normalized_distance_and_survives_zero_features():
@@ -318,8 +338,9 @@ def test_rank_orders_by_normalized_distance_and_survives_zero_features():
   # Query 0 against unit directions: (3, 0.1) nearest, then the zero feature
   # and (0, 5) both at sqrt(2) (ties by index), (-2, 0) left out.
   assert order[0].tolist() == [1, 0, 2, 3]
-  np.testing.assert_allclose(dist[0, :3], [np.sqrt(2 - 2 * 3 / np.hypot(3, 0.1)),
-                                           np.sqrt(2), np.sqrt(2)], rtol=1e-6)
+  np.testing.assert_allclose(
+    dist[0, :3], [np.sqrt(2 - 2 * 3 / np.hypot(3, 0.1)), np.sqrt(2), np.sqrt(2)], rtol=1e-6
+  )
   assert dist[0, 3] == np.inf
   # A zero query is at sqrt(2) from everything, not NaN.
   np.testing.assert_allclose(dist[1], np.sqrt(2))

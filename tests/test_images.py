@@ -65,24 +65,31 @@ def test_palette_grey_alpha_and_cmyk_images_read_their_colours():
   la = PIL.Image.fromarray(np.stack([grey, alpha], -1), "LA")
   np.testing.assert_array_equal(plots.decode(_encode(la)), _grey(grey))
   rgba = rng.integers(0, 256, (H, W, 4), dtype=np.uint8)
-  np.testing.assert_array_equal(plots.decode(_encode(PIL.Image.fromarray(rgba, "RGBA"))),
-                                rgba[..., :3])
+  np.testing.assert_array_equal(
+    plots.decode(_encode(PIL.Image.fromarray(rgba, "RGBA"))), rgba[..., :3]
+  )
   # CMYK (a JPEG can hold it): R = 255 - C without black, as in PIL's own conversion.
   cmy = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
   cmyk = PIL.Image.fromarray(np.concatenate([cmy, np.zeros((H, W, 1), np.uint8)], -1), "CMYK")
   np.testing.assert_array_equal(np.asarray(images.to_rgb(cmyk, "cmyk")), 255 - cmy)
   # Two-level images.
   bits = rng.integers(0, 2, (H, W)).astype(bool)
-  np.testing.assert_array_equal(plots.decode(_encode(PIL.Image.fromarray(bits))),
-                                _grey(bits.astype(np.uint8) * 255))
+  np.testing.assert_array_equal(
+    plots.decode(_encode(PIL.Image.fromarray(bits))), _grey(bits.astype(np.uint8) * 255)
+  )
 
 
-@pytest.mark.parametrize("image, match", [
-    (PIL.Image.fromarray(np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W), "F"),
-     r"ramp\.tif: .*'F'"),
-    (PIL.Image.fromarray(np.full((H, W), -5, np.int32), "I"),
-     r"ramp\.tif: .*'I'.*-5"),
-], ids=["float", "negative"])
+@pytest.mark.parametrize(
+  "image, match",
+  [
+    (
+      PIL.Image.fromarray(np.linspace(0, 1, H * W, dtype=np.float32).reshape(H, W), "F"),
+      r"ramp\.tif: .*'F'",
+    ),
+    (PIL.Image.fromarray(np.full((H, W), -5, np.int32), "I"), r"ramp\.tif: .*'I'.*-5"),
+  ],
+  ids=["float", "negative"],
+)
 def test_formats_without_an_8_bit_reading_are_refused_by_name(image, match):
   data = _encode(image, "TIFF")
   with pytest.raises(images.ImageModeError, match=match):

@@ -1,7 +1,6 @@
 """Your own images (--mode extract) and the exported feature extractor (--mode export)."""
 
 import json
-import os
 import re
 
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ def write_images(folder, count, seed):
 def test_extract_writes_features_and_rankings(setup, tmp_path, capsys):
   root, config, model = setup
   queries = write_images(tmp_path / "mine", 5, seed=1)
-  gallery = write_images(tmp_path / "gallery", 7, seed=2)
+  write_images(tmp_path / "gallery", 7, seed=2)
   # One query is also in the gallery: it must be its own nearest neighbour.
   Image.open(queries[3]).save(tmp_path / "gallery" / "copy_of_query3.png")
   config = config.copy_and_resolve_references()
@@ -65,8 +64,9 @@ def test_extract_writes_features_and_rankings(setup, tmp_path, capsys):
   # The features are the model's (image + flip) on the resized images.
   from apnet_jax.data import pipeline
 
-  image = pipeline.decode_and_resize(open(queries[0], "rb").read(), height=64, width=32,
-                                     filename=queries[0])
+  image = pipeline.decode_and_resize(
+    open(queries[0], "rb").read(), height=64, width=32, filename=queries[0]
+  )
   graphdef, state = nnx.split(model)
   expected = make_embed_fn(graphdef, "bn")(state, jnp.asarray(image[None]))
   np.testing.assert_allclose(features[0], expected[0], rtol=1e-4, atol=1e-4)
@@ -108,8 +108,9 @@ def test_exported_extractor_equals_the_model(setup, tmp_path):
   rng = np.random.default_rng(3)
   for batch in (1, 5):  # any batch size
     images = rng.integers(0, 255, (batch, 64, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(extract(images), embed(state, jnp.asarray(images)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+      extract(images), embed(state, jnp.asarray(images)), rtol=1e-5, atol=1e-5
+    )
   with pytest.raises(ValueError) as error:
     extract(np.zeros((2, 32, 32, 3), np.uint8))
   for name in (str(path), "uint8", "(B, 64, 32, 3)", "(2, 32, 32, 3)"):
@@ -127,12 +128,13 @@ def test_a_16_bit_png_is_described_by_its_content_not_as_white(setup, tmp_path):
   Image.fromarray(np.full((64, 32, 3), 255, np.uint8)).save(tmp_path / "white.png")
   # Its feature is the model's on the 8-bit ramp (scaled with numpy here), not on white.
   eight_bit = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
-  features = inference.folder_features(model, [str(tmp_path / "ramp16.png"),
-                                               str(tmp_path / "white.png")], config,
-                                       desc="extract")
+  features = inference.folder_features(
+    model, [str(tmp_path / "ramp16.png"), str(tmp_path / "white.png")], config, desc="extract"
+  )
   graphdef, state = nnx.split(model)
   expected = make_embed_fn(graphdef, "bn")(
-      state, jnp.asarray(np.repeat(eight_bit[None, ..., None], 3, axis=-1)))
+    state, jnp.asarray(np.repeat(eight_bit[None, ..., None], 3, axis=-1))
+  )
   np.testing.assert_allclose(features[0], expected[0], rtol=1e-4, atol=1e-4)
   # White's feature lies well outside that tolerance (on main, the ramp decoded to white).
   assert np.abs(features[0] - features[1]).max() > 10 * 1e-4
@@ -149,7 +151,9 @@ def test_extract_replaces_the_previous_outputs_whole(setup, tmp_path):
   config.extract.gallery_dir = ""  # the second run ranks nothing: no ranking may remain
   inference.extract_folder(config, str(tmp_path / "run"))
   assert sorted(p.name for p in (tmp_path / "run" / "extract").iterdir()) == [
-      "features.npy", "files.txt"]
+    "features.npy",
+    "files.txt",
+  ]
   assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["extract"]
 
 

@@ -21,10 +21,13 @@ SYNTHETIC_TRAIN_IDS = 8  # synthetic_reid:tiny, by its builder config
 # The folder's train images and what the joint split must make of them: it
 # comes second, so its labels (pid order) start after the synthetic ones.
 FOLDER_TRAIN = [  # (filename, pid, camid, joint label)
-    ("train/0005_c1_a.jpg", 5, 0, 8), ("train/0005_c2_b.jpg", 5, 1, 8),
-    ("train/0009_c1_a.jpg", 9, 0, 9), ("train/0009_c2_a.jpg", 9, 1, 9),
-    ("train/0012_c1_a.jpg", 12, 0, 10), ("train/0012_c1_b.jpg", 12, 0, 10),
-    ("train/0012_c2_a.jpg", 12, 1, 10),
+  ("train/0005_c1_a.jpg", 5, 0, 8),
+  ("train/0005_c2_b.jpg", 5, 1, 8),
+  ("train/0009_c1_a.jpg", 9, 0, 9),
+  ("train/0009_c2_a.jpg", 9, 1, 9),
+  ("train/0012_c1_a.jpg", 12, 0, 10),
+  ("train/0012_c1_b.jpg", 12, 0, 10),
+  ("train/0012_c2_a.jpg", 12, 1, 10),
 ]
 FOLDER_TEST = ["query/0020_c1_q.jpg", "gallery/0020_c2_g.jpg"]
 H, W = 32, 16
@@ -44,8 +47,16 @@ def datasets(tmp_path_factory):
 
 
 def loader(split, **kwargs):
-  args = {"p": 9, "k": 2, "height": H, "width": W, "seed": 0, "num_epochs": 1,
-          "process_index": 0, "process_count": 1}
+  args = {
+    "p": 9,
+    "k": 2,
+    "height": H,
+    "width": W,
+    "seed": 0,
+    "num_epochs": 1,
+    "process_index": 0,
+    "process_count": 1,
+  }
   return pipeline.train_loader(split.source, split.labels, **{**args, **kwargs})
 
 
@@ -64,12 +75,16 @@ def test_the_classes_are_the_sum_and_the_folder_follows_the_synthetic_ids(datase
   synthetic, folder = datasets
   split = joint.joint_train_split([synthetic, folder])
   assert split.num_classes == SYNTHETIC_TRAIN_IDS + 3
-  assert split.entries == (DatasetEntry("synthetic_reid", "tiny"),
-                           DatasetEntry("reid_folder", "mycams"))
+  assert split.entries == (
+    DatasetEntry("synthetic_reid", "tiny"),
+    DatasetEntry("reid_folder", "mycams"),
+  )
   assert split.label_offsets == (0, SYNTHETIC_TRAIN_IDS)
   first = len(split) - len(FOLDER_TRAIN)
-  assert [(r["filename"].decode(), r["pid"], r["camid"], r["label"])
-          for r in (split.source[i] for i in range(first, len(split)))] == FOLDER_TRAIN
+  assert [
+    (r["filename"].decode(), r["pid"], r["camid"], r["label"])
+    for r in (split.source[i] for i in range(first, len(split)))
+  ] == FOLDER_TRAIN
   np.testing.assert_array_equal(split.labels[first:], [row[3] for row in FOLDER_TRAIN])
   np.testing.assert_array_equal(split.constituent, [0] * first + [1] * len(FOLDER_TRAIN))
   # The labels of the two datasets are disjoint and together cover every class.
@@ -96,7 +111,8 @@ def test_a_batch_draws_identities_of_both_datasets_and_keeps_their_records(datas
       assert (batch["pid"][j], batch["camid"][j]) == (record["pid"], record["camid"])
       assert batch["label"][j] == record["label"] + (0, SYNTHETIC_TRAIN_IDS)[dataset]
       np.testing.assert_array_equal(
-          batch["image"][j], pipeline.decode_and_resize(record["image"], height=H, width=W))
+        batch["image"][j], pipeline.decode_and_resize(record["image"], height=H, width=W)
+      )
 
 
 def test_one_dataset_gives_exactly_its_own_train_split(datasets):
@@ -108,8 +124,18 @@ def test_one_dataset_gives_exactly_its_own_train_split(datasets):
   assert [split.source[i] for i in range(len(split))] == [source[i] for i in range(len(source))]
   np.testing.assert_array_equal(split.labels, labels)
   assert split.labels.dtype == labels.dtype
-  want = pipeline.train_loader(source, labels, p=4, k=2, height=H, width=W, seed=3,
-                               num_epochs=1, process_index=0, process_count=1)
+  want = pipeline.train_loader(
+    source,
+    labels,
+    p=4,
+    k=2,
+    height=H,
+    width=W,
+    seed=3,
+    num_epochs=1,
+    process_index=0,
+    process_count=1,
+  )
   assert_same_batches(list(loader(split, p=4, seed=3)), list(want))
 
 
@@ -149,18 +175,27 @@ def test_a_record_past_the_end_is_refused(datasets):
 
 
 def test_entries_keep_their_order_and_configs():
-  assert parse_entries("market1501+dukemtmc_reid+msmt17:train", separator="+",
-                       known=sources.BUILDERS) == (
-      DatasetEntry("market1501", ""), DatasetEntry("dukemtmc_reid", ""),
-      DatasetEntry("msmt17", "train"))
+  assert parse_entries(
+    "market1501+dukemtmc_reid+msmt17:train", separator="+", known=sources.BUILDERS
+  ) == (
+    DatasetEntry("market1501", ""),
+    DatasetEntry("dukemtmc_reid", ""),
+    DatasetEntry("msmt17", "train"),
+  )
   assert parse_entries("dukemtmc_reid, msmt17,reid_folder:mycams", separator=",") == (
-      DatasetEntry("dukemtmc_reid"), DatasetEntry("msmt17"),
-      DatasetEntry("reid_folder", "mycams"))
+    DatasetEntry("dukemtmc_reid"),
+    DatasetEntry("msmt17"),
+    DatasetEntry("reid_folder", "mycams"),
+  )
   assert [str(e) for e in parse_entries("cuhk03:detected+market1501", separator="+")] == [
-      "cuhk03:detected", "market1501"]
+    "cuhk03:detected",
+    "market1501",
+  ]
 
 
-@pytest.mark.parametrize("text, match", [
+@pytest.mark.parametrize(
+  "text, match",
+  [
     ("market1501++msmt17", r"data\.name='market1501\+\+msmt17': entry 2 is empty"),
     ("market1501+", "entry 2 is empty"),
     ("", "entry 1 is empty"),
@@ -168,7 +203,8 @@ def test_entries_keep_their_order_and_configs():
     (":train", r"entry ':train' is not name\[:config\]"),
     ("market1501+duke", r"entry 'duke' names no known dataset; known: cuhk03, dukemtmc_reid"),
     ("msmt17:train+market1501+msmt17:train", "entry 'msmt17:train' is given twice"),
-])
+  ],
+)
 def test_bad_entries_are_refused_by_entry(text, match):
   with pytest.raises(ValueError, match=match):
     parse_entries(text, separator="+", known=sources.BUILDERS, key="data.name")
@@ -183,7 +219,9 @@ def test_the_datasets_of_a_data_section():
   assert data_entries(data("market1501")) == (DatasetEntry("market1501", ""),)
   assert data_entries(data("msmt17:trainval")) == (DatasetEntry("msmt17", "trainval"),)
   assert data_entries(data("market1501+cuhk03:labeled"), known=sources.BUILDERS) == (
-      DatasetEntry("market1501"), DatasetEntry("cuhk03", "labeled"))
+    DatasetEntry("market1501"),
+    DatasetEntry("cuhk03", "labeled"),
+  )
 
 
 @pytest.mark.parametrize("name", ["market1501+cuhk03", "cuhk03:labeled"])
@@ -199,7 +237,10 @@ def test_the_joint_config_checks_and_names_the_three_benchmarks():
   config = joint_config.get_config()
   config_check.check(config, "train", datasets=sources.BUILDERS)
   assert data_entries(config.data, known=sources.BUILDERS) == (
-      DatasetEntry("market1501"), DatasetEntry("dukemtmc_reid"), DatasetEntry("msmt17", "train"))
+    DatasetEntry("market1501"),
+    DatasetEntry("dukemtmc_reid"),
+    DatasetEntry("msmt17", "train"),
+  )
   with pytest.raises(ValueError, match="configs/joint.py takes no argument"):
     joint_config.get_config("bn")
 

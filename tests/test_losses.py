@@ -59,8 +59,9 @@ def test_smoothed_ce_with_zero_epsilon_is_standard_ce():
   rng = np.random.default_rng(1)
   logits = rng.normal(0, 2, (4, 7)).astype(np.float32)
   labels = np.array([6, 0, 3, 3])
-  expected = np.mean([-np_log_softmax(row)[lab] for row, lab in zip(logits.astype(np.float64),
-                                                                        labels)])
+  expected = np.mean(
+    [-np_log_softmax(row)[lab] for row, lab in zip(logits.astype(np.float64), labels)]
+  )
   got = losses.cross_entropy_label_smooth(jnp.asarray(logits), jnp.asarray(labels), 7, 0.0)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
 
@@ -110,7 +111,8 @@ def test_triplet_matches_reference_on_random_pk_batch():
   features = rng.normal(0, 1, (12, 16)).astype(np.float32)
   for margin in (0.3, 2.0):
     loss, dist_ap, dist_an = losses.triplet_loss_batch_hard(
-        jnp.asarray(features), jnp.asarray(labels), margin)
+      jnp.asarray(features), jnp.asarray(labels), margin
+    )
     ref_loss, ref_ap, ref_an = np_batch_hard(features, labels, margin)
     np.testing.assert_allclose(dist_ap, ref_ap, rtol=1e-5)
     np.testing.assert_allclose(dist_an, ref_an, rtol=1e-5)
@@ -146,7 +148,10 @@ def test_triplet_gradient_finite_for_identical_features(labels):
   # ([0, 0, 1, 1]) or as the hardest negative ([0, 1, 1, 0]).
   features = jnp.array([[1.0, 2.0, 0.5], [1.0, 2.0, 0.5], [0.0, 1.0, 1.0], [2.0, 0.0, 1.0]])
   labels = jnp.asarray(labels)
-  loss_fn = lambda f: losses.triplet_loss_batch_hard(f, labels, margin=0.3)[0]
+
+  def loss_fn(f):
+    return losses.triplet_loss_batch_hard(f, labels, margin=0.3)[0]
+
   loss, grad = jax.value_and_grad(loss_fn)(features)
   assert np.isfinite(loss) and float(loss) > 0
   assert np.all(np.isfinite(grad))
@@ -172,8 +177,9 @@ def test_triplet_on_a_batch_sharded_over_8_devices(axis_type):
   rng = np.random.default_rng(5)
   labels = np.repeat(np.arange(4), 4)
   features = rng.normal(0, 1, (16, 8)).astype(np.float32)
-  out = jax.jit(lambda f, l: losses.triplet_loss_batch_hard(f, l, 0.5))(
-      jax.device_put(features, sharding), jax.device_put(labels, sharding))
+  out = jax.jit(lambda f, label: losses.triplet_loss_batch_hard(f, label, 0.5))(
+    jax.device_put(features, sharding), jax.device_put(labels, sharding)
+  )
   ref_loss, ref_ap, ref_an = np_batch_hard(features, labels, 0.5)
   np.testing.assert_allclose(out[0], ref_loss, rtol=1e-5)
   np.testing.assert_allclose(out[1], ref_ap, rtol=1e-5)
@@ -195,10 +201,14 @@ def test_total_loss_is_ce_plus_triplet_with_unit_weights():
   logits[1, 0] = logits[3, 1] = logits[4, 2] = -10.0
   logits[1, 2] = logits[3, 0] = logits[4, 0] = 10.0  # Rows 1, 3, 4 wrong.
   global_feat = rng.normal(0, 1, (6, 5)).astype(np.float32)
-  outputs = {"logits": jnp.asarray(logits), "global_feat": jnp.asarray(global_feat),
-             "feat": jnp.zeros((6, 5))}
-  loss, aux = losses.total_loss(outputs, jnp.asarray(labels), num_classes=3, margin=0.3,
-                                epsilon=0.1)
+  outputs = {
+    "logits": jnp.asarray(logits),
+    "global_feat": jnp.asarray(global_feat),
+    "feat": jnp.zeros((6, 5)),
+  }
+  loss, aux = losses.total_loss(
+    outputs, jnp.asarray(labels), num_classes=3, margin=0.3, epsilon=0.1
+  )
   ce = np_smoothed_ce(logits, labels, 3, 0.1)
   triplet, ap, an = np_batch_hard(global_feat, labels, 0.3)
   np.testing.assert_allclose(aux["ce"], ce, rtol=1e-5)
@@ -211,5 +221,6 @@ def test_total_loss_is_ce_plus_triplet_with_unit_weights():
 
 def test_total_loss_names_a_missing_output():
   with pytest.raises(KeyError, match="global_feat"):
-    losses.total_loss({"logits": jnp.zeros((2, 2))}, jnp.array([0, 1]), num_classes=2,
-                      margin=0.3, epsilon=0.1)
+    losses.total_loss(
+      {"logits": jnp.zeros((2, 2))}, jnp.array([0, 1]), num_classes=2, margin=0.3, epsilon=0.1
+    )

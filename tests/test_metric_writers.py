@@ -15,12 +15,14 @@ from apnet_jax import metric_writers
 def tensorboard_view(folder):
   """What TensorBoard shows of ``folder``: {scalar tag: [(step, value)]} and image steps."""
   accumulator = event_accumulator.EventAccumulator(
-      str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0})
+    str(folder), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.IMAGES: 0}
+  )
   accumulator.Reload()
   tags = accumulator.Tags()
   scalars = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in tags["scalars"]}
-  images = {tag: [(e.step, e.width, e.height) for e in accumulator.Images(tag)]
-            for tag in tags["images"]}
+  images = {
+    tag: [(e.step, e.width, e.height) for e in accumulator.Images(tag)] for tag in tags["images"]
+  }
   return scalars, images
 
 

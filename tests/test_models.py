@@ -29,6 +29,7 @@ def images(n=4, size=(64, 32), seed=0):
 
 def forward_backward(model, x):
   """The model's outputs (with stages) and the gradient of a loss on them."""
+
   def loss(model):
     out = model(x)
     return jnp.mean(out["logits"] ** 2) + jnp.mean(out["global_feat"] ** 2)
@@ -41,16 +42,16 @@ def forward_backward(model, x):
 @pytest.mark.parametrize("level", [0, 1, 2, 3])
 def test_forward_backward_shapes(kind, level):
   # Shapes only (abstract evaluation: seconds, where compiling takes ~30 s a case).
-  model = nnx.eval_shape(lambda: build_model(small_config(kind=kind, level=level), 7,
-                                             rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(
+    lambda: build_model(small_config(kind=kind, level=level), 7, rngs=nnx.Rngs(0))
+  )
   out, grads = nnx.eval_shape(forward_backward, model, images())
   assert out["global_feat"].shape == out["feat"].shape == (4, 128)
   assert out["logits"].shape == (4, 7)
   expected = [(4, h, w, c) for (h, w), c in zip(stage_sizes((64, 32), 1), (16, 16, 32, 64, 128))]
   assert [s.shape for s in out["stages"]] == expected
   params = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  assert [(p, g.shape) for p, g in nnx.to_flat_state(grads)] == [
-      (p, v.shape) for p, v in params]
+  assert [(p, g.shape) for p, g in nnx.to_flat_state(grads)] == [(p, v.shape) for p, v in params]
   assert any(p[0] == "pyramids" for p, _ in params) == (level > 0)
 
 
@@ -83,20 +84,33 @@ def test_spatial_rejects_maps_that_do_not_split():
     build_model(small_config(level=3, kind="spatial", input_size=(80, 40)), 5, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("depth", 42, "model.depth"), ("level", 4, "model.level"), ("kind", "temporal", "model.kind"),
-    ("dtype", "float16", "model.dtype")])
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
+    ("depth", 42, "model.depth"),
+    ("level", 4, "model.level"),
+    ("kind", "temporal", "model.kind"),
+    ("dtype", "float16", "model.dtype"),
+  ],
+)
 def test_bad_config_is_named(field, value, message):
   with pytest.raises(ValueError, match=message):
     build_model(small_config(**{field: value}), 5, rngs=nnx.Rngs(0))
 
 
 # torchvision's published parameter counts minus the ImageNet fc layer.
-@pytest.mark.parametrize("depth,expected", [
-    (18, 11_689_512 - 513_000), (34, 21_797_672 - 513_000),
-    (50, 25_557_032 - 2_049_000), (101, 44_549_160 - 2_049_000)])
+@pytest.mark.parametrize(
+  "depth,expected",
+  [
+    (18, 11_689_512 - 513_000),
+    (34, 21_797_672 - 513_000),
+    (50, 25_557_032 - 2_049_000),
+    (101, 44_549_160 - 2_049_000),
+  ],
+)
 def test_backbone_sizes_equal_torchvision(depth, expected):
   from apnet_jax.models import ResNet
+
   backbone = nnx.eval_shape(lambda: ResNet(depth, rngs=nnx.Rngs(0)))
   assert count_parameters(backbone)["trainable"] == expected
 
@@ -222,6 +236,7 @@ def _composed_channel_pyramid(pyramid, x):
   unbiased one), then the SE gate. Returns the map, the weights and the new
   running statistics, to compare with `AttentionPyramid`'s affine form.
   """
+
   def dense(layer, v):
     out = v @ layer.kernel[...]
     return out + layer.bias[...] if layer.bias is not None else out
@@ -281,11 +296,12 @@ def test_channel_pyramid_equals_the_official_composition(level, training):
       return value, (out, weights, stats)
 
     # Jitted: eagerly, every small op of both forms would compile on its own.
-    got_grads, (got, got_w, got_stats) = jax.jit(jax.grad(
-        functools.partial(loss, ours), argnums=(0, 1), has_aux=True))(params, x)
-    want_grads, (want, want_w, want_stats) = jax.jit(jax.grad(
-        functools.partial(loss, _composed_channel_pyramid), argnums=(0, 1), has_aux=True))(
-            params, x)
+    got_grads, (got, got_w, got_stats) = jax.jit(
+      jax.grad(functools.partial(loss, ours), argnums=(0, 1), has_aux=True)
+    )(params, x)
+    want_grads, (want, want_w, want_stats) = jax.jit(
+      jax.grad(functools.partial(loss, _composed_channel_pyramid), argnums=(0, 1), has_aux=True)
+    )(params, x)
 
     assert got.dtype == jnp.float64
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -303,6 +319,7 @@ def test_channel_pyramid_equals_the_official_composition(level, training):
 
 def test_channel_pyramid_keeps_float32_precision_under_a_large_mean():
   """The batch variance from per-image moments must not cancel when |mean| >> std."""
+
   def build():
     pyramid = attention.AttentionPyramid(8, 3, "channel", (6, 4), rngs=nnx.Rngs(4))
     # Attention that ignores its input (zero last layers): the weights are then
@@ -363,8 +380,9 @@ def test_stripe_attention_attends_each_stripe_on_its_own():
   # Changing the bottom stripe leaves the top stripe's attention unchanged.
   x2 = x.copy()
   x2[:, 4:] = rng.normal(size=x2[:, 4:].shape)
-  np.testing.assert_allclose(np.asarray(stripes.weights(jnp.asarray(x2)))[:, :4], gate[:, :4],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(stripes.weights(jnp.asarray(x2)))[:, :4], gate[:, :4], rtol=1e-5, atol=1e-6
+  )
 
 
 def test_stem_relu_switch():
@@ -397,12 +415,14 @@ def test_initialisers_draw_on_the_host_from_the_key():
   np.testing.assert_array_equal(layers.kaiming_fan_out(jax.random.key(1), shape), first)
   assert not np.array_equal(layers.kaiming_fan_out(jax.random.key(2), shape), first)
   np.testing.assert_array_equal(
-      jax.jit(lambda key: layers.kaiming_fan_out(key, shape))(jax.random.key(1)), first)
+    jax.jit(lambda key: layers.kaiming_fan_out(key, shape))(jax.random.key(1)), first
+  )
   np.testing.assert_array_equal(layers.kaiming_fan_out(jax.random.PRNGKey(1), shape), first)
   keys = jax.random.split(jax.random.key(4), 2)
   np.testing.assert_array_equal(
-      jax.vmap(lambda key: layers.kaiming_fan_out(key, shape))(keys),
-      np.stack([layers.kaiming_fan_out(key, shape) for key in keys]))
+    jax.vmap(lambda key: layers.kaiming_fan_out(key, shape))(keys),
+    np.stack([layers.kaiming_fan_out(key, shape) for key in keys]),
+  )
 
   # A whole model, at a width no other test builds (every shape is new here).
   config = small_config(level=2, kind="channel", width=0.375)
@@ -421,7 +441,10 @@ def test_initialisers_draw_on_the_host_from_the_key():
   # A few key derivations at most; drawing with jax.random lowered ~100 programs.
   assert len(lowered) <= 5, len(lowered)
   jitted = nnx.jit(lambda: build_model(config, 7, rngs=nnx.Rngs(3)))()
-  flat_eager, flat_jitted = nnx.to_flat_state(nnx.state(eager)), nnx.to_flat_state(nnx.state(jitted))
+  flat_eager, flat_jitted = (
+    nnx.to_flat_state(nnx.state(eager)),
+    nnx.to_flat_state(nnx.state(jitted)),
+  )
   assert [p for p, _ in flat_eager] == [p for p, _ in flat_jitted]
   for (path, a), (_, b) in zip(flat_eager, flat_jitted):
     np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))

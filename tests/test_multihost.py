@@ -63,11 +63,13 @@ _POOL_SIZE = "4"
 def _env(num_devices: int) -> dict[str, str]:
   # No cluster variables (JAX would detect SLURM or Open MPI), no inherited XLA
   # flags; the suite's compilation cache is kept (tests/conftest.py).
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "OMPI_", "JAX_", "XLA_", "TPU_"))
-         or k.startswith(("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_"))}
-  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices),
-             PJRT_NPROC=_POOL_SIZE)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "OMPI_", "JAX_", "XLA_", "TPU_"))
+    or k.startswith(("JAX_COMPILATION_CACHE_", "JAX_PERSISTENT_CACHE_"))
+  }
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(num_devices), PJRT_NPROC=_POOL_SIZE)
   return env
 
 
@@ -79,8 +81,9 @@ def _run_all(commands: list[tuple[list[str], dict[str, str], str]]) -> list[str]
     for args, env, log in commands:
       logs.append(log)
       with open(log, "w") as out:
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+          subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        )
     deadline = time.monotonic() + TIMEOUT_S
     while any(proc.poll() is None for proc in procs):
       if any(proc.returncode for proc in procs):
@@ -110,33 +113,92 @@ def runs(tmp_path_factory):
   config = get_config("tiny")
   config.data.data_dir = data_dir
   opening.prepare_data(config.data)  # once, before the runs read it
-  flags = [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
-           f"--config.data.data_dir={data_dir}", f"--config.train.max_steps={STEPS}",
-           "--config.train.log_every_steps=1", "--config.train.checkpoint_every_epochs=100",
-           "--config.model.input_size=(128,64)", "--config.model.level=0"]
+  flags = [
+    sys.executable,
+    "run.py",
+    "--config",
+    "configs/synthetic.py:tiny",
+    f"--config.data.data_dir={data_dir}",
+    f"--config.train.max_steps={STEPS}",
+    "--config.train.log_every_steps=1",
+    "--config.train.checkpoint_every_epochs=100",
+    "--config.model.input_size=(128,64)",
+    "--config.model.level=0",
+  ]
   pair, reference = str(tmp / "pair"), str(tmp / "reference")
   pair_address, reference_address = f"localhost:{_free_port()}", f"localhost:{_free_port()}"
   commands = [
-      (flags + ["--workdir", pair, "--coordinator_address", pair_address,
-                "--num_processes", "2", "--process_id", str(i)],
-       _env(2), str(tmp / f"pair_{i}.log"))
-      for i in range(2)]
-  commands.append((flags + ["--workdir", reference, "--coordinator_address",
-                            reference_address, "--num_processes", "1", "--process_id", "0"],
-                   _env(4), str(tmp / "reference.log")))
+    (
+      flags
+      + [
+        "--workdir",
+        pair,
+        "--coordinator_address",
+        pair_address,
+        "--num_processes",
+        "2",
+        "--process_id",
+        str(i),
+      ],
+      _env(2),
+      str(tmp / f"pair_{i}.log"),
+    )
+    for i in range(2)
+  ]
+  commands.append(
+    (
+      flags
+      + [
+        "--workdir",
+        reference,
+        "--coordinator_address",
+        reference_address,
+        "--num_processes",
+        "1",
+        "--process_id",
+        "0",
+      ],
+      _env(4),
+      str(tmp / "reference.log"),
+    )
+  )
   train_outputs = _run_all(commands)
-  results = {"pair_train": _read_json(os.path.join(pair, "results.json")),
-             "reference": _read_json(os.path.join(reference, "results.json"))}
+  results = {
+    "pair_train": _read_json(os.path.join(pair, "results.json")),
+    "reference": _read_json(os.path.join(reference, "results.json")),
+  }
   os.remove(os.path.join(pair, "results.json"))  # --mode eval writes it again
   eval_address = f"localhost:{_free_port()}"
-  eval_outputs = _run_all([
-      (flags + ["--workdir", pair, "--mode", "eval", "--coordinator_address", eval_address,
-                "--num_processes", "2", "--process_id", str(i)],
-       _env(2), str(tmp / f"pair_eval_{i}.log"))
-      for i in range(2)])
+  eval_outputs = _run_all(
+    [
+      (
+        flags
+        + [
+          "--workdir",
+          pair,
+          "--mode",
+          "eval",
+          "--coordinator_address",
+          eval_address,
+          "--num_processes",
+          "2",
+          "--process_id",
+          str(i),
+        ],
+        _env(2),
+        str(tmp / f"pair_eval_{i}.log"),
+      )
+      for i in range(2)
+    ]
+  )
   results["pair_eval"] = _read_json(os.path.join(pair, "results.json"))
-  return {"pair": pair, "reference": reference, "results": results,
-          "pair_outputs": train_outputs[:2], "pair_eval_outputs": eval_outputs}
+  return {
+    "pair": pair,
+    "reference": reference,
+    "results": results,
+    "pair_outputs": train_outputs[:2],
+    "pair_eval_outputs": eval_outputs,
+  }
 
 
 def _read_json(path):
@@ -149,8 +211,10 @@ def _state(workdir, step):
   assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
   path = os.path.join(workdir, "checkpoints", str(step), "state")
   checkpointer = ocp.PyTreeCheckpointer()
-  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                          checkpointer.metadata(path).item_metadata.tree)
+  as_numpy = jax.tree.map(
+    lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+    checkpointer.metadata(path).item_metadata.tree,
+  )
   return ocp.tree.to_flat_dict(checkpointer.restore(path, restore_args=as_numpy))
 
 
@@ -168,7 +232,10 @@ def test_two_processes_train_and_evaluate_as_one(runs):
 
   # The logged losses and the evaluation (features gathered from both processes).
   timing = ("img_per_s",)
-  strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
+
+  def strip(records):
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
   assert strip(_records(runs["pair"])) == strip(_records(runs["reference"]))
   results = runs["results"]
   reference = results["reference"]
@@ -186,9 +253,20 @@ def test_only_process_0_writes_logs_and_results(runs):
   assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
   assert [r["step"] for r in records if r["kind"] == "eval"] == [3]
   assert len(os.listdir(os.path.join(pair, "tensorboard"))) == 1
-  assert sorted(os.listdir(pair)) == sorted(os.listdir(runs["reference"])) == [
-      ".lock", "checkpoints", "cmc.png", "config.json", "metrics.jsonl", "ranked_list.png",
-      "results.json", "tensorboard"]
+  assert (
+    sorted(os.listdir(pair))
+    == sorted(os.listdir(runs["reference"]))
+    == [
+      ".lock",
+      "checkpoints",
+      "cmc.png",
+      "config.json",
+      "metrics.jsonl",
+      "ranked_list.png",
+      "results.json",
+      "tensorboard",
+    ]
+  )
   # The results table and the progress bar: process 0 only.
   table = "     mAP    mINP"
   (train_0, train_1), (eval_0, eval_1) = runs["pair_outputs"], runs["pair_eval_outputs"]
@@ -207,7 +285,11 @@ def test_only_process_0_writes_logs_and_results(runs):
   # position is the step, so no process saves its own).
   step_dir = os.path.join(pair, "checkpoints", str(STEPS))
   assert sorted(os.listdir(step_dir)) == [
-      "_CHECKPOINT_METADATA", "commit_success.txt", "meta", "state"]
+    "_CHECKPOINT_METADATA",
+    "commit_success.txt",
+    "meta",
+    "state",
+  ]
 
 
 _PROBE = """
@@ -259,25 +341,33 @@ for step in range(1, 1000):
 
 def _slurm_env(process_id: int, port: int) -> dict[str, str]:
   """What ``srun --ntasks=2`` on one node sets, as far as JAX reads it."""
-  return dict(_env(1), SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
-              SLURM_PROCID=str(process_id), SLURM_LOCALID=str(process_id),
-              JAX_COORDINATOR_PORT=str(port))
+  return dict(
+    _env(1),
+    SLURM_JOB_ID="1",
+    SLURM_STEP_NODELIST="localhost",
+    SLURM_NTASKS="2",
+    SLURM_PROCID=str(process_id),
+    SLURM_LOCALID=str(process_id),
+    JAX_COORDINATOR_PORT=str(port),
+  )
 
 
 def test_slurm_processes_meet_share_batches_and_preemption(tmp_path):
   """Processes started as by srun find each other; make_mesh puts process i's rows
   at block i (a mesh that does not is refused); SIGTERM to one stops all at one step."""
   port = _free_port()
-  outputs = _run_all([
+  outputs = _run_all(
+    [
       ([sys.executable, "-c", _PROBE], _slurm_env(i, port), str(tmp_path / f"probe_{i}.log"))
-      for i in range(2)])
+      for i in range(2)
+    ]
+  )
   for i, out in enumerate(outputs):
     assert f"REFUSED: shard_batch: process {i} loads block {i}" in out, out[-2000:]
     assert "sharding.make_mesh()" in out
     assert "DATASET:" in out and "market1501" in out, out[-2000:]
   assert "process 0 could not open the dataset" in outputs[1]
-  stops = [[line for line in out.splitlines() if line.startswith("STOPPED AT")]
-           for out in outputs]
+  stops = [[line for line in out.splitlines() if line.startswith("STOPPED AT")] for out in outputs]
   assert len(stops[0]) == 1 and stops[0] == stops[1], stops
   assert int(stops[0][0].split()[-1]) > 5
 
@@ -294,8 +384,9 @@ import jax
 assert jax.process_count() == 1 and not jax.distributed.is_initialized()
 print("SINGLE")
 """
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(1),
-                          capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "SINGLE" in result.stdout
   assert "REFUSED: multi-host setup: coordinator_address should be defined" in result.stdout
@@ -311,9 +402,17 @@ import jax
 assert not jax.distributed.is_initialized()
 print("DEVICES", jax.local_device_count())
 """
-  env = dict(_env(4), SLURM_JOB_ID="1", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="1",
-             SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0")
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+  env = dict(
+    _env(4),
+    SLURM_JOB_ID="1",
+    SLURM_STEP_NODELIST="localhost",
+    SLURM_NTASKS="1",
+    SLURM_PROCID="0",
+    SLURM_LOCALID="0",
+    SLURM_NODEID="0",
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "DEVICES 4" in result.stdout

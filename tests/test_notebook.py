@@ -37,8 +37,13 @@ def install_cell():
 
 
 def test_the_repository_address_is_one_variable():
-  assignments = [line for cell in load_cells() if cell["cell_type"] == "code"
-                 for line in "".join(cell["source"]).splitlines() if "REPO_URL =" in line]
+  assignments = [
+    line
+    for cell in load_cells()
+    if cell["cell_type"] == "code"
+    for line in "".join(cell["source"]).splitlines()
+    if "REPO_URL =" in line
+  ]
   assert len(assignments) == 1 and assignments[0] in install_cell().splitlines()
   clone = [line for line in install_cell().splitlines() if "git clone" in line]
   assert len(clone) == 1 and "{REPO_URL} /content/apnet-jax" in clone[0]
@@ -52,17 +57,22 @@ def test_the_install_line_keeps_the_installed_jax(tmp_path):
   # this environment: Colab's versions in CI's floor run), as a dry run: it must
   # install the package and move neither jax nor jaxlib, whose replacement would
   # strand Colab's CUDA plugin.
-  (line,) = [line.lstrip("!") for line in install_cell().splitlines()
-             if line.startswith("!pip install")]
+  (line,) = [
+    line.lstrip("!") for line in install_cell().splitlines() if line.startswith("!pip install")
+  ]
   report = tmp_path / "report.json"
   command = line.replace("/content/apnet-jax", ROOT).replace(
-      "pip install", f"pip install --dry-run --report {report}", 1)
+    "pip install", f"pip install --dry-run --report {report}", 1
+  )
   env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-  done = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True,
-                        timeout=600)
+  done = subprocess.run(
+    ["bash", "-c", command], env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stdout + done.stderr
-  moved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
-           for item in json.loads(report.read_text())["install"]}
+  moved = {
+    item["metadata"]["name"].lower(): item["metadata"]["version"]
+    for item in json.loads(report.read_text())["install"]
+  }
   assert "apnet-jax" in moved
   assert not {name for name in moved if re.fullmatch(r"jax|jaxlib|jax-cuda\d+-\w+", name)}, moved
 
@@ -90,8 +100,10 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch, capsys):
       return recorder
     return builtins.__import__(name, globals, locals, fromlist, level)
 
-  namespace = {"__name__": "__notebook__",
-               "__builtins__": dict(vars(builtins), __import__=cell_import)}
+  namespace = {
+    "__name__": "__notebook__",
+    "__builtins__": dict(vars(builtins), __import__=cell_import),
+  }
   skipped, parameters = set(), False
   for i, cell in enumerate(load_cells()):
     if cell["cell_type"] != "code":
@@ -115,8 +127,7 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch, capsys):
   assert skipped == SKIPPED_TAGS and parameters
 
   # The pictures it showed, in order, exist; the tables were printed.
-  assert shown == [str(workdir / name) for name in ("cmc.png", "ranked_list.png",
-                                                    "attention.png")]
+  assert shown == [str(workdir / name) for name in ("cmc.png", "ranked_list.png", "attention.png")]
   for path in shown:
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", path

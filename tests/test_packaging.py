@@ -52,4 +52,3 @@ def test_ci_tests_every_range_at_its_floor():
   assert sorted(pins) == sorted(floors)
   for name, floor in floors.items():
     assert _same_version(pins[name], floor), (name, pins[name], floor)
-

@@ -90,8 +90,9 @@ def golden_model(case, dtype):
   weight_dtype = np.float32 if (h, w) == (80, 40) else np.float64
   state = {k: np.asarray(v, weight_dtype) for k, v in state.items()}
   if dtype == jnp.float64:
-    nnx.update(model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float64),
-                                   nnx.state(model)))
+    nnx.update(
+      model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float64), nnx.state(model))
+    )
     model.compute_dtype = jnp.float64
   report = load_torch_weights(model, state)
   assert report.layout == "official"
@@ -121,8 +122,11 @@ def check_case(model, images, expected, tol):
     stage = np.asarray(stage, np.float64)
     n, c, h, w = summary["shape"]
     assert stage.shape == (n, h, w, c), f"stage {i}"
-    for stat, value in (("mean", stage.mean()), ("std", stage.std()),
-                        ("l2", np.linalg.norm(stage))):
+    for stat, value in (
+      ("mean", stage.mean()),
+      ("std", stage.std()),
+      ("l2", np.linalg.norm(stage)),
+    ):
       assert abs(value - summary[stat]) <= tol * max(abs(summary[stat]), 1e-3), (i, stat)
 
 
@@ -167,8 +171,9 @@ def test_parameter_count_equals_official(level, expected):
   config.level = level
   model = nnx.eval_shape(lambda: build_model(config, 10, rngs=nnx.Rngs(0)))
   from apnet_jax.models.summary import count_parameters
+
   assert count_parameters(model)["official"] == expected
   shapes = GOLDEN_KEYS[f"level{level}"]
   canonical = GOLDEN_KEYS[f"level{level}_canonical"]
   unique = {canonical[k] for k in shapes if not k.endswith("num_batches_tracked")}
-  assert sum(int(np.prod(shapes[k])) for k in unique if not "running_" in k) == expected
+  assert sum(int(np.prod(shapes[k])) for k in unique if "running_" not in k) == expected

@@ -26,27 +26,31 @@ def _record(index, label, image=None):
     pixel = np.array([index, 10 * label, 200], np.uint8)
     image = _png(np.broadcast_to(pixel, (SRC_H, SRC_W, 3)).copy())
   return {
-      "image": image,
-      "pid": 1000 + label,
-      "camid": index % 3,
-      "label": label,
-      "filename": f"{1000 + label:04d}_c{index % 3 + 1}_{index:04d}.png",
+    "image": image,
+    "pid": 1000 + label,
+    "camid": index % 3,
+    "label": label,
+    "filename": f"{1000 + label:04d}_c{index % 3 + 1}_{index:04d}.png",
   }
 
 
 def _train_source(images_per_id=IMAGES_PER_ID, seed=0):
-  labels = np.concatenate(
-      [np.full(n, label) for label, n in enumerate(images_per_id)]
-  )
+  labels = np.concatenate([np.full(n, label) for label, n in enumerate(images_per_id)])
   labels = np.random.default_rng(seed).permutation(labels)
-  records = [_record(i, int(l)) for i, l in enumerate(labels)]
+  records = [_record(i, int(label)) for i, label in enumerate(labels)]
   return records, labels
 
 
 def _loader(records, labels, **kwargs):
   args = dict(
-      p=3, k=2, height=H, width=W, seed=0, num_epochs=2,
-      process_index=0, process_count=1,
+    p=3,
+    k=2,
+    height=H,
+    width=W,
+    seed=0,
+    num_epochs=2,
+    process_index=0,
+    process_count=1,
   )
   args.update(kwargs)
   return pipeline.train_loader(records, labels, **args)
@@ -60,8 +64,8 @@ def _check_batch_content(batch, records):
     assert batch["pid"][j] == record["pid"]
     assert batch["camid"][j] == record["camid"]
     np.testing.assert_array_equal(
-        batch["image"][j],
-        np.broadcast_to([i, 10 * record["label"], 200], (H, W, 3)),
+      batch["image"][j],
+      np.broadcast_to([i, 10 * record["label"], 200], (H, W, 3)),
     )
 
 
@@ -94,9 +98,7 @@ def _pil_style_bilinear(src, out_h, out_w):
   return np.einsum("oh,hwc,pw->opc", rows, src.astype(float), cols)
 
 
-@pytest.mark.parametrize(
-    "src_hw, out_hw", [((5, 3), (15, 9)), ((40, 20), (12, 7))]
-)
+@pytest.mark.parametrize("src_hw, out_hw", [((5, 3), (15, 9)), ((40, 20), (12, 7))])
 def test_decode_and_resize_is_bilinear_resize_of_the_rgb_image(src_hw, out_hw):
   rng = np.random.default_rng(0)
   src = rng.integers(0, 256, (*src_hw, 3), dtype=np.uint8)
@@ -118,18 +120,16 @@ def test_decode_converts_grayscale_and_jpeg_to_rgb():
 
 
 @pytest.mark.parametrize(
-    "image, match",
-    [
-        (b"not an image at all", "x/0001_c1.jpg"),
-        (_png(np.zeros((8, 4, 3), np.uint8))[:40], "x/0001_c1.jpg"),
-        (np.zeros((4, 4, 3), np.uint8), "SkipDecoding"),
-    ],
+  "image, match",
+  [
+    (b"not an image at all", "x/0001_c1.jpg"),
+    (_png(np.zeros((8, 4, 3), np.uint8))[:40], "x/0001_c1.jpg"),
+    (np.zeros((4, 4, 3), np.uint8), "SkipDecoding"),
+  ],
 )
 def test_decode_errors_name_the_file(image, match):
   with pytest.raises(ValueError, match=match) as info:
-    pipeline.decode_and_resize(
-        image, height=8, width=4, filename="x/0001_c1.jpg"
-    )
+    pipeline.decode_and_resize(image, height=8, width=4, filename="x/0001_c1.jpg")
   assert "x/0001_c1.jpg" in str(info.value)
 
 
@@ -157,17 +157,16 @@ def test_train_batches_are_p_by_k_and_carry_their_records():
 def test_labels_are_read_from_the_source_when_omitted():
   records, labels = _train_source()
   _assert_same_batches(
-      list(_loader(records, None, num_epochs=1)),
-      list(_loader(records, labels, num_epochs=1)),
+    list(_loader(records, None, num_epochs=1)),
+    list(_loader(records, labels, num_epochs=1)),
   )
 
 
 def test_process_layout_defaults_to_this_jax_process():
   records, labels = _train_source()
   _assert_same_batches(
-      list(_loader(records, labels, num_epochs=1,
-                   process_index=None, process_count=None)),
-      list(_loader(records, labels, num_epochs=1)),  # Single process: 0 of 1.
+    list(_loader(records, labels, num_epochs=1, process_index=None, process_count=None)),
+    list(_loader(records, labels, num_epochs=1)),  # Single process: 0 of 1.
   )
 
 
@@ -199,24 +198,21 @@ def test_worker_processes_give_the_same_batches_from_any_step():
     it.close()
 
 
-@pytest.mark.parametrize(
-    "p, k, process_count", [(3, 2, 2), (4, 2, 4), (3, 4, 3)]
-)
+@pytest.mark.parametrize("p, k, process_count", [(3, 2, 2), (4, 2, 4), (3, 4, 3)])
 def test_process_slices_partition_the_global_batch(p, k, process_count):
   records, labels = _train_source()
   whole = list(_loader(records, labels, p=p, k=k, num_epochs=1))
   shards = [
-      list(_loader(records, labels, p=p, k=k, num_epochs=1,
-                   process_index=i, process_count=process_count))
-      for i in range(process_count)
+    list(
+      _loader(records, labels, p=p, k=k, num_epochs=1, process_index=i, process_count=process_count)
+    )
+    for i in range(process_count)
   ]
   for step, batch in enumerate(whole):
     parts = [shard[step] for shard in shards]
     assert all(len(part["index"]) == p * k // process_count for part in parts)
     for key in batch:
-      np.testing.assert_array_equal(
-          np.concatenate([part[key] for part in parts]), batch[key]
-      )
+      np.testing.assert_array_equal(np.concatenate([part[key] for part in parts]), batch[key])
 
 
 def test_undecodable_train_image_names_its_file():
@@ -235,20 +231,20 @@ def test_labels_that_disagree_with_the_source_name_the_record():
 
 
 @pytest.mark.parametrize(
-    "kwargs, labels, match",
-    [
-        ({"p": 9}, None, r"p=9.*\b8\b"),
-        ({"k": 0}, None, r"\bk\b.*\b0\b"),
-        ({"height": 0}, None, r"height.*\b0\b"),
-        ({"width": 1.5}, None, r"width.*1\.5"),
-        ({"num_workers": -1}, None, r"num_workers.*-1"),
-        ({"num_epochs": 0}, None, r"num_epochs.*\b0\b"),
-        ({"start_step": -1}, None, r"start_step.*-1"),
-        ({"start_step": 1000}, None, r"start_step=1000.*num_epochs=2"),
-        ({"process_count": 4}, None, r"p=3 x k=2.*process_count=4"),
-        ({"process_index": 2, "process_count": 2}, None, r"process_index.*\b2\b"),
-        ({}, np.zeros(5, np.int64), r"labels.*\(5,\).*\b30\b"),
-    ],
+  "kwargs, labels, match",
+  [
+    ({"p": 9}, None, r"p=9.*\b8\b"),
+    ({"k": 0}, None, r"\bk\b.*\b0\b"),
+    ({"height": 0}, None, r"height.*\b0\b"),
+    ({"width": 1.5}, None, r"width.*1\.5"),
+    ({"num_workers": -1}, None, r"num_workers.*-1"),
+    ({"num_epochs": 0}, None, r"num_epochs.*\b0\b"),
+    ({"start_step": -1}, None, r"start_step.*-1"),
+    ({"start_step": 1000}, None, r"start_step=1000.*num_epochs=2"),
+    ({"process_count": 4}, None, r"p=3 x k=2.*process_count=4"),
+    ({"process_index": 2, "process_count": 2}, None, r"process_index.*\b2\b"),
+    ({}, np.zeros(5, np.int64), r"labels.*\(5,\).*\b30\b"),
+  ],
 )
 def test_invalid_train_arguments_raise_clear_errors(kwargs, labels, match):
   records, real_labels = _train_source()
@@ -265,9 +261,11 @@ def _eval_source(n=10):
 
 def test_eval_batches_keep_order_and_pad_the_last_batch():
   records = _eval_source(10)
-  batches = list(pipeline.eval_batches(
+  batches = list(
+    pipeline.eval_batches(
       records, batch_size=4, height=H, width=W, process_index=0, process_count=1
-  ))
+    )
+  )
   assert len(batches) == 3
   for batch in batches:
     assert batch["image"].shape == (4, H, W, 3)
@@ -292,21 +290,29 @@ def test_eval_batches_keep_order_and_pad_the_last_batch():
 
 def test_eval_batches_shard_over_processes():
   records = _eval_source(10)  # Last global batch: records 8, 9 + 2 pads.
-  whole = list(pipeline.eval_batches(
+  whole = list(
+    pipeline.eval_batches(
       records, batch_size=4, height=H, width=W, process_index=0, process_count=1
-  ))
+    )
+  )
   shards = [
-      list(pipeline.eval_batches(
-          records, batch_size=4, height=H, width=W,
-          process_index=i, process_count=2,
-      ))
-      for i in range(2)
+    list(
+      pipeline.eval_batches(
+        records,
+        batch_size=4,
+        height=H,
+        width=W,
+        process_index=i,
+        process_count=2,
+      )
+    )
+    for i in range(2)
   ]
   assert len(shards[0]) == len(shards[1]) == len(whole) == 3
   for j, batch in enumerate(whole):
     for key in batch:
       np.testing.assert_array_equal(
-          np.concatenate([shards[0][j][key], shards[1][j][key]]), batch[key]
+        np.concatenate([shards[0][j][key], shards[1][j][key]]), batch[key]
       )
   # Process 1's half of the last global batch is all padding.
   assert not shards[1][-1]["mask"].any()
@@ -315,13 +321,20 @@ def test_eval_batches_shard_over_processes():
 @pytest.mark.slow
 def test_eval_worker_batches_match_and_decode_errors_name_the_file():
   records = _eval_source(10)
-  reference = list(pipeline.eval_batches(
+  reference = list(
+    pipeline.eval_batches(
       records, batch_size=4, height=H, width=W, process_index=0, process_count=1
-  ))
+    )
+  )
   records[9]["image"] = b"garbage"  # In the third batch.
   it = pipeline.eval_batches(
-      records, batch_size=4, height=H, width=W, num_workers=1,
-      process_index=0, process_count=1,
+    records,
+    batch_size=4,
+    height=H,
+    width=W,
+    num_workers=1,
+    process_index=0,
+    process_count=1,
   )
   try:
     _assert_same_batches([next(it), next(it)], reference[:2])
@@ -332,12 +345,12 @@ def test_eval_worker_batches_match_and_decode_errors_name_the_file():
 
 
 @pytest.mark.parametrize(
-    "records, kwargs, match",
-    [
-        ([], {}, r"eval_batches.*\b0 records"),
-        (_eval_source(3), {"batch_size": 0}, r"batch_size.*\b0\b"),
-        (_eval_source(3), {"process_count": 3}, r"\b4\b.*batch_size.*process_count=3"),
-    ],
+  "records, kwargs, match",
+  [
+    ([], {}, r"eval_batches.*\b0 records"),
+    (_eval_source(3), {"batch_size": 0}, r"batch_size.*\b0\b"),
+    (_eval_source(3), {"process_count": 3}, r"\b4\b.*batch_size.*process_count=3"),
+  ],
 )
 def test_invalid_eval_arguments_raise_clear_errors(records, kwargs, match):
   args = dict(batch_size=4, height=H, width=W, process_index=0, process_count=1)

@@ -35,8 +35,7 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 def ynn_fused_opcodes(hlo: str) -> collections.Counter:
   """Opcodes of the instructions inside YNNPACK fusions of a compiled module."""
-  called = re.findall(
-      r"kind=kCustom, calls=%([\w.\-]+),[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
+  called = re.findall(r"kind=kCustom, calls=%([\w.\-]+),[^\n]*\"kind\":\"__ynn_fusion\"", hlo)
   ops = collections.Counter()
   for name in called:
     body = re.search(r"^%" + re.escape(name) + r" .*?\{\n(.*?)\n\}", hlo, re.S | re.M)
@@ -46,25 +45,29 @@ def ynn_fused_opcodes(hlo: str) -> collections.Counter:
 
 
 def top_level_opcodes(hlo: str) -> collections.Counter:
-  entry = hlo[hlo.index("\nENTRY"):]
-  entry = entry[:entry.index("\n}")]
+  entry = hlo[hlo.index("\nENTRY") :]
+  entry = entry[: entry.index("\n}")]
   return collections.Counter(re.findall(r"= \S+ ([a-z][\w\-]*)\(", entry))
 
 
 def conv_and_grads(x, w, v):
   """A 3x3 convolution, a matmul, and the gradients of both (what training runs)."""
+
   def loss(x, w, v):
     y = jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN)
     return jnp.sum(jnp.dot(y.reshape(-1, y.shape[-1]), v) ** 2)
+
   return jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, v)
 
 
 def _inputs(dtype=np.float32):
   rng = np.random.default_rng(0)
   # Channels as in ResNet's layer1: small ones do not go to YNNPACK at all.
-  return (rng.normal(size=(2, 16, 8, 64)).astype(dtype),
-          rng.normal(size=(3, 3, 64, 64)).astype(dtype) * 0.05,
-          rng.normal(size=(64, 24)).astype(dtype) * 0.1)
+  return (
+    rng.normal(size=(2, 16, 8, 64)).astype(dtype),
+    rng.normal(size=(3, 3, 64, 64)).astype(dtype) * 0.05,
+    rng.normal(size=(64, 24)).astype(dtype) * 0.1,
+  )
 
 
 def _cpu_mesh():
@@ -88,8 +91,12 @@ def test_cpu_devices_get_the_options():
 
 def test_the_options_keep_convolutions_out_of_ynnpack():
   default = _default_hlo()
-  tuned = jax.jit(conv_and_grads, compiler_options=cpu.compiler_options(_cpu_mesh())
-                  ).lower(*_inputs()).compile().as_text()
+  tuned = (
+    jax.jit(conv_and_grads, compiler_options=cpu.compiler_options(_cpu_mesh()))
+    .lower(*_inputs())
+    .compile()
+    .as_text()
+  )
   if not ynn_fused_opcodes(default):
     # A jaxlib without YNNPACK (0.7): nothing to take out, and no options given.
     assert cpu.compiler_options(_cpu_mesh()) is None
@@ -131,8 +138,9 @@ def test_a_users_xla_flags_win(monkeypatch):
 
 
 def test_an_option_this_jaxlib_refuses_gives_no_options(monkeypatch):
-  monkeypatch.setattr(cpu, "CPU_COMPILER_OPTIONS",
-                      {cpu.YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"})
+  monkeypatch.setattr(
+    cpu, "CPU_COMPILER_OPTIONS", {cpu.YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_NO_SUCH_TYPE"}
+  )
   cpu._accepted.cache_clear()  # pylint: disable=protected-access
   try:
     assert cpu.compiler_options(_cpu_mesh()) is None
@@ -140,10 +148,18 @@ def test_an_option_this_jaxlib_refuses_gives_no_options(monkeypatch):
     cpu._accepted.cache_clear()  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("kernel, stride, padding, features", [
-    (1, 1, 0, (6, 5)), (1, 2, 0, (6, 5)), (1, 1, 1, (6, 5)), (3, 2, 1, (6, 5)),
+@pytest.mark.parametrize(
+  "kernel, stride, padding, features",
+  [
+    (1, 1, 0, (6, 5)),
+    (1, 2, 0, (6, 5)),
+    (1, 1, 1, (6, 5)),
+    (3, 2, 1, (6, 5)),
     # Fewer input than output channels: the other form of the kernel's gradient.
-    (1, 1, 0, (5, 9)), (1, 2, 0, (5, 9))])
+    (1, 1, 0, (5, 9)),
+    (1, 2, 0, (5, 9)),
+  ],
+)
 def test_cpu_convolution_rewrite_equals_lax(kernel, stride, padding, features):
   """The 1x1-as-matmul convolution gives lax's values and gradients."""
   rng = np.random.default_rng(5)

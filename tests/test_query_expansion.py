@@ -21,7 +21,7 @@ def _reference_expansion(query, gallery, k, alpha, times):
       terms = [features[j] * similarity[j] ** alpha for j in nearest]
       expanded[i] = np.mean(terms, axis=0)
     features = expanded
-  return features[: len(query)], features[len(query):]
+  return features[: len(query)], features[len(query) :]
 
 
 def _features(seed, num_query=23, num_gallery=61, dim=10):
@@ -46,8 +46,8 @@ def _assert_close(actual, expected):
 
 
 @pytest.mark.parametrize(
-    "k, alpha, times",
-    [(5, 3.0, 1), (2, 1.0, 1), (10, 0.0, 1), (7, 3, 2), (4, 5.5, 3), (84, 2.0, 1), (84, 3.0, 1)],
+  "k, alpha, times",
+  [(5, 3.0, 1), (2, 1.0, 1), (10, 0.0, 1), (7, 3, 2), (4, 5.5, 3), (84, 2.0, 1), (84, 3.0, 1)],
 )
 def test_matches_reference(k, alpha, times):
   query, gallery = _features(seed=k)
@@ -62,8 +62,8 @@ def test_matches_reference(k, alpha, times):
 def test_chunk_size_does_not_change_the_result():
   query, gallery = _features(seed=3)
   results = [
-      alpha_query_expansion(query, gallery, k=6, alpha=3.0, times=2, chunk_size=size)
-      for size in (1, 7, 64, 1000)
+    alpha_query_expansion(query, gallery, k=6, alpha=3.0, times=2, chunk_size=size)
+    for size in (1, 7, 64, 1000)
   ]
   for result in results[1:]:
     _assert_close(result, results[0])
@@ -92,7 +92,7 @@ def test_the_pool_is_query_and_gallery_together():
   query, gallery = _features(seed=6)
   whole = np.concatenate(alpha_query_expansion(query, gallery, k=5, alpha=3.0))
   moved = np.concatenate(
-      alpha_query_expansion(query[:5], np.concatenate([query[5:], gallery]), k=5, alpha=3.0)
+    alpha_query_expansion(query[:5], np.concatenate([query[5:], gallery]), k=5, alpha=3.0)
   )
   _assert_close((moved,), (whole,))
 
@@ -111,7 +111,7 @@ def test_ties_go_to_the_lower_pool_index():
 
 
 @pytest.mark.parametrize(
-    "metric, normalize", [("euclidean", True), ("euclidean", False), ("cosine", False)]
+  "metric, normalize", [("euclidean", True), ("euclidean", False), ("cosine", False)]
 )
 def test_evaluate_scores_the_expanded_features(metric, normalize):
   query, gallery, qp, gp, qc, gc = _planted(seed=8, num_query=30, num_gallery=170)
@@ -131,7 +131,7 @@ def test_evaluate_expands_before_reranking():
   query, gallery, qp, gp, qc, gc = _planted(seed=9, num_query=30, num_gallery=170)
   expansion, rerank = dict(k=3, alpha=3.0), dict(k1=6, k2=3, lambda_value=0.3)
   result = evaluate(
-      query, gallery, qp, gp, qc, gc, query_expansion=expansion, rerank=rerank, chunk_size=8
+    query, gallery, qp, gp, qc, gc, query_expansion=expansion, rerank=rerank, chunk_size=8
   )
   query = query / np.linalg.norm(query, axis=1, keepdims=True)
   gallery = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
@@ -144,17 +144,17 @@ def test_evaluate_expands_before_reranking():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(k=0), "k must be at least 1"),
-        (dict(k=2.0), "k must be an int"),
-        (dict(k=10), "k = 10 must not exceed the 9 query and gallery items"),
-        (dict(alpha=-1.0), "alpha must be a finite number >= 0"),
-        (dict(alpha=float("nan")), "alpha must be a finite number >= 0"),
-        (dict(alpha="3"), "alpha must be a finite number >= 0"),
-        (dict(times=0), "times must be at least 1"),
-        (dict(chunk_size=0), "chunk_size must be at least 1"),
-    ],
+  "kwargs, message",
+  [
+    (dict(k=0), "k must be at least 1"),
+    (dict(k=2.0), "k must be an int"),
+    (dict(k=10), "k = 10 must not exceed the 9 query and gallery items"),
+    (dict(alpha=-1.0), "alpha must be a finite number >= 0"),
+    (dict(alpha=float("nan")), "alpha must be a finite number >= 0"),
+    (dict(alpha="3"), "alpha must be a finite number >= 0"),
+    (dict(times=0), "times must be at least 1"),
+    (dict(chunk_size=0), "chunk_size must be at least 1"),
+  ],
 )
 def test_rejects_bad_parameters(kwargs, message):
   query, gallery = _features(seed=10, num_query=3, num_gallery=6)
@@ -189,13 +189,13 @@ def test_rejects_a_fractional_power_of_a_negative_similarity():
 
 
 @pytest.mark.parametrize(
-    "query_expansion, message",
-    [
-        (dict(k=2, beta=1), r"Unknown query_expansion keys \['beta'\]"),
-        ([("k", 2)], "query_expansion must be None or a dict"),
-        (dict(k=0), "k must be at least 1"),
-        (dict(alpha=-2), "alpha must be a finite number >= 0"),
-    ],
+  "query_expansion, message",
+  [
+    (dict(k=2, beta=1), r"Unknown query_expansion keys \['beta'\]"),
+    ([("k", 2)], "query_expansion must be None or a dict"),
+    (dict(k=0), "k must be at least 1"),
+    (dict(alpha=-2), "alpha must be a finite number >= 0"),
+  ],
 )
 def test_evaluate_rejects_bad_query_expansion(query_expansion, message):
   data = _planted(seed=7, num_query=6, num_gallery=30)

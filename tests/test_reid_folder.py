@@ -11,14 +11,13 @@ import subprocess
 import sys
 import zipfile
 
+import data_fixtures as fx
 import numpy as np
 import PIL.Image
 import pytest
 
-import data_fixtures as fx
 from apnet_jax import config_check
-from apnet_jax.data import opening
-from apnet_jax.data import sources
+from apnet_jax.data import opening, sources
 from apnet_jax.datasets.reid_folder import UnmatchedQueryWarning
 from configs.folder import get_config
 
@@ -36,17 +35,24 @@ def write_image(path, seed, size=(16, 8)):
 # (filename, pid, camid, label) per split, in filename order: Market-style
 # names, images in subfolders, a camera past 9, junk and a distractor.
 NAMED_FILES = {
-    "train": ["1501/1501_c1_a.jpg", "1501/1501_c12_b.png", "7/0007_c2_a.png", "0007_c3_b.jpg"],
-    "query": ["0003_c1_x.png", "0004_c2_x.jpg"],
-    "gallery": ["0003_c2_y.png", "0004_c1_y.png", "0004_c5_z.jpg", "0000_c4_d.png",
-                "-1_c1_junk.png"],
+  "train": ["1501/1501_c1_a.jpg", "1501/1501_c12_b.png", "7/0007_c2_a.png", "0007_c3_b.jpg"],
+  "query": ["0003_c1_x.png", "0004_c2_x.jpg"],
+  "gallery": ["0003_c2_y.png", "0004_c1_y.png", "0004_c5_z.jpg", "0000_c4_d.png", "-1_c1_junk.png"],
 }
 NAMED = {
-    "train": [("train/0007_c3_b.jpg", 7, 2, 0), ("train/1501/1501_c12_b.png", 1501, 11, 1),
-              ("train/1501/1501_c1_a.jpg", 1501, 0, 1), ("train/7/0007_c2_a.png", 7, 1, 0)],
-    "query": [("query/0003_c1_x.png", 3, 0, -1), ("query/0004_c2_x.jpg", 4, 1, -1)],
-    "gallery": [("gallery/0000_c4_d.png", 0, 3, -1), ("gallery/0003_c2_y.png", 3, 1, -1),
-                ("gallery/0004_c1_y.png", 4, 0, -1), ("gallery/0004_c5_z.jpg", 4, 4, -1)],
+  "train": [
+    ("train/0007_c3_b.jpg", 7, 2, 0),
+    ("train/1501/1501_c12_b.png", 1501, 11, 1),
+    ("train/1501/1501_c1_a.jpg", 1501, 0, 1),
+    ("train/7/0007_c2_a.png", 7, 1, 0),
+  ],
+  "query": [("query/0003_c1_x.png", 3, 0, -1), ("query/0004_c2_x.jpg", 4, 1, -1)],
+  "gallery": [
+    ("gallery/0000_c4_d.png", 0, 3, -1),
+    ("gallery/0003_c2_y.png", 3, 1, -1),
+    ("gallery/0004_c1_y.png", 4, 0, -1),
+    ("gallery/0004_c5_z.jpg", 4, 4, -1),
+  ],
 }
 
 
@@ -59,23 +65,30 @@ def named_folder(root, folders=("train", "query", "gallery")):
 
 # labels.csv with string pids and camids; the images' names say nothing.
 CSV_ROWS = [
-    ("train/alice/1.png", "alice", "north"),
-    ("train/alice/2.jpg", "alice", "south"),
-    ("train/bob/1.png", "bob", "north"),
-    ("train/bob/2.png", "bob", "east"),
-    ("query/q1.png", "carol", "north"),
-    ("query/q2.png", "dave", "south"),
-    ("gallery/g1.png", "carol", "south"),
-    ("gallery/g2.jpg", "dave", "east"),
-    ("gallery/g3.png", "erin", "north"),
+  ("train/alice/1.png", "alice", "north"),
+  ("train/alice/2.jpg", "alice", "south"),
+  ("train/bob/1.png", "bob", "north"),
+  ("train/bob/2.png", "bob", "east"),
+  ("query/q1.png", "carol", "north"),
+  ("query/q2.png", "dave", "south"),
+  ("gallery/g1.png", "carol", "south"),
+  ("gallery/g2.jpg", "dave", "east"),
+  ("gallery/g3.png", "erin", "north"),
 ]
 # pids: alice bob carol dave erin -> 1..5; camids: east north south -> 0..2.
 CSV = {
-    "train": [("train/alice/1.png", 1, 1, 0), ("train/alice/2.jpg", 1, 2, 0),
-              ("train/bob/1.png", 2, 1, 1), ("train/bob/2.png", 2, 0, 1)],
-    "query": [("query/q1.png", 3, 1, -1), ("query/q2.png", 4, 2, -1)],
-    "gallery": [("gallery/g1.png", 3, 2, -1), ("gallery/g2.jpg", 4, 0, -1),
-                ("gallery/g3.png", 5, 1, -1)],
+  "train": [
+    ("train/alice/1.png", 1, 1, 0),
+    ("train/alice/2.jpg", 1, 2, 0),
+    ("train/bob/1.png", 2, 1, 1),
+    ("train/bob/2.png", 2, 0, 1),
+  ],
+  "query": [("query/q1.png", 3, 1, -1), ("query/q2.png", 4, 2, -1)],
+  "gallery": [
+    ("gallery/g1.png", 3, 2, -1),
+    ("gallery/g2.jpg", 4, 0, -1),
+    ("gallery/g3.png", 5, 1, -1),
+  ],
 }
 
 
@@ -122,8 +135,12 @@ def test_market_folder_names_are_accepted(tmp_path):
   manual = named_folder(tmp_path / "mine", ("bounding_box_train", "query", "bounding_box_test"))
   records = split_records(build(manual, tmp_path / "data"))
   rename = {"train/": "bounding_box_train/", "gallery/": "bounding_box_test/"}
-  expected = {split: [(re.sub(r"^(train|gallery)/", lambda m: rename[m.group(0)], f), *rest)
-                      for f, *rest in rows] for split, rows in NAMED.items()}
+  expected = {
+    split: [
+      (re.sub(r"^(train|gallery)/", lambda m: rename[m.group(0)], f), *rest) for f, *rest in rows
+    ]
+    for split, rows in NAMED.items()
+  }
   assert records == expected
 
 
@@ -132,21 +149,28 @@ def test_labels_csv_with_string_ids(tmp_path):
   assert split_records(builder) == CSV
   assert builder.info.metadata["source_layout"] == "labels.csv"
   assert builder.info.metadata["labels_csv"] == {
-      "pid": ["alice", "bob", "carol", "dave", "erin"], "camid": ["east", "north", "south"]}
+    "pid": ["alice", "bob", "carol", "dave", "erin"],
+    "camid": ["east", "north", "south"],
+  }
 
 
 def test_labels_csv_integer_ids_sort_as_numbers(tmp_path):
-  rows = [("train/a.png", "10", "3"), ("train/b.png", "9", "12"), ("query/c.png", "100", "3"),
-          ("gallery/d.png", "100", "12"), ("gallery/e.png", "0", "3")]
+  rows = [
+    ("train/a.png", "10", "3"),
+    ("train/b.png", "9", "12"),
+    ("query/c.png", "100", "3"),
+    ("gallery/d.png", "100", "12"),
+    ("gallery/e.png", "0", "3"),
+  ]
   manual = csv_folder(tmp_path / "mine", rows)
   write_csv(manual, [("train\\b.png", *rows[1][1:])] + rows[:1] + rows[2:])  # Windows' separator
   builder = build(manual, tmp_path / "data")
   assert builder.info.metadata["labels_csv"] == {"pid": [0, 9, 10, 100], "camid": [3, 12]}
   # pid 0 of the CSV is a person like any other: record pid 1, never a distractor.
   assert split_records(builder) == {
-      "train": [("train/a.png", 3, 0, 1), ("train/b.png", 2, 1, 0)],
-      "query": [("query/c.png", 4, 0, -1)],
-      "gallery": [("gallery/d.png", 4, 1, -1), ("gallery/e.png", 1, 0, -1)],
+    "train": [("train/a.png", 3, 0, 1), ("train/b.png", 2, 1, 0)],
+    "query": [("query/c.png", 4, 0, -1)],
+    "gallery": [("gallery/d.png", 4, 1, -1), ("gallery/e.png", 1, 0, -1)],
   }
 
 
@@ -165,14 +189,29 @@ def test_a_zip_in_the_folder_is_read_as_extracted(tmp_path):
 def test_prepare_command_prints_the_statistics_table(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/folder.py", "--mode", "prepare",
-       f"--config.data.manual_dir={manual}", "--config.data.config=mycams",
-       f"--config.data.data_dir={tmp_path / 'data'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "run.py",
+      "--config",
+      "configs/folder.py",
+      "--mode",
+      "prepare",
+      f"--config.data.manual_dir={manual}",
+      "--config.data.config=mycams",
+      f"--config.data.data_dir={tmp_path / 'data'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "reid_folder/mycams" in result.stdout
-  for row in ("train          2        4        3", "query          2        2        2",
-              "gallery        3        3        3"):
+  for row in (
+    "train          2        4        3",
+    "query          2        2        2",
+    "gallery        3        3        3",
+  ):
     assert row in result.stdout, result.stdout
   assert (tmp_path / "data" / "reid_folder" / "mycams" / "1.0.0").is_dir()
 
@@ -239,22 +278,28 @@ def test_a_csv_row_in_no_split(tmp_path):
 def test_a_csv_row_whose_file_is_missing(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   (manual / "query" / "q2.png").unlink()
-  _refused(manual, tmp_path / "data", FileNotFoundError,
-           rf"labels\.csv line 7: {re.escape(str(manual / 'query' / 'q2.png'))}")
+  _refused(
+    manual,
+    tmp_path / "data",
+    FileNotFoundError,
+    rf"labels\.csv line 7: {re.escape(str(manual / 'query' / 'q2.png'))}",
+  )
 
 
 def test_a_duplicate_csv_row(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   write_csv(manual, CSV_ROWS + [("./train/bob/1.png", "bob", "north")])
-  _refused(manual, tmp_path / "data", ValueError,
-           r"labels\.csv line 11: \./train/bob/1\.png.*line 4\b")
+  _refused(
+    manual, tmp_path / "data", ValueError, r"labels\.csv line 11: \./train/bob/1\.png.*line 4\b"
+  )
 
 
 def test_an_image_missing_from_the_csv(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   unlisted = write_image(manual / "gallery" / "g9.png", 0)
-  _refused(manual, tmp_path / "data", ValueError,
-           rf"\b1\b.*labels\.csv.*{re.escape(str(unlisted))}")
+  _refused(
+    manual, tmp_path / "data", ValueError, rf"\b1\b.*labels\.csv.*{re.escape(str(unlisted))}"
+  )
 
 
 @pytest.mark.parametrize("header", ["path,pid", "file,pid,camid", "path;pid;camid", ""])
@@ -263,15 +308,18 @@ def test_a_csv_with_a_wrong_header(tmp_path, header):
   write_csv(manual, CSV_ROWS, header=header)
   if not header:
     (manual / "labels.csv").write_text("")
-  _refused(manual, tmp_path / "data", ValueError,
-           rf"{re.escape(str(manual / 'labels.csv'))}: .*path,pid,camid")
+  _refused(
+    manual,
+    tmp_path / "data",
+    ValueError,
+    rf"{re.escape(str(manual / 'labels.csv'))}: .*path,pid,camid",
+  )
 
 
 def test_an_unparseable_name(tmp_path):
   manual = named_folder(tmp_path / "mine")
   bad = write_image(manual / "train" / "person7_cam2.png", 0)
-  _refused(manual, tmp_path / "data", ValueError,
-           rf"pid.*camera.*{re.escape(str(bad))}")
+  _refused(manual, tmp_path / "data", ValueError, rf"pid.*camera.*{re.escape(str(bad))}")
 
 
 @pytest.mark.parametrize("name", ["-2_c1_x.png", "0005_c0_x.png"])
@@ -293,8 +341,9 @@ def test_a_query_identity_absent_from_the_gallery_is_a_warning(tmp_path):
   write_image(manual / "query" / "0043_c1_x.png", 1)
   write_image(manual / "query" / "0003_c2_z.png", 2)  # 3 is in the gallery in camera 2 only
   gallery = re.escape(str(manual / "gallery"))
-  with pytest.warns(UnmatchedQueryWarning,
-                    match=rf"2 of 5 query .*\(2 identities\).*{gallery}.*\b1\b"):
+  with pytest.warns(
+    UnmatchedQueryWarning, match=rf"2 of 5 query .*\(2 identities\).*{gallery}.*\b1\b"
+  ):
     builder = build(manual, tmp_path / "data")
   assert len(fx.records(builder, "query")) == 5  # kept: the evaluation skips them
 
@@ -303,15 +352,23 @@ def test_a_train_split_with_one_identity(tmp_path):
   manual = named_folder(tmp_path / "mine")
   for path in (manual / "train").rglob("0007_*"):
     path.unlink()
-  _refused(manual, tmp_path / "data", ValueError,
-           rf"train split \({re.escape(str(manual / 'train'))}\).*\b1\b")
+  _refused(
+    manual,
+    tmp_path / "data",
+    ValueError,
+    rf"train split \({re.escape(str(manual / 'train'))}\).*\b1\b",
+  )
 
 
 def test_a_corrupt_image_is_named_and_nothing_is_built(tmp_path):
   manual = csv_folder(tmp_path / "mine")
   (manual / "gallery" / "g3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-  _refused(manual, tmp_path / "data", ValueError,
-           rf"{re.escape(str(manual / 'gallery' / 'g3.png'))} \(labels\.csv line 10\)")
+  _refused(
+    manual,
+    tmp_path / "data",
+    ValueError,
+    rf"{re.escape(str(manual / 'gallery' / 'g3.png'))} \(labels\.csv line 10\)",
+  )
 
 
 @pytest.mark.parametrize("missing", ["gallery", "train"])
@@ -320,8 +377,9 @@ def test_a_missing_split_folder(tmp_path, missing):
   for path in sorted((manual / missing).rglob("*"), reverse=True):
     path.unlink() if path.is_file() else path.rmdir()
   (manual / missing).rmdir()
-  _refused(manual, tmp_path / "data", FileNotFoundError,
-           rf"{re.escape(str(manual))}.*\b{missing}\b")
+  _refused(
+    manual, tmp_path / "data", FileNotFoundError, rf"{re.escape(str(manual))}.*\b{missing}\b"
+  )
 
 
 def test_both_names_of_a_split_folder(tmp_path):
@@ -351,14 +409,32 @@ def test_training_on_a_folder_end_to_end(tmp_path):
     write_image(manual / "gallery" / f"{pid:04d}_c2_g.png", 10 * pid + 1)
   workdir, data = tmp_path / "run", tmp_path / "data"
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/folder.py", "--workdir", str(workdir),
-       f"--config.data.manual_dir={manual}", "--config.data.config=shop",
-       f"--config.data.data_dir={data}", "--config.data.num_workers=0",
-       "--config.model.depth=18", "--config.model.width=0.25",
-       "--config.model.input_size=(64,32)", "--config.model.init_from=", "--config.augment.pad=2",
-       "--config.data.p=4", "--config.data.k=2", "--config.train.max_steps=2",
-       "--config.eval.batch_size=16"],
-      cwd=ROOT, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "run.py",
+      "--config",
+      "configs/folder.py",
+      "--workdir",
+      str(workdir),
+      f"--config.data.manual_dir={manual}",
+      "--config.data.config=shop",
+      f"--config.data.data_dir={data}",
+      "--config.data.num_workers=0",
+      "--config.model.depth=18",
+      "--config.model.width=0.25",
+      "--config.model.input_size=(64,32)",
+      "--config.model.init_from=",
+      "--config.augment.pad=2",
+      "--config.data.p=4",
+      "--config.data.k=2",
+      "--config.train.max_steps=2",
+      "--config.eval.batch_size=16",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   assert results["protocol"]["dataset"] == "reid_folder/shop"

@@ -64,17 +64,26 @@ class Runner:
     self.env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8")
 
   def start(self, workdir, *, kill_in_save_of_step=None):
-    args = ["run.py", "--config", "configs/synthetic.py:tiny", "--workdir", str(workdir),
-            f"--config.data.data_dir={self.data_dir}", "--config.model.input_size=(128,64)",
-            f"--config.train.epochs={STEPS // 2}", "--config.train.eval_epochs=()",
-            "--config.train.log_every_steps=1"]
+    args = [
+      "run.py",
+      "--config",
+      "configs/synthetic.py:tiny",
+      "--workdir",
+      str(workdir),
+      f"--config.data.data_dir={self.data_dir}",
+      "--config.model.input_size=(128,64)",
+      f"--config.train.epochs={STEPS // 2}",
+      "--config.train.eval_epochs=()",
+      "--config.train.log_every_steps=1",
+    ]
     env = self.env
     if kill_in_save_of_step is not None:
       args = ["-c", KILL_IN_SAVE] + args[1:]
       env = dict(env, KILL_IN_SAVE_OF_STEP=str(kill_in_save_of_step))
     with open(log_path(workdir), "ab") as log:  # a file, not a pipe: a pipe could fill up
-      return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT)
+      return subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+      )
 
   def finish(self, process, workdir, *, returncode=0):
     try:
@@ -122,8 +131,11 @@ def finished_checkpoints(workdir):
 
 def folder_digest(folder):
   """{relative path: sha256} of every file under ``folder``."""
-  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-          for p in sorted(folder.rglob("*")) if p.is_file()}
+  return {
+    str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    for p in sorted(folder.rglob("*"))
+    if p.is_file()
+  }
 
 
 def final_state(workdir):
@@ -174,8 +186,11 @@ def interrupted(runner):
   process = runner.start(workdir)
   deadline = time.time() + TIMEOUT
   try:
-    while not (train_steps(workdir) and train_steps(workdir)[-1] >= record["kill_after_step"]
-               and finished_checkpoints(workdir)):
+    while not (
+      train_steps(workdir)
+      and train_steps(workdir)[-1] >= record["kill_after_step"]
+      and finished_checkpoints(workdir)
+    ):
       assert process.poll() is None, output_tail(workdir)
       assert time.time() < deadline, output_tail(workdir)
       time.sleep(0.05)
@@ -189,8 +204,9 @@ def interrupted(runner):
   record["previous_digest"] = folder_digest(workdir / "checkpoints" / str(previous))
 
   record["killed_save"] = killed = previous + 2
-  runner.finish(runner.start(workdir, kill_in_save_of_step=killed), workdir,
-                returncode=-signal.SIGKILL)
+  runner.finish(
+    runner.start(workdir, kill_in_save_of_step=killed), workdir, returncode=-signal.SIGKILL
+  )
   record["after_kill_in_save"] = sorted(p.name for p in (workdir / "checkpoints").iterdir())
   record["after_kill_in_save_digest"] = folder_digest(workdir / "checkpoints" / str(previous))
   reader = checkpointing.make_manager(str(workdir), keep_best=1, read_only=True)
@@ -206,8 +222,7 @@ def interrupted(runner):
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_point_then_restart_ends_bitwise_identical(
-    uninterrupted, interrupted):
+def test_sigkill_at_a_random_point_then_restart_ends_bitwise_identical(uninterrupted, interrupted):
   workdir, record = interrupted
   assert record["after_sigkill"], record  # it was killed after a checkpoint existed
   # The log holds each step once: the last run resumed at previous + 1.
@@ -261,18 +276,24 @@ def fill_disk_for(monkeypatch, path):
   monkeypatch.setattr("builtins.open", open_)
 
 
-@pytest.mark.parametrize("file_name", [
+@pytest.mark.parametrize(
+  "file_name",
+  [
     # The first write of a save and the last (once all data is written).
     # Both happen in Orbax's background thread: save() returns first.
     f"4{TMP}/_CHECKPOINT_METADATA",
     f"4{TMP}/commit_success.txt",
-])
+  ],
+)
 def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
-    saved_once, monkeypatch, file_name):
+  saved_once, monkeypatch, file_name
+):
   workdir, manager, state = saved_once
   fill_disk_for(monkeypatch, workdir / "checkpoints" / file_name)
-  expected = (rf"step 4\b.*{re.escape(str(workdir / 'checkpoints'))}.*\[Errno 28\].*\[2\]"
-              r".*step 2\b")
+  expected = (
+    rf"step 4\b.*{re.escape(str(workdir / 'checkpoints'))}.*\[Errno 28\].*\[2\]"
+    r".*step 2\b"
+  )
   checkpointing.save(manager, 4, state, {"epoch": 2})  # returns; writes go on
   with pytest.raises(checkpointing.CheckpointSaveError, match=expected):
     checkpointing.save(manager, 6, state, {"epoch": 3})  # waits for step 4 first
@@ -290,8 +311,7 @@ def test_full_disk_names_the_step_and_folder_and_keeps_the_last_checkpoint(
 
 def test_a_state_that_cannot_be_saved_is_not_called_a_disk_problem(saved_once):
   _, manager, state = saved_once
-  with pytest.raises(checkpointing.CheckpointSaveError,
-                     match=r"step 4\b.*\[2\]\)\.$") as caught:
+  with pytest.raises(checkpointing.CheckpointSaveError, match=r"step 4\b.*\[2\]\)\.$") as caught:
     checkpointing.save(manager, 4, dict(state, bad=object()), {"epoch": 2})
   assert "rerun" not in str(caught.value) and ".." not in str(caught.value)
 
@@ -331,14 +351,14 @@ def test_saves_between_evaluations_do_not_warn(saved_once):
 def _truncate_arrays(folder):
   for p in folder.rglob("*"):
     if p.is_file() and "metadata" not in p.name.lower() and p.name != "commit_success.txt":
-      p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+      p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
 
 
 DAMAGES = {
-    "meta_missing": lambda step: shutil.rmtree(step / "meta"),
-    "state_missing": lambda step: shutil.rmtree(step / "state"),
-    "meta_not_json": lambda step: (step / "meta" / "metadata").write_text("{not json"),
-    "arrays_truncated": lambda step: _truncate_arrays(step / "state"),
+  "meta_missing": lambda step: shutil.rmtree(step / "meta"),
+  "state_missing": lambda step: shutil.rmtree(step / "state"),
+  "meta_not_json": lambda step: (step / "meta" / "metadata").write_text("{not json"),
+  "arrays_truncated": lambda step: _truncate_arrays(step / "state"),
 }
 
 
@@ -358,8 +378,10 @@ def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, damage):
   # The training manager: the one that may delete (unfinished saves only).
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
   folder = re.escape(str(checkpoints / "4"))
-  expected = (rf"step 4\b.*{folder} \(\w+: .+\).*{folder}.*{re.escape(str(checkpoints))}"
-              r".*step 2\b.*\[2\]")
+  expected = (
+    rf"step 4\b.*{folder} \(\w+: .+\).*{folder}.*{re.escape(str(checkpoints))}"
+    r".*step 2\b.*\[2\]"
+  )
   # restore reads the record and the arrays: every damage is named.
   with pytest.raises(checkpointing.CheckpointReadError, match=expected) as caught:
     checkpointing.restore(manager, 4, state)
@@ -377,8 +399,9 @@ def test_a_damaged_checkpoint_is_named_and_kept(tmp_path, damage):
 def test_a_damaged_only_checkpoint_says_training_starts_over(saved_once):
   workdir, manager, state = saved_once
   shutil.rmtree(workdir / "checkpoints" / "2" / "state")
-  with pytest.raises(checkpointing.CheckpointReadError,
-                     match=r"step 2\b.*KeyError.*\"state\".*step 0\b"):
+  with pytest.raises(
+    checkpointing.CheckpointReadError, match=r"step 2\b.*KeyError.*\"state\".*step 0\b"
+  ):
     checkpointing.restore(manager, 2, state)
   assert (workdir / "checkpoints" / "2" / "meta").exists()
   assert (workdir / "notes.txt").read_text() == "my notes"
@@ -393,8 +416,9 @@ def test_only_the_training_manager_removes_unfinished_saves(tmp_path):
   # Evaluation may watch a run that is saving right now: it must not touch the folder.
   reader = checkpointing.make_manager(str(tmp_path), keep_best=1, read_only=True)
   assert reader.all_steps() == [] and partial.exists()
-  assert not checkpointing.make_manager(str(tmp_path / "other"), keep_best=1,
-                                        read_only=True).all_steps()
+  assert not checkpointing.make_manager(
+    str(tmp_path / "other"), keep_best=1, read_only=True
+  ).all_steps()
   assert not (tmp_path / "other").exists()  # a reader creates nothing
   checkpointing.make_manager(str(tmp_path), keep_best=1)
   deadline = time.time() + 30  # Orbax cleans up in a background thread
@@ -409,9 +433,15 @@ def test_a_checkpoint_with_the_old_data_item_still_restores(tmp_path):
   state = {"w": jnp.arange(4.0)}
   iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
   next(iterator)
-  manager.save(2, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator),
-      meta=ocp.args.JsonSave({"epoch": 1})), force=True)
+  manager.save(
+    2,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=grain.checkpoint.CheckpointSave(iterator),
+      meta=ocp.args.JsonSave({"epoch": 1}),
+    ),
+    force=True,
+  )
   manager.wait_until_finished()
   assert (tmp_path / "checkpoints" / "2" / "data").is_dir()
   restored, meta = checkpointing.restore(manager, 2, state)
@@ -428,6 +458,7 @@ REST_LAYOUT = os.path.join(ROOT, "tests", "fixtures", "checkpoint_rest_layout", 
 
 def rest_layout_config():
   from configs.synthetic import get_config
+
   config = get_config("tiny")
   config.model.level = 0
   return config
@@ -436,14 +467,16 @@ def rest_layout_config():
 def assert_field_pattern(tree, k):
   for j, leaf in enumerate(jax.tree.leaves(tree)):
     base = 1000 if jnp.issubdtype(leaf.dtype, jnp.floating) else 100
-    np.testing.assert_array_equal(np.asarray(leaf), np.full(leaf.shape, base * (k + 1) + j),
-                                  err_msg=f"field {k}, leaf {j}")
+    np.testing.assert_array_equal(
+      np.asarray(leaf), np.full(leaf.shape, base * (k + 1) + j), err_msg=f"field {k}, leaf {j}"
+    )
 
 
 def test_a_checkpoint_with_the_former_rest_field_resumes(tmp_path):
   from flax import nnx
 
   from apnet_jax import build_model, optim, sharding, train_step
+
   shutil.copytree(REST_LAYOUT, tmp_path / "run")
   config = rest_layout_config()
   tx, _ = optim.make_optimizer(config, 1)
@@ -466,6 +499,7 @@ def test_a_checkpoint_with_the_former_rest_field_evaluates(tmp_path):
   from flax import nnx
 
   from apnet_jax import restore
+
   shutil.copytree(REST_LAYOUT, tmp_path / "run")
   model, source = restore.restore_model(rest_layout_config(), str(tmp_path / "run"))
   assert source == {"checkpoint_step": 400}
@@ -476,13 +510,19 @@ def test_a_checkpoint_with_the_former_rest_field_evaluates(tmp_path):
 
 def test_a_new_checkpoint_saves_the_model_state_under_its_name(tmp_path):
   from apnet_jax import train_step
-  state = train_step.TrainState(params={"w": jnp.ones(2)}, model_state={"mean": jnp.zeros(2)},
-                                opt_state={}, step=jnp.asarray(3))
+
+  state = train_step.TrainState(
+    params={"w": jnp.ones(2)}, model_state={"mean": jnp.zeros(2)}, opt_state={}, step=jnp.asarray(3)
+  )
   manager = checkpointing.make_manager(str(tmp_path), keep_best=1)
   checkpointing.save(manager, 3, state, {"epoch": 1})
   checkpointing.wait_until_finished(manager)
-  assert set(manager.item_metadata(3)["state"].tree) == {"params", "model_state", "opt_state",
-                                                          "step"}
+  assert set(manager.item_metadata(3)["state"].tree) == {
+    "params",
+    "model_state",
+    "opt_state",
+    "step",
+  }
   restored, _ = checkpointing.restore(manager, 3, state)
   np.testing.assert_array_equal(restored.model_state["mean"], np.zeros(2))
   manager.close()
@@ -530,8 +570,13 @@ def _running(pid):
 
 @pytest.mark.slow
 def test_loader_workers_exit_when_their_parent_is_killed():
-  parent = subprocess.Popen([sys.executable, "-c", STARTS_WORKERS], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  parent = subprocess.Popen(
+    [sys.executable, "-c", STARTS_WORKERS],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+  )
   try:
     assert parent.stdout.readline().strip() == "ready"
     workers = _children(parent.pid)
@@ -554,8 +599,9 @@ def test_loader_workers_exit_when_their_parent_is_killed():
 def test_a_held_workdir_is_refused_naming_it_and_the_holder(tmp_path):
   held = workdir.WorkdirLock.acquire(str(tmp_path), "training")
   try:
-    with pytest.raises(workdir.WorkdirBusyError,
-                       match=rf"{re.escape(str(tmp_path))}.*training.*pid {os.getpid()}"):
+    with pytest.raises(
+      workdir.WorkdirBusyError, match=rf"{re.escape(str(tmp_path))}.*training.*pid {os.getpid()}"
+    ):
       workdir.WorkdirLock.acquire(str(tmp_path), "training")
   finally:
     held.release()
@@ -564,9 +610,18 @@ def test_a_held_workdir_is_refused_naming_it_and_the_holder(tmp_path):
 
 def test_the_lock_of_a_killed_process_is_free(tmp_path):
   holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time; from apnet_jax import workdir; "
-       "workdir.WorkdirLock.acquire(sys.argv[1], 'training'); print('held', flush=True); "
-       "time.sleep(600)", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from apnet_jax import workdir; "
+      "workdir.WorkdirLock.acquire(sys.argv[1], 'training'); print('held', flush=True); "
+      "time.sleep(600)",
+      str(tmp_path),
+    ],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(workdir.WorkdirBusyError, match=rf"pid {holder.pid}"):
@@ -601,8 +656,7 @@ def test_a_replaced_folder_holds_one_invocation_and_survives_a_failed_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runner,
-                                                                            uninterrupted):
+def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runner, uninterrupted):
   """Orbax's and TensorStore's thread tracebacks must not bury the error (run.py)."""
   del uninterrupted  # its workdir, copied
   workdir = runner.root / "damaged"
@@ -610,5 +664,8 @@ def test_a_damaged_checkpoint_ends_the_command_line_with_the_projects_error(runn
   _truncate_arrays(workdir / "checkpoints" / str(STEPS) / "state")
   runner.finish(runner.start(workdir), workdir, returncode=1)
   last = log_path(workdir).read_text(errors="replace").rstrip().splitlines()[-1]
-  assert re.fullmatch(rf"CheckpointReadError: Cannot read the checkpoint of step {STEPS} in "
-                      rf"{re.escape(str(workdir / 'checkpoints' / str(STEPS)))} .*", last), last
+  assert re.fullmatch(
+    rf"CheckpointReadError: Cannot read the checkpoint of step {STEPS} in "
+    rf"{re.escape(str(workdir / 'checkpoints' / str(STEPS)))} .*",
+    last,
+  ), last

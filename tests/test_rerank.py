@@ -8,7 +8,6 @@ import pytest
 from apnet_jax.evaluation import k_reciprocal_rerank, k_reciprocal_rerank_chunks
 from apnet_jax.evaluation import rerank as rerank_lib
 
-
 # -- Reference: Zhong et al.'s algorithm with dense N x N arrays, in float64 ----
 
 
@@ -65,12 +64,12 @@ def _clustered(seed, num_query, num_gallery, dim=12, num_ids=25):
 
 
 @pytest.mark.parametrize(
-    "k1, k2, lambda_value, chunk_size, neighbour_block",
-    [
-        (20, 6, 0.3, 64, 64),  # the paper's setting; 5 x 5 distance blocks
-        (7, 1, 0.0, 24, 1024),  # odd k1 (round(3.5) = 4), no query expansion, pure Jaccard
-        (9, 3, 0.5, 256, 96),  # round(4.5) = 4: numpy rounds half to even
-    ],
+  "k1, k2, lambda_value, chunk_size, neighbour_block",
+  [
+    (20, 6, 0.3, 64, 64),  # the paper's setting; 5 x 5 distance blocks
+    (7, 1, 0.0, 24, 1024),  # odd k1 (round(3.5) = 4), no query expansion, pure Jaccard
+    (9, 3, 0.5, 256, 96),  # round(4.5) = 4: numpy rounds half to even
+  ],
 )
 def test_matches_dense_reference(k1, k2, lambda_value, chunk_size, neighbour_block, monkeypatch):
   # Small blocks so that the symmetric block-pair neighbour search runs.
@@ -79,7 +78,7 @@ def test_matches_dense_reference(k1, k2, lambda_value, chunk_size, neighbour_blo
   expected, expanded_items = _reference_rerank(query, gallery, k1, k2, lambda_value)
   assert expanded_items > 0  # the 2/3 expansion rule was exercised
   result = k_reciprocal_rerank(
-      query, gallery, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=chunk_size
+    query, gallery, k1=k1, k2=k2, lambda_value=lambda_value, chunk_size=chunk_size
   )
   assert result.shape == (50, 230)
   assert result.dtype == np.float32
@@ -93,7 +92,7 @@ def test_neighbour_search_breaks_ties_by_index_across_blocks():
   padded = np.concatenate([features, np.zeros((10, 3), np.float32)])
   squared = ((features[:, None] - features[None]) ** 2).sum(-1)
   neighbours, row_max = rerank_lib._nearest(
-      padded, (padded**2).sum(1), num_items=150, block=32, num_neighbours=9
+    padded, (padded**2).sum(1), num_items=150, block=32, num_neighbours=9
   )
   expected = np.argsort(squared, axis=1, kind="stable")[:, :9]
   np.testing.assert_array_equal(np.asarray(neighbours)[:150], expected)
@@ -124,17 +123,17 @@ def test_progress_counts_block_pairs_then_queries(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "kwargs, names",
-    [
-        (dict(k1=0), ("k1",)),
-        (dict(k2=0), ("k2",)),
-        (dict(k1=2.0), ("k1", "2.0")),
-        (dict(k1=30), ("k1", "30")),
-        (dict(k2=31), ("k2", "31")),
-        (dict(lambda_value=-0.1), ("lambda_value", "-0.1")),
-        (dict(lambda_value="0.3"), ("lambda_value", "'0.3'")),
-        (dict(chunk_size=0), ("chunk_size",)),
-    ],
+  "kwargs, names",
+  [
+    (dict(k1=0), ("k1",)),
+    (dict(k2=0), ("k2",)),
+    (dict(k1=2.0), ("k1", "2.0")),
+    (dict(k1=30), ("k1", "30")),
+    (dict(k2=31), ("k2", "31")),
+    (dict(lambda_value=-0.1), ("lambda_value", "-0.1")),
+    (dict(lambda_value="0.3"), ("lambda_value", "'0.3'")),
+    (dict(chunk_size=0), ("chunk_size",)),
+  ],
 )
 def test_rejects_bad_parameters(kwargs, names):
   query, gallery = _clustered(seed=2, num_query=5, num_gallery=25)

@@ -25,21 +25,23 @@ def _installed(versions):
 
 
 def test_a_plugin_left_behind_names_both_versions_and_the_fix(monkeypatch):
-  monkeypatch.setattr(runtime, "_installed",
-                      _installed({"jaxlib": "0.10.2", "jax-cuda12-plugin": "0.7.2"}))
-  with pytest.raises(runtime.AcceleratorNotUsedError,
-                     match=r"GPU.*jax-cuda12-plugin 0\.7\.2.*jaxlib 0\.10\.2") as error:
+  monkeypatch.setattr(
+    runtime, "_installed", _installed({"jaxlib": "0.10.2", "jax-cuda12-plugin": "0.7.2"})
+  )
+  with pytest.raises(
+    runtime.AcceleratorNotUsedError, match=r"GPU.*jax-cuda12-plugin 0\.7\.2.*jaxlib 0\.10\.2"
+  ) as error:
     runtime.check_accelerator(lambda: "gpu")
   assert f'pip install "jax[cuda12]=={jax.__version__}"' in str(error.value)
 
 
 def test_a_missing_plugin_is_named(monkeypatch):
   monkeypatch.setattr(runtime, "_installed", _installed({"jaxlib": jax.__version__}))
-  with pytest.raises(runtime.AcceleratorNotUsedError,
-                     match=r"GPU.*jax-cuda12-plugin.*jax\[cuda12\]"):
+  with pytest.raises(
+    runtime.AcceleratorNotUsedError, match=r"GPU.*jax-cuda12-plugin.*jax\[cuda12\]"
+  ):
     runtime.check_accelerator(lambda: "gpu")
-  with pytest.raises(runtime.AcceleratorNotUsedError,
-                     match=r"TPU.*libtpu.*jax\[tpu\]"):
+  with pytest.raises(runtime.AcceleratorNotUsedError, match=r"TPU.*libtpu.*jax\[tpu\]"):
     runtime.check_accelerator(lambda: "tpu")
 
 
@@ -54,6 +56,11 @@ def test_describe_names_the_backend_and_devices():
 def test_a_gpu_machine_passes_the_guard():
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   out = subprocess.run(
-      [sys.executable, "-c", "from apnet_jax import runtime; print(runtime.check_accelerator())"],
-      env=env, capture_output=True, text=True, timeout=300, check=True)
+    [sys.executable, "-c", "from apnet_jax import runtime; print(runtime.check_accelerator())"],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  )
   assert out.stdout.split()[-1] == "gpu"

@@ -16,9 +16,7 @@ IMAGES_PER_ID = {0: 1, 1: 2, 2: 3, 3: 4, 4: 9, 5: 12, 6: 5, 7: 17}
 
 
 def _labels(images_per_id=IMAGES_PER_ID, seed=0):
-  labels = np.concatenate(
-      [np.full(n, label) for label, n in images_per_id.items()]
-  )
+  labels = np.concatenate([np.full(n, label) for label, n in images_per_id.items()])
   # Records of an id are not contiguous in real sources: shuffle them.
   return np.random.default_rng(seed).permutation(labels)
 
@@ -75,9 +73,7 @@ def test_steps_per_epoch_is_the_official_constructor_length():
   assert sampler_lib.steps_per_epoch(labels, p=P, k=K) == expected
   assert RandomIdentitySampler(labels, p=P, k=K, seed=0).steps_per_epoch == 4
   big = _labels({i: 1 + (7 * i) % 23 for i in range(40)})
-  assert sampler_lib.steps_per_epoch(big, p=5, k=4) == (
-      _reference_steps_per_epoch(big, 5, 4)
-  )
+  assert sampler_lib.steps_per_epoch(big, p=5, k=4) == (_reference_steps_per_epoch(big, 5, 4))
 
 
 def test_one_official_pass_follows_the_reference_rules():
@@ -92,15 +88,13 @@ def test_one_official_pass_follows_the_reference_rules():
         label = int(labels[group[0]])
         groups_used[label] += 1
         images_used[label].extend(group.tolist())
-    groups_available = {
-        label: max(n, K) // K for label, n in IMAGES_PER_ID.items()
-    }
+    groups_available = {label: max(n, K) // K for label, n in IMAGES_PER_ID.items()}
     for label, n in IMAGES_PER_ID.items():
       assert groups_used[label] <= groups_available[label]
       if n >= K:  # Disjoint groups: each image at most once per pass.
         assert len(set(images_used[label])) == len(images_used[label])
     # The pass stops exactly when fewer than P ids have groups left.
-    left = [l for l in IMAGES_PER_ID if groups_used[l] < groups_available[l]]
+    left = [label for label in IMAGES_PER_ID if groups_used[label] < groups_available[label]]
     assert len(left) < P
 
 
@@ -157,17 +151,17 @@ def test_plans_are_read_only():
 
 
 @pytest.mark.parametrize(
-    "labels, p, k, match",
-    [
-        (np.array([0, 0, 1, 1, 2]), 5, 2, r"p=5.*\b3\b"),
-        (np.array([], np.int64), 1, 1, r"p=1.*\b0\b"),
-        (np.array([0, 1, 2]), 0, 2, r"\bp\b.*\b0\b"),
-        (np.array([0, 1, 2]), 2, 0, r"\bk\b.*\b0\b"),
-        (np.array([0, 1, 2]), 2.0, 2, r"\bp\b.*2\.0"),
-        (np.array([0, -1, 2]), 2, 2, r"record 1\b.*-1"),
-        (np.array([[0, 1]]), 1, 1, r"labels.*\(1, 2\)"),
-        (np.array([0.0, 1.0]), 1, 1, r"labels.*float64"),
-    ],
+  "labels, p, k, match",
+  [
+    (np.array([0, 0, 1, 1, 2]), 5, 2, r"p=5.*\b3\b"),
+    (np.array([], np.int64), 1, 1, r"p=1.*\b0\b"),
+    (np.array([0, 1, 2]), 0, 2, r"\bp\b.*\b0\b"),
+    (np.array([0, 1, 2]), 2, 0, r"\bk\b.*\b0\b"),
+    (np.array([0, 1, 2]), 2.0, 2, r"\bp\b.*2\.0"),
+    (np.array([0, -1, 2]), 2, 2, r"record 1\b.*-1"),
+    (np.array([[0, 1]]), 1, 1, r"labels.*\(1, 2\)"),
+    (np.array([0.0, 1.0]), 1, 1, r"labels.*float64"),
+  ],
 )
 def test_invalid_arguments_raise_clear_errors(labels, p, k, match):
   with pytest.raises(ValueError, match=match):

@@ -71,10 +71,23 @@ def run(workdir, data_dir, *extra, **hook):
   env = dict(os.environ, **{k.upper(): str(v) for k, v in hook.items()})
   with open(log, "ab") as out:  # a file, not a pipe: a full pipe would block the run
     process = subprocess.Popen(
-        [sys.executable, "-c", HOOKED_RUN, "--config", "configs/synthetic.py:tiny",
-         "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
-         "--config.train.log_every_steps=1", *extra],
-        cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+      [
+        sys.executable,
+        "-c",
+        HOOKED_RUN,
+        "--config",
+        "configs/synthetic.py:tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={data_dir}",
+        "--config.train.log_every_steps=1",
+        *extra,
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   try:
     process.wait(timeout=TIMEOUT)
   finally:  # a hang fails the test; no training process outlives it
@@ -92,8 +105,9 @@ def committed_steps(workdir):
 @pytest.mark.slow
 def test_a_signal_during_the_final_save_waits_for_it(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
-  returncode, output = run(workdir, tiny_data_dir, hook="signal_in_final_save", final_step=4,
-                           signal="SIGTERM")
+  returncode, output = run(
+    workdir, tiny_data_dir, hook="signal_in_final_save", final_step=4, signal="SIGTERM"
+  )
   assert returncode == 143, output[-3000:]
   assert committed_steps(workdir)[-1] == 4  # the final step is saved whole
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
@@ -103,17 +117,25 @@ def test_a_signal_during_the_final_save_waits_for_it(tiny_data_dir, tmp_path):
 @pytest.mark.slow
 def test_a_signal_during_the_final_evaluation_says_how_to_finish_it(tiny_data_dir, tmp_path):
   workdir = tmp_path / "run"
-  returncode, output = run(workdir, tiny_data_dir, "--config.train.eval_epochs=()",
-                           hook="signal_in_final_evaluation", signal="SIGINT")
+  returncode, output = run(
+    workdir,
+    tiny_data_dir,
+    "--config.train.eval_epochs=()",
+    hook="signal_in_final_evaluation",
+    signal="SIGINT",
+  )
   assert returncode == 130, output[-3000:]
   assert committed_steps(workdir)[-1] == 4
   assert not (workdir / "results.json").exists()
   last = output.strip().splitlines()[-1]
-  assert last.startswith("SIGINT: the final evaluation was stopped; the final checkpoint "
-                         f"(step 4) is saved in {workdir}"), output[-3000:]
-  assert last.endswith(f"--workdir {workdir} --config.data.data_dir={tiny_data_dir} "
-                       "--config.train.log_every_steps=1 '--config.train.eval_epochs=()' "
-                       "--mode eval")
+  assert last.startswith(
+    f"SIGINT: the final evaluation was stopped; the final checkpoint (step 4) is saved in {workdir}"
+  ), output[-3000:]
+  assert last.endswith(
+    f"--workdir {workdir} --config.data.data_dir={tiny_data_dir} "
+    "--config.train.log_every_steps=1 '--config.train.eval_epochs=()' "
+    "--mode eval"
+  )
   assert "Traceback" not in output
 
 
@@ -128,7 +150,12 @@ def test_a_resumed_run_logs_each_step_once(tiny_data_dir, tmp_path):
 
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["kind"], r["step"]) for r in rows] == [
-      ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    ("train", 1),
+    ("train", 2),
+    ("train", 3),
+    ("train", 4),
+    ("eval", 4),
+  ]
   scalars, _ = tensorboard_view(workdir / "tensorboard")  # as TensorBoard shows them
   assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]
   assert [step for step, _ in scalars["eval/mAP"]] == [4]

@@ -75,8 +75,17 @@ def test_restart_resumes_exactly(tiny_data_dir, straight_run, tmp_path):
     records = [json.loads(line) for line in f]
   train_steps = [r["step"] for r in records if r["kind"] == "train"]
   assert train_steps == [1, 2, 3, 4]  # the restart continued at step 3
-  for key in ("loss", "ce", "triplet", "acc", "lr", "img_per_s", "grad_norm", "param_norm",
-              "epoch"):
+  for key in (
+    "loss",
+    "ce",
+    "triplet",
+    "acc",
+    "lr",
+    "img_per_s",
+    "grad_norm",
+    "param_norm",
+    "epoch",
+  ):
     assert key in records[0], key
   assert any(r["kind"] == "eval" and "mAP" in r for r in records)
   assert os.listdir(os.path.join(split, "tensorboard"))
@@ -86,21 +95,37 @@ def test_restart_resumes_exactly(tiny_data_dir, straight_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("section, key, value, expected", [
+@pytest.mark.parametrize(
+  "section, key, value, expected",
+  [
     ("model", "level", 1, r"model\.level: checkpoint 2, config 1"),
     ("train", "seed", 1, r"train\.seed: checkpoint 0, config 1"),
     # A rerun with a shorter schedule: nothing to train, and not this config's model.
-    ("train", "max_steps", 2, r"holds step 4, past this config's last step 2 "
-     r"\(config\.train\.max_steps=2\).*config\.train\.max_steps to at least 4"),
-    ("train", "epochs", 1, r"holds step 4, past this config's last step 2 \(config\.train\."
-     r"epochs=1 x 2 steps per epoch\).*config\.train\.epochs to at least 2.*--mode eval"),
-], ids=["level", "seed", "max_steps", "epochs"])
-def test_resume_refuses_another_run(tiny_data_dir, straight_run, tmp_path, section, key, value,
-                                    expected):
+    (
+      "train",
+      "max_steps",
+      2,
+      r"holds step 4, past this config's last step 2 "
+      r"\(config\.train\.max_steps=2\).*config\.train\.max_steps to at least 4",
+    ),
+    (
+      "train",
+      "epochs",
+      1,
+      r"holds step 4, past this config's last step 2 \(config\.train\."
+      r"epochs=1 x 2 steps per epoch\).*config\.train\.epochs to at least 2.*--mode eval",
+    ),
+  ],
+  ids=["level", "seed", "max_steps", "epochs"],
+)
+def test_resume_refuses_another_run(
+  tiny_data_dir, straight_run, tmp_path, section, key, value, expected
+):
   workdir = tmp_path / "run"  # a copy: a refusal that fails must not harm the other tests
   shutil.copytree(straight_run[0], workdir)
-  before = {name: (workdir / name).read_bytes()
-            for name in ("config.json", "results.json", "metrics.jsonl")}
+  before = {
+    name: (workdir / name).read_bytes() for name in ("config.json", "results.json", "metrics.jsonl")
+  }
   other = tiny_config(tiny_data_dir, max_steps=6, eval_epochs=(1,))
   setattr(other[section], key, value)
   checkpoints = re.escape(str(workdir / "checkpoints"))
@@ -117,8 +142,9 @@ def test_records_without_seed_still_resume():
   checkpointing.check_compatible({"num_classes": 8, "model": {}, "data": {}}, current, "w")
   # ... while a seed that is recorded, and differs, is refused by name.
   with pytest.raises(ValueError, match=r"train\.seed: checkpoint 2, config 3"):
-    checkpointing.check_compatible({"seed": 2, "num_classes": 8, "model": {}, "data": {}},
-                                   current, "w")
+    checkpointing.check_compatible(
+      {"seed": 2, "num_classes": 8, "model": {}, "data": {}}, current, "w"
+    )
 
 
 @pytest.mark.slow
@@ -165,16 +191,28 @@ def test_unprepared_benchmark_says_how_to_prepare(tmp_path):
 
   config = market()
   config.data.data_dir = str(tmp_path)
-  with pytest.raises(FileNotFoundError,
-                     match=rf"market1501.*{re.escape(str(tmp_path))}.*manual_dir"):
+  with pytest.raises(
+    FileNotFoundError, match=rf"market1501.*{re.escape(str(tmp_path))}.*manual_dir"
+  ):
     opening.open_dataset(config.data)
 
 
 def test_command_line_rejects_an_unknown_key():
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/synthetic.py",
-       "--config.model.levle=3", "--mode", "summary"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "run.py",
+      "--config",
+      "configs/synthetic.py",
+      "--config.model.levle=3",
+      "--mode",
+      "summary",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "levle" in result.stderr and "level" in result.stderr
 
@@ -227,8 +265,9 @@ def test_eval_mode_restores_the_chosen_checkpoint(tiny_data_dir, straight_run, t
 
 
 @pytest.mark.slow
-def test_eval_mode_takes_an_official_pytorch_checkpoint(tiny_data_dir, straight_run, tiny_model,
-                                                        tmp_path):
+def test_eval_mode_takes_an_official_pytorch_checkpoint(
+  tiny_data_dir, straight_run, tiny_model, tmp_path
+):
   """--mode eval on eval.torch_checkpoint scores the model as its Orbax checkpoint does.
 
   The .pth is written by save_torch_weights, so this is the eval path, not the
@@ -236,18 +275,16 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(tiny_data_dir, straight_
   official key list.
   """
   from flax import nnx
-  from apnet_jax import save_torch_weights
 
-  from apnet_jax import optim, train_step
+  from apnet_jax import optim, save_torch_weights, train_step
 
   workdir, results = straight_run
   config = tiny_config(tiny_data_dir)
-  graphdef, template = train_step.create_train_state(tiny_model,
-                                                     optim.make_optimizer(config, 2)[0])
-  state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4,
-                                   template)
-  save_torch_weights(nnx.merge(graphdef, state.params, state.model_state),
-                     tmp_path / "official.pth")
+  graphdef, template = train_step.create_train_state(tiny_model, optim.make_optimizer(config, 2)[0])
+  state, _ = checkpointing.restore(checkpointing.make_manager(workdir, keep_best=2), 4, template)
+  save_torch_weights(
+    nnx.merge(graphdef, state.params, state.model_state), tmp_path / "official.pth"
+  )
   config.eval.torch_checkpoint = str(tmp_path / "official.pth")
   from_torch = evaluate.evaluate_workdir(config, str(tmp_path / "report"))
   assert from_torch["torch_checkpoint"].endswith("official.pth")
@@ -258,6 +295,7 @@ def test_eval_mode_takes_an_official_pytorch_checkpoint(tiny_data_dir, straight_
 def test_features_are_image_plus_flip(tiny_data_dir, straight_run):
   import jax.numpy as jnp
   from flax import nnx
+
   from apnet_jax.data import augment, pipeline, sources
   from apnet_jax.evaluation.features import extract_features
 
@@ -268,8 +306,13 @@ def test_features_are_image_plus_flip(tiny_data_dir, straight_run):
   query = sources.load_split(builder, "query")
   out = extract_features(model, query, eval_feature="bn", input_size=(64, 32), batch_size=16)
   assert out["features"].shape == (len(query), model.feature_dim)  # padding dropped
-  batch = next(iter(pipeline.eval_batches(query, batch_size=4, height=64, width=32,
-                                          process_index=0, process_count=1)))
+  batch = next(
+    iter(
+      pipeline.eval_batches(
+        query, batch_size=4, height=64, width=32, process_index=0, process_count=1
+      )
+    )
+  )
   x = augment.normalize(jnp.asarray(batch["image"]))
   expected = model(x)["feat"] + model(x[:, :, ::-1])["feat"]
   np.testing.assert_allclose(out["features"][:4], expected, rtol=1e-4, atol=1e-4)
@@ -303,17 +346,22 @@ def test_drop_distractors_switch(tiny_data_dir, straight_run):
 
 def test_init_from_loads_a_torchvision_backbone(tmp_path):
   from flax import nnx
+
   from apnet_jax import torch_io, weights
 
   config = get_config("tiny")
   source = build_model(config.model, 8, rngs=nnx.Rngs(1))
-  torchvision = {k[len("base."):]: v for k, v in weights.torch_state_dict(source).items()
-                 if k.startswith("base.")}
+  torchvision = {
+    k[len("base.") :]: v
+    for k, v in weights.torch_state_dict(source).items()
+    if k.startswith("base.")
+  }
   torch_io.write_pth(torchvision, tmp_path / "resnet.pth")
   model = build_model(config.model, 8, rngs=nnx.Rngs(2))
   restore.init_from_imagenet(model, str(tmp_path / "resnet.pth"))
-  np.testing.assert_array_equal(model.backbone.layer4[1].conv2.kernel[...],
-                                source.backbone.layer4[1].conv2.kernel[...])
+  np.testing.assert_array_equal(
+    model.backbone.layer4[1].conv2.kernel[...], source.backbone.layer4[1].conv2.kernel[...]
+  )
   # A whole official checkpoint is not an ImageNet backbone: refused by name.
   torch_io.write_pth(weights.torch_state_dict(source), tmp_path / "apnet.pth")
   with pytest.raises(ValueError, match=r"model\.init_from: .*apnet\.pth.*eval\.torch_checkpoint"):
@@ -325,18 +373,30 @@ def test_init_from_loads_a_torchvision_backbone(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+  "signum, returncode", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_signal_saves_a_checkpoint_and_stops(tiny_data_dir, tmp_path, signum, returncode):
   import time
 
   workdir, log = tmp_path / "preempted", tmp_path / "preempted.log"
   with open(log, "wb") as out:  # a file, not a pipe: a full pipe would block the run
     process = subprocess.Popen(
-        [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny",
-         "--workdir", str(workdir), f"--config.data.data_dir={tiny_data_dir}",
-         "--config.train.epochs=1000", "--config.train.log_every_steps=1"],
-        cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+      [
+        sys.executable,
+        "run.py",
+        "--config",
+        "configs/synthetic.py:tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.data.data_dir={tiny_data_dir}",
+        "--config.train.epochs=1000",
+        "--config.train.log_every_steps=1",
+      ],
+      cwd=ROOT,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   deadline = time.time() + 240
   metrics = workdir / "metrics.jsonl"
   while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
@@ -390,28 +450,34 @@ def assert_records_unchanged(workdir, records):
 
 @pytest.mark.slow
 def test_a_workdir_in_training_is_refused_to_a_second_training_and_eval_writes_aside(
-    tiny_data_dir, straight_run, tmp_path):
+  tiny_data_dir, straight_run, tmp_path
+):
   workdir, records = copy_of(straight_run, tmp_path)
   held = workdir_lib.WorkdirLock.acquire(str(workdir), "training")  # the running training
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
   try:
-    with pytest.raises(workdir_lib.WorkdirBusyError,
-                       match=rf"{re.escape(str(workdir))}.*training.*pid \d+"):
+    with pytest.raises(
+      workdir_lib.WorkdirBusyError, match=rf"{re.escape(str(workdir))}.*training.*pid \d+"
+    ):
       train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=6), str(workdir))
     results = evaluate.evaluate_workdir(tiny_config(tiny_data_dir), str(workdir))
     assert_records_unchanged(workdir, records)  # results.json and pictures untouched
     with open(workdir / "eval" / "results.json") as f:
       assert json.load(f)["checkpoint_step"] == results["checkpoint_step"] == 4
     assert sorted(p.name for p in (workdir / "eval").iterdir()) == [
-        "cmc.png", "ranked_list.png", "results.json"]
+      "cmc.png",
+      "ranked_list.png",
+      "results.json",
+    ]
   finally:
     held.release()
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
 
 
 @pytest.mark.slow
-def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(tiny_data_dir,
-                                                                            straight_run):
+def test_eval_accepts_a_config_that_differs_only_in_what_eval_does_not_use(
+  tiny_data_dir, straight_run
+):
   config = tiny_config(tiny_data_dir)
   config.data.p, config.data.k = 2, 8  # another P x K: the same model and dataset
   assert evaluate.evaluate_workdir(config, straight_run[0])["checkpoint_step"] == 4
@@ -425,8 +491,9 @@ def test_logs_without_a_checkpoint_of_another_run_are_refused(tiny_data_dir, tmp
   (workdir / "config.json").write_text(other.to_json_best_effort(indent=2))
   (workdir / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 9.0}\n')
   records = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
-  with pytest.raises(ValueError,
-                     match=rf"{re.escape(str(workdir))}.*model\.level: workdir 1, config 2"):
+  with pytest.raises(
+    ValueError, match=rf"{re.escape(str(workdir))}.*model\.level: workdir 1, config 2"
+  ):
     train.train_and_evaluate(tiny_config(tiny_data_dir, max_steps=1), str(workdir))
   assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
   assert not (workdir / "checkpoints").exists()
@@ -434,23 +501,32 @@ def test_logs_without_a_checkpoint_of_another_run_are_refused(tiny_data_dir, tmp
 
 @pytest.mark.slow
 def test_resuming_with_a_changed_recipe_is_refused_unless_allowed_and_recorded(
-    tiny_data_dir, straight_run, tmp_path):
+  tiny_data_dir, straight_run, tmp_path
+):
   workdir, records = copy_of(straight_run, tmp_path)
   changed = tiny_config(tiny_data_dir, epochs=3, eval_epochs=(1, 2), keep_best=2)  # 6 steps
   changed.optim.base_lr = 5e-3
-  with pytest.raises(ValueError, match=r"optim\.base_lr: workdir 0\.001, config 0\.005.*"
-                     r"--config\.train\.allow_changes=optim\.base_lr"):
+  with pytest.raises(
+    ValueError,
+    match=r"optim\.base_lr: workdir 0\.001, config 0\.005.*"
+    r"--config\.train\.allow_changes=optim\.base_lr",
+  ):
     train.train_and_evaluate(changed, str(workdir))
   assert_records_unchanged(workdir, {**records, ".lock": (workdir / ".lock").read_bytes()})
   changed.train.allow_changes = "optim.base_lr,optim.gamma"
   train.train_and_evaluate(changed, str(workdir))
-  logged = [json.loads(line) for line in (workdir / "config_changes.jsonl").read_text()
-            .splitlines()]
+  logged = [
+    json.loads(line) for line in (workdir / "config_changes.jsonl").read_text().splitlines()
+  ]
   assert [(r["step"], r["changes"]) for r in logged] == [
-      (4, {"optim.base_lr": {"from": 1e-3, "to": 5e-3}})]
+    (4, {"optim.base_lr": {"from": 1e-3, "to": 5e-3}})
+  ]
   assert json.loads((workdir / "config.json").read_text())["optim"]["base_lr"] == 5e-3
-  steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text()
-           .splitlines() if '"train"' in line]
+  steps = [
+    json.loads(line)["step"]
+    for line in (workdir / "metrics.jsonl").read_text().splitlines()
+    if '"train"' in line
+  ]
   assert steps == [1, 2, 3, 4, 5, 6]  # appended to the same run's log
   changed.train.allow_changes = "optim.base_rate"
   with pytest.raises(ValueError, match=r"train\.allow_changes.*optim\.base_rate"):
@@ -476,8 +552,9 @@ def test_use_best_without_an_evaluated_checkpoint_says_so():
 
   config = tiny_config("unused")
   config.eval.use_best = True
-  with pytest.raises(FileNotFoundError,
-                     match=r"config\.eval\.use_best.*w/checkpoints.*\[2\].*step 2.*eval\.step"):
+  with pytest.raises(
+    FileNotFoundError, match=r"config\.eval\.use_best.*w/checkpoints.*\[2\].*step 2.*eval\.step"
+  ):
     restore._restore_checkpoint(Unscored(), config, "w")
 
 
@@ -493,8 +570,12 @@ def test_a_config_file_that_takes_no_argument_refuses_one_by_name(config_file):
 
 def test_the_command_line_refuses_a_config_argument_by_name():
   result = subprocess.run(
-      [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
-      cwd=ROOT, capture_output=True, text=True, timeout=120)
+    [sys.executable, "run.py", "--config", "configs/market1501.py:typo", "--mode", "summary"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode != 0
   assert "configs/market1501.py" in result.stderr and "'typo'" in result.stderr
 

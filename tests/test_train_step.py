@@ -45,8 +45,12 @@ def make_batch():
   colours = rng.integers(0, 256, (NUM_IDS, 1, 1, 3))
   noise = rng.normal(0, 30, (NUM_IDS * PER_ID, 64, 32, 3))
   images = np.clip(colours[labels] + noise, 0, 255).astype(np.uint8)
-  return {"image": images, "label": labels, "pid": labels + 100,
-          "filename": np.array([f"{i}.jpg" for i in range(len(labels))])}
+  return {
+    "image": images,
+    "label": labels,
+    "pid": labels + 100,
+    "filename": np.array([f"{i}.jpg" for i in range(len(labels))]),
+  }
 
 
 def make_mesh(kind):
@@ -76,8 +80,14 @@ class Harness:
 
   def step_fn(self, kind):
     if kind not in self.steps:
-      self.steps[kind] = ts.make_train_step(self.graphdef, self.tx, num_classes=NUM_IDS,
-                                            config=self.config, mesh=self.mesh(kind), seed=SEED)
+      self.steps[kind] = ts.make_train_step(
+        self.graphdef,
+        self.tx,
+        num_classes=NUM_IDS,
+        config=self.config,
+        mesh=self.mesh(kind),
+        seed=SEED,
+      )
     return self.steps[kind]
 
   def state(self, kind):
@@ -100,8 +110,11 @@ def one_device_result(harness):
 
 
 def _adam_state(opt_state):
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
-      x, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+  found = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+    if isinstance(s, optax.ScaleByAdamState)
+  ]
   assert len(found) == 1
   return found[0]
 
@@ -134,8 +147,17 @@ def test_one_step_on_8_devices_equals_1_device(harness, one_device_result, kind)
   assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(state))
   state, metrics = jax.device_get((state, metrics))
 
-  assert set(metrics) == {"loss", "ce", "triplet", "acc", "lr", "grad_norm", "param_norm",
-                          "dist_ap", "dist_an"}
+  assert set(metrics) == {
+    "loss",
+    "ce",
+    "triplet",
+    "acc",
+    "lr",
+    "grad_norm",
+    "param_norm",
+    "dist_ap",
+    "dist_an",
+  }
   for name, value in metrics.items():
     assert value.dtype == np.float32 and value.shape == ()
     np.testing.assert_allclose(value, ref_metrics[name], rtol=1e-5, err_msg=name)
@@ -171,8 +193,14 @@ def test_the_step_is_jitted_with_the_cpu_options(harness, monkeypatch):
     return real_jit(*args, **kwargs)
 
   monkeypatch.setattr(jax, "jit", spy)
-  ts.make_train_step(harness.graphdef, harness.tx, num_classes=NUM_IDS, config=harness.config,
-                     mesh=harness.mesh("1"), seed=SEED)
+  ts.make_train_step(
+    harness.graphdef,
+    harness.tx,
+    num_classes=NUM_IDS,
+    config=harness.config,
+    mesh=harness.mesh("1"),
+    seed=SEED,
+  )
   assert seen == [expected]
 
 
@@ -190,7 +218,6 @@ def test_three_steps_compile_once(harness, caplog):
   assert len(compiles) == (0 if cached_before else 1)
   assert step_fn.jitted._cache_size() == 1
   assert int(state.step) == 3
-
 
 
 def test_state_is_donated(harness):
@@ -215,8 +242,9 @@ def test_augmentation_rng_comes_from_seed_and_step(harness):
   _, first = step_fn(harness.state("1"), batch)
   _, again = step_fn(harness.state("1"), batch)
   later_state = harness.state("1")
-  later_state = later_state.replace(step=jax.device_put(jnp.asarray(5, jnp.int32),
-                                                        later_state.step.sharding))
+  later_state = later_state.replace(
+    step=jax.device_put(jnp.asarray(5, jnp.int32), later_state.step.sharding)
+  )
   _, later = step_fn(later_state, batch)
   # Same parameters and batch: the loss changes only through the augmentation.
   assert float(first["loss"]) == float(again["loss"])
@@ -243,8 +271,9 @@ def test_bfloat16_compute_keeps_float32_state_and_loss():
   step_fn = harness.step_fn("1")
   state, batch = harness.state("1"), harness.batch("1")
   new_state, metrics = jax.eval_shape(step_fn.jitted, state, batch)
-  float_dtypes = {x.dtype for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype,
-                                                                               jnp.floating)}
+  float_dtypes = {
+    x.dtype for x in jax.tree.leaves(new_state) if jnp.issubdtype(x.dtype, jnp.floating)
+  }
   assert float_dtypes == {jnp.dtype(jnp.float32)}
   assert {m.dtype for m in metrics.values()} == {jnp.dtype(jnp.float32)}
   # ... while the convolutions run in bfloat16.
@@ -300,8 +329,9 @@ def test_train_step_rejects_bad_batches(harness):
   with pytest.raises(ValueError, match=r"batch\['label'\]"):
     step_fn(state, {"image": batch["image"], "label": batch["label"][:8]})
   with pytest.raises(ValueError, match=r"train_step: .*\b12\b.*\b8\b.*'data'"):
-    harness.step_fn("8-explicit")(state, {"image": batch["image"][:12],
-                                          "label": batch["label"][:12]})
+    harness.step_fn("8-explicit")(
+      state, {"image": batch["image"][:12], "label": batch["label"][:12]}
+    )
   # Nothing was donated by the rejected calls.
   assert not any(x.is_deleted() for x in jax.tree.leaves(state))
 
@@ -309,7 +339,8 @@ def test_train_step_rejects_bad_batches(harness):
 def test_make_train_step_needs_a_data_axis(harness):
   mesh = jax.make_mesh((8,), ("batch",))
   with pytest.raises(ValueError, match="'data' axis"):
-    ts.make_train_step(harness.graphdef, harness.tx, num_classes=NUM_IDS,
-                       config=harness.config, mesh=mesh, seed=SEED)
+    ts.make_train_step(
+      harness.graphdef, harness.tx, num_classes=NUM_IDS, config=harness.config, mesh=mesh, seed=SEED
+    )
   with pytest.raises(ValueError, match="'data' axis"):
     sharding.shard_batch(make_batch(), mesh)

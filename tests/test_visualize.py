@@ -66,7 +66,8 @@ def test_grad_cam_equals_a_hand_computation(channel):
       stages.append(x)
       vjps.append(vjp)
     logits, head_vjp = jax.vjp(
-        lambda a: model.classifier(model.bottleneck(layers.global_avg_pool(a))), x)
+      lambda a: model.classifier(model.bottleneck(layers.global_avg_pool(a))), x
+    )
     target = jnp.where(jnp.arange(3) == 0, 5, jnp.argmax(logits, axis=1))
     grad = head_vjp(jax.nn.one_hot(target, NUM_CLASSES))[0]
     grads = [None] * 5
@@ -133,10 +134,12 @@ def test_attention_weights_equal_a_recomputation_of_the_gates(channel):
       for r, (sams, bn) in enumerate(zip(pyramid.splits, pyramid.split_bns)):
         p, radix = params(sams), sams.radix
         groups = x.reshape(*x.shape[:3], radix, -1)
-        hidden = dense({k[1:]: v for k, v in p.items() if k[0] == "fc1"},
-                       groups.sum(3).mean(axis=(1, 2)))
-        hidden = np.maximum(batch_norm({k[1:]: v for k, v in p.items() if k[0] == "bn1"},
-                                       hidden), 0)
+        hidden = dense(
+          {k[1:]: v for k, v in p.items() if k[0] == "fc1"}, groups.sum(3).mean(axis=(1, 2))
+        )
+        hidden = np.maximum(
+          batch_norm({k[1:]: v for k, v in p.items() if k[0] == "bn1"}, hidden), 0
+        )
         logits = dense({k[1:]: v for k, v in p.items() if k[0] == "fc2"}, hidden)
         logits = logits.reshape(len(x), radix, -1)
         softmax = np.exp(logits - logits.max(1, keepdims=True))
@@ -148,8 +151,7 @@ def test_attention_weights_equal_a_recomputation_of_the_gates(channel):
       gate = 1 / (1 + np.exp(-(hidden @ p[("fc2", "kernel")])))
       np.testing.assert_allclose(maps.attention[i][-1], gate, atol=1e-5)
       # The recomputed pyramid gives the model's stage output.
-      np.testing.assert_allclose(out["stages"][i], x * gate[:, None, None], atol=1e-4,
-                                 rtol=1e-4)
+      np.testing.assert_allclose(out["stages"][i], x * gate[:, None, None], atol=1e-4, rtol=1e-4)
   after = nnx.to_flat_state(nnx.state(model))
   assert [k for k, _ in before] == [k for k, _ in after]  # the calls added no variables
 
@@ -248,30 +250,50 @@ def test_visualize_workdir_errors_name_the_problem(workdir_config, tmp_path):
 
 @pytest.mark.slow
 def test_command_line_visualize_mode():
-  base = [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode",
-          "visualize"]
-  result = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          check=False)
+  base = [sys.executable, "run.py", "--config", "configs/synthetic.py:tiny", "--mode", "visualize"]
+  result = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode != 0 and "--mode visualize needs --workdir" in result.stderr
-  result = subprocess.run(base + ["--workdir", "/nonexistent/run",
-                                  "--config.visualize.num_queries=-1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  result = subprocess.run(
+    base + ["--workdir", "/nonexistent/run", "--config.visualize.num_queries=-1"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode != 0
   assert "visualize.num_queries=-1: a whole number >= 1" in result.stderr
 
 
 def test_compare_runs_puts_the_paper_beside(tmp_path):
   runs = []
-  for name, dataset, r1, mean_ap in (("market", "market1501", 95.1, 88.0),
-                                     ("demo", "synthetic_reid/small", 95.8, 86.1)):
+  for name, dataset, r1, mean_ap in (
+    ("market", "market1501", 95.1, 88.0),
+    ("demo", "synthetic_reid/small", 95.8, 86.1),
+  ):
     (tmp_path / name).mkdir()
-    (tmp_path / name / "results.json").write_text(json.dumps({
-        "R1": r1, "mAP": mean_ap,
-        "protocol": {"dataset": dataset, "distractors": "kept (standard)"}}))
+    (tmp_path / name / "results.json").write_text(
+      json.dumps(
+        {
+          "R1": r1,
+          "mAP": mean_ap,
+          "protocol": {"dataset": dataset, "distractors": "kept (standard)"},
+        }
+      )
+    )
     runs.append(str(tmp_path / name))
   lines = visualize.compare_runs([runs[0], runs[1] + "/results.json"]).splitlines()
-  assert lines[0].split() == ["run", "dataset", "distractors", "R1", "mAP", "paper", "R1",
-                              "paper", "mAP"]
+  assert lines[0].split() == [
+    "run",
+    "dataset",
+    "distractors",
+    "R1",
+    "mAP",
+    "paper",
+    "R1",
+    "paper",
+    "mAP",
+  ]
   assert lines[1].split() == ["market", "market1501", "kept", "95.1", "88.0", "96.2", "90.5"]
   assert lines[2].split() == ["demo", "synthetic_reid/small", "kept", "95.8", "86.1", "-", "-"]
   with pytest.raises(FileNotFoundError) as error:

@@ -44,9 +44,9 @@ def test_reads_pytorch_files_without_pytorch(name):
   checkpoint = torch_io.read_checkpoint(TORCH / name)
   assert checkpoint["epoch"] == 3
   state = checkpoint["state_dict"]
-  assert sorted(k[len("module."):] for k in state) == sorted(expected.files)
+  assert sorted(k[len("module.") :] for k in state) == sorted(expected.files)
   for key, value in state.items():
-    want = expected[key[len("module."):]]
+    want = expected[key[len("module.") :]]
     assert value.dtype == want.dtype and value.shape == want.shape, key
     np.testing.assert_array_equal(value, want, err_msg=key)
 
@@ -65,12 +65,16 @@ def test_written_pth_has_the_structure_pytorch_writes(tmp_path):
   with zipfile.ZipFile(TORCH / "tensors.pth") as zf:
     torch_pickle = zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl")))
   ours_path = tmp_path / "ours.pth"
-  torch_io.write_pth({"module.conv.weight": np.arange(24, dtype=np.float32).reshape(4, 6) / 7},
-                     ours_path)
+  torch_io.write_pth(
+    {"module.conv.weight": np.arange(24, dtype=np.float32).reshape(4, 6) / 7}, ours_path
+  )
   with zipfile.ZipFile(ours_path) as zf:
     ours_pickle = zf.read("archive/data.pkl")
     assert zf.read("archive/version").strip() == b"3"
-  globals_ = lambda outline: [a for op, a in outline if op == "GLOBAL"]
+
+  def globals_(outline):
+    return [a for op, a in outline if op == "GLOBAL"]
+
   torch_globals = set(globals_(_pickle_outline(torch_pickle)))
   assert set(globals_(_pickle_outline(ours_pickle))) <= torch_globals
   assert {"torch._utils _rebuild_tensor_v2", "torch FloatStorage"} <= torch_globals
@@ -81,8 +85,11 @@ def test_written_pth_has_the_structure_pytorch_writes(tmp_path):
 
 def test_pth_round_trip_keeps_values_and_dtypes(tmp_path):
   state = collections.OrderedDict(
-      a=np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
-      b=np.arange(5, dtype=np.int64), c=np.array(2.5), d=np.array([True, False]))
+    a=np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32),
+    b=np.arange(5, dtype=np.int64),
+    c=np.array(2.5),
+    d=np.array([True, False]),
+  )
   torch_io.write_pth(state, tmp_path / "x.pth")
   back = torch_io.read_checkpoint(tmp_path / "x.pth")
   assert list(back) == list(state)
@@ -128,12 +135,15 @@ def test_official_key_set_equals_the_official_model():
   for level in (0, 1, 2):
     config = get_config().model
     config.level = level
-    model = nnx.eval_shape(lambda: build_model(config, 10, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda config=config: build_model(config, 10, rngs=nnx.Rngs(0)))
     entries = weights._entries(model)
     shapes = {k: list(weights._torch_shape(e.variable.shape, e.kind)) for k, e in entries.items()}
     official = keys[f"level{level}"]
-    canonical = {k: v for k, v in official.items()
-                 if keys[f"level{level}_canonical"][k] == k and "num_batches" not in k}
+    canonical = {
+      k: v
+      for k, v in official.items()
+      if keys[f"level{level}_canonical"][k] == k and "num_batches" not in k
+    }
     assert shapes == canonical
 
 
@@ -146,7 +156,9 @@ def test_save_then_load_is_exact(tmp_path):
   state = torch_io.read_checkpoint(tmp_path / "apnet.pth")
   assert "att_ss1.fc1.weight" in state and "BN_1.bottleneck2.weight" in state  # level 3 names
   assert state["att_ss1.fc1.weight"].ndim == 4  # 1x1 Conv2d as in PyTorch
-  np.testing.assert_array_equal(state["base_2.0.0.conv1.weight"], state["base.layer1.0.conv1.weight"])
+  np.testing.assert_array_equal(
+    state["base_2.0.0.conv1.weight"], state["base.layer1.0.conv1.weight"]
+  )
   other = small_model(level=3, seed=2)
   report = load_torch_weights(other, tmp_path / "apnet.pth")
   assert report.layout == "official" and not report.missing and not report.unexpected
@@ -184,7 +196,11 @@ def _safetensors_file(path, tensors):
   little-endian header length, the JSON header, then the tensors' bytes."""
   header, data = {}, b""
   for name, (dtype, shape, raw) in tensors.items():
-    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+    header[name] = {
+      "dtype": dtype,
+      "shape": shape,
+      "data_offsets": [len(data), len(data) + len(raw)],
+    }
     data += raw
   text = json.dumps(header).encode()
   path.write_bytes(len(text).to_bytes(8, "little") + text + data)
@@ -193,16 +209,16 @@ def _safetensors_file(path, tensors):
 
 def test_safetensors_files_are_read_or_named(tmp_path):
   weight = np.arange(6, dtype="<f4").reshape(2, 3)
-  good = _safetensors_file(tmp_path / "good.safetensors",
-                           {"w": ("F32", [2, 3], weight.tobytes())})
+  good = _safetensors_file(tmp_path / "good.safetensors", {"w": ("F32", [2, 3], weight.tobytes())})
   np.testing.assert_array_equal(torch_io.read_checkpoint(good)["w"], weight)
   cut = tmp_path / "cut.safetensors"
   cut.write_bytes(good.read_bytes()[:-5])
   with pytest.raises(torch_io.CheckpointFormatError, match="cut.safetensors"):
     torch_io.read_checkpoint(cut)
   # bfloat16 1.0 and -2.0: the top halves of the float32 bit patterns.
-  bf16 = _safetensors_file(tmp_path / "half.safetensors",
-                           {"w": ("BF16", [2], bytes([0x80, 0x3F, 0x00, 0xC0]))})
+  bf16 = _safetensors_file(
+    tmp_path / "half.safetensors", {"w": ("BF16", [2], bytes([0x80, 0x3F, 0x00, 0xC0]))}
+  )
   np.testing.assert_array_equal(torch_io.read_checkpoint(bf16)["w"].astype(np.float32), [1, -2])
   odd = _safetensors_file(tmp_path / "odd.safetensors", {"w": ("X9", [1], b"\0")})
   with pytest.raises(torch_io.CheckpointFormatError, match="odd.safetensors"):
@@ -212,7 +228,7 @@ def test_safetensors_files_are_read_or_named(tmp_path):
 def test_torchvision_layout_fills_the_backbone():
   source_model = small_model(level=0, seed=1)
   official = weights.torch_state_dict(source_model)
-  torchvision = {k[len("base."):]: v for k, v in official.items() if k.startswith("base.")}
+  torchvision = {k[len("base.") :]: v for k, v in official.items() if k.startswith("base.")}
   torchvision["fc.weight"] = np.zeros((1000, 512), np.float32)
   torchvision["fc.bias"] = np.zeros((1000,), np.float32)
   model = small_model(level=2, seed=2)
@@ -222,8 +238,9 @@ def test_torchvision_layout_fills_the_backbone():
   assert "layer4.2.conv3.weight" in report.loaded and "conv1.weight" in report.loaded
   assert not report.unexpected  # fc.* is ignored, not unexpected
   assert report.missing == []  # the backbone is complete; the head is not its business
-  np.testing.assert_array_equal(model.backbone.layer4[2].conv3.kernel[...],
-                                source_model.backbone.layer4[2].conv3.kernel[...])
+  np.testing.assert_array_equal(
+    model.backbone.layer4[2].conv3.kernel[...], source_model.backbone.layer4[2].conv3.kernel[...]
+  )
   np.testing.assert_array_equal(model.classifier.kernel[...], head_before)
 
 
@@ -245,8 +262,11 @@ def test_wrong_shapes_are_all_named_and_nothing_is_loaded():
 def test_disagreeing_alias_is_named():
   state = weights.torch_state_dict(small_model(seed=1))
   state["base_3.0.1.bn2.running_mean"] = state["base_3.0.1.bn2.running_mean"] + 1
-  with pytest.raises(ValueError, match=r"base_3\.0\.1\.bn2\.running_mean.*"
-                     r"base\.layer2\.1\.bn2\.running_mean"):
+  with pytest.raises(
+    ValueError,
+    match=r"base_3\.0\.1\.bn2\.running_mean.*"
+    r"base\.layer2\.1\.bn2\.running_mean",
+  ):
     load_torch_weights(small_model(seed=2), state)
 
 
@@ -291,6 +311,9 @@ def test_nan_weights_are_named_as_such_not_as_disagreeing_aliases(tmp_path):
     state[key] = np.full_like(state[key], np.nan)
   path = tmp_path / "diverged.pth"
   torch_io.write_pth(state, path)
-  with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: NaN.*"
-                     r"\(base\.layer2\.1\.bn2\.running_mean\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"^{re.escape(str(path))}: NaN.*"
+    r"\(base\.layer2\.1\.bn2\.running_mean\)",
+  ):
     load_torch_weights(small_model(seed=2), path)

@@ -62,9 +62,7 @@ def normalize(images: jax.Array) -> jax.Array:
   return (x - mean) / std
 
 
-def _flip_pad_crop(
-    key: jax.Array, images: jax.Array, pad: int, flip_p: float
-) -> jax.Array:
+def _flip_pad_crop(key: jax.Array, images: jax.Array, pad: int, flip_p: float) -> jax.Array:
   """Random horizontal flip, zero padding and random crop back to (H, W)."""
   batch, height, width, _ = images.shape
   flip_key, y_key, x_key = jax.random.split(key, 3)
@@ -82,23 +80,23 @@ def _flip_pad_crop(
 
 
 def _erase(
-    key: jax.Array,
-    images: jax.Array,
-    p: float,
-    area: tuple[float, float],
-    min_aspect: float,
-    attempts: int,
-    fill: tuple[float, float, float],
+  key: jax.Array,
+  images: jax.Array,
+  p: float,
+  area: tuple[float, float],
+  min_aspect: float,
+  attempts: int,
+  fill: tuple[float, float, float],
 ) -> jax.Array:
   """Random erasing with ``attempts`` candidate rectangles per image."""
   batch, height, width, _ = images.shape
   apply_key, area_key, aspect_key, y_key, x_key = jax.random.split(key, 5)
   apply = jax.random.uniform(apply_key, (batch,)) < p
   target_area = (height * width) * jax.random.uniform(
-      area_key, (batch, attempts), minval=area[0], maxval=area[1]
+    area_key, (batch, attempts), minval=area[0], maxval=area[1]
   )
   aspect = jax.random.uniform(
-      aspect_key, (batch, attempts), minval=min_aspect, maxval=1.0 / min_aspect
+    aspect_key, (batch, attempts), minval=min_aspect, maxval=1.0 / min_aspect
   )
   # jnp.round rounds half to even, like Python's round() in the official code.
   h_all = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
@@ -124,28 +122,28 @@ def _erase(
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "pad",
-        "flip_p",
-        "erase_p",
-        "erase_area",
-        "erase_min_aspect",
-        "erase_attempts",
-        "erase_fill",
-    ),
+  jax.jit,
+  static_argnames=(
+    "pad",
+    "flip_p",
+    "erase_p",
+    "erase_area",
+    "erase_min_aspect",
+    "erase_attempts",
+    "erase_fill",
+  ),
 )
 def train_augment(
-    rng: jax.Array,
-    images: jax.Array,
-    *,
-    pad: int = 10,
-    flip_p: float = 0.5,
-    erase_p: float = 0.5,
-    erase_area: tuple[float, float] = (0.02, 0.4),
-    erase_min_aspect: float = 0.3,
-    erase_attempts: int = 100,
-    erase_fill: tuple[float, float, float] = IMAGENET_MEAN,
+  rng: jax.Array,
+  images: jax.Array,
+  *,
+  pad: int = 10,
+  flip_p: float = 0.5,
+  erase_p: float = 0.5,
+  erase_area: tuple[float, float] = (0.02, 0.4),
+  erase_min_aspect: float = 0.3,
+  erase_attempts: int = 100,
+  erase_fill: tuple[float, float, float] = IMAGENET_MEAN,
 ) -> jax.Array:
   """Official APNet train augmentation of a resized uint8 batch.
 
@@ -170,29 +168,22 @@ def train_augment(
     float32 (B, H, W, 3) normalized, augmented images.
   """
   if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != jnp.uint8:
-    raise ValueError(
-        "images must be uint8 (B, H, W, 3); got "
-        f"{images.dtype} {images.shape}."
-    )
+    raise ValueError(f"images must be uint8 (B, H, W, 3); got {images.dtype} {images.shape}.")
   if pad < 0 or erase_attempts < 1:
+    raise ValueError(f"need pad >= 0 and erase_attempts >= 1, got {pad}, {erase_attempts}.")
+  if not (0.0 < erase_area[0] <= erase_area[1] and 0.0 < erase_min_aspect <= 1.0):
     raise ValueError(
-        f"need pad >= 0 and erase_attempts >= 1, got {pad}, {erase_attempts}."
-    )
-  if not (
-      0.0 < erase_area[0] <= erase_area[1] and 0.0 < erase_min_aspect <= 1.0
-  ):
-    raise ValueError(
-        "need 0 < erase_area[0] <= erase_area[1] and 0 < erase_min_aspect <= 1;"
-        f" got {erase_area}, {erase_min_aspect}."
+      "need 0 < erase_area[0] <= erase_area[1] and 0 < erase_min_aspect <= 1;"
+      f" got {erase_area}, {erase_min_aspect}."
     )
   crop_key, erase_key = jax.random.split(rng)
   images = _flip_pad_crop(crop_key, images, pad, flip_p)
   return _erase(
-      erase_key,
-      normalize(images),
-      erase_p,
-      erase_area,
-      erase_min_aspect,
-      erase_attempts,
-      erase_fill,
+    erase_key,
+    normalize(images),
+    erase_p,
+    erase_area,
+    erase_min_aspect,
+    erase_attempts,
+    erase_fill,
   )

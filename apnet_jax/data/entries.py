@@ -36,8 +36,9 @@ class DatasetEntry:
     return f"{self.name}:{self.config}" if self.config else self.name
 
 
-def parse_entries(text: str, *, separator: str, known: Collection[str] | None = None,
-                  key: str = "") -> tuple[DatasetEntry, ...]:
+def parse_entries(
+  text: str, *, separator: str, known: Collection[str] | None = None, key: str = ""
+) -> tuple[DatasetEntry, ...]:
   """Reads ``name[:config]`` entries joined by ``separator``.
 
   Spaces around an entry are ignored (``"market1501, msmt17"``).
@@ -59,21 +60,24 @@ def parse_entries(text: str, *, separator: str, known: Collection[str] | None = 
   """
   where = f"{key}={text!r}: " if key else ""
   if not isinstance(text, str):
-    raise TypeError(f"{where}expected a string of name[:config] entries joined by "
-                     f"{separator!r}.")
+    raise TypeError(f"{where}expected a string of name[:config] entries joined by {separator!r}.")
   entries = []
   for position, raw in enumerate(text.split(separator), start=1):
     entry = raw.strip()
     if not entry:
-      raise ValueError(f"{where}entry {position} is empty; join name[:config] entries with "
-                       f"a single {separator!r}.")
+      raise ValueError(
+        f"{where}entry {position} is empty; join name[:config] entries with a single {separator!r}."
+      )
     name, colon, config = (part.strip() for part in entry.partition(":"))
     if not name or (colon and not config):
-      raise ValueError(f"{where}entry {entry!r} is not name[:config] (a builder name, "
-                       "optionally a colon and a builder config).")
+      raise ValueError(
+        f"{where}entry {entry!r} is not name[:config] (a builder name, "
+        "optionally a colon and a builder config)."
+      )
     if known is not None and name not in known:
-      raise ValueError(f"{where}entry {entry!r} names no known dataset; known: "
-                       f"{', '.join(sorted(known))}.")
+      raise ValueError(
+        f"{where}entry {entry!r} names no known dataset; known: {', '.join(sorted(known))}."
+      )
     parsed = DatasetEntry(name, config)
     if parsed in entries:
       raise ValueError(f"{where}entry {entry!r} is given twice.")
@@ -81,8 +85,9 @@ def parse_entries(text: str, *, separator: str, known: Collection[str] | None = 
   return tuple(entries)
 
 
-def data_entries(data_config: Any, *,
-                 known: Collection[str] | None = None) -> tuple[DatasetEntry, ...]:
+def data_entries(
+  data_config: Any, *, known: Collection[str] | None = None
+) -> tuple[DatasetEntry, ...]:
   """The datasets a ``data`` config section trains on, in order.
 
   ``data.name`` with ``+`` or ``:`` is read by `parse_entries` (separator
@@ -104,9 +109,10 @@ def data_entries(data_config: Any, *,
   if "+" in name or ":" in name:
     if config:
       raise ValueError(
-          f"data.config={config!r} is set together with data.name={name!r}, which gives "
-          "its datasets as name[:config] entries: leave data.config '' and write each "
-          "config into data.name.")
+        f"data.config={config!r} is set together with data.name={name!r}, which gives "
+        "its datasets as name[:config] entries: leave data.config '' and write each "
+        "config into data.name."
+      )
     return entries
   if not isinstance(config, str):
     raise TypeError(f"data.config={config!r}: expected a string ('' for the default).")

@@ -46,8 +46,7 @@ class ConcatenatedSource:
 
   def _locate(self, index: int) -> tuple[int, int]:
     if not 0 <= index < len(self):
-      raise IndexError(f"record {index} is outside the joint train split of {len(self)} "
-                       "records.")
+      raise IndexError(f"record {index} is outside the joint train split of {len(self)} records.")
     part = int(np.searchsorted(self._starts, index, side="right")) - 1
     return part, index - int(self._starts[part])
 
@@ -127,8 +126,10 @@ def joint_train_split(builders: Sequence[tfds.core.DatasetBuilder]) -> JointTrai
   for builder in builders:
     path = str(builder.data_path)
     if path in seen:
-      raise ValueError(f"{builder.info.full_name} is given twice ({path}): each of its persons "
-                       "would be trained as two identities.")
+      raise ValueError(
+        f"{builder.info.full_name} is given twice ({path}): each of its persons "
+        "would be trained as two identities."
+      )
     seen[path] = builder.info.full_name
   parts, labels, offsets, constituent = [], [], [], []
   num_classes = 0
@@ -138,20 +139,23 @@ def joint_train_split(builders: Sequence[tfds.core.DatasetBuilder]) -> JointTrai
     # Offsets add up the ids before: they leave no gap and no overlap only when
     # every dataset labels its identities 0..n-1.
     if not np.array_equal(np.unique(label), np.arange(num_ids)):
-      raise ValueError(f"{builder.data_path}: the train labels are not 0..{num_ids - 1}; "
-                       "rebuild the dataset with apnet_jax.data.prepare.")
+      raise ValueError(
+        f"{builder.data_path}: the train labels are not 0..{num_ids - 1}; "
+        "rebuild the dataset with apnet_jax.data.prepare."
+      )
     parts.append(sources.load_split(builder, "train"))
     labels.append(label + num_classes)
     offsets.append(num_classes)
     constituent.append(np.full(len(label), index, np.int32))
     num_classes += num_ids
-  entries = tuple(DatasetEntry(b.name, b.builder_config.name if b.builder_config else "")
-                  for b in builders)
+  entries = tuple(
+    DatasetEntry(b.name, b.builder_config.name if b.builder_config else "") for b in builders
+  )
   return JointTrainSplit(
-      entries=entries,
-      source=ConcatenatedSource(parts, offsets),
-      labels=np.concatenate(labels),
-      num_classes=num_classes,
-      label_offsets=tuple(offsets),
-      constituent=np.concatenate(constituent),
+    entries=entries,
+    source=ConcatenatedSource(parts, offsets),
+    labels=np.concatenate(labels),
+    num_classes=num_classes,
+    label_offsets=tuple(offsets),
+    constituent=np.concatenate(constituent),
   )

@@ -23,8 +23,12 @@ from apnet_jax import distributed
 from apnet_jax.data import entries, joint, prepare, sources
 
 
-def open_dataset(data_config: ml_collections.ConfigDict, entry: entries.DatasetEntry | None = None,
-                 *, key: str = "data.name") -> tfds.core.DatasetBuilder:
+def open_dataset(
+  data_config: ml_collections.ConfigDict,
+  entry: entries.DatasetEntry | None = None,
+  *,
+  key: str = "data.name",
+) -> tfds.core.DatasetBuilder:
   """The prepared builder of ``entry``, or of the one dataset ``data.name`` names.
 
   Args:
@@ -43,27 +47,32 @@ def open_dataset(data_config: ml_collections.ConfigDict, entry: entries.DatasetE
   if main:
     named = entries.data_entries(data_config, known=sources.BUILDERS)
     if len(named) > 1:
-      raise ValueError(f"data.name={data_config.name!r} joins {len(named)} datasets; open "
-                       "each of entries.data_entries(data) (open_train_split does).")
+      raise ValueError(
+        f"data.name={data_config.name!r} joins {len(named)} datasets; open "
+        "each of entries.data_entries(data) (open_train_split does)."
+      )
     entry = named[0]
   name, config = entry.name, entry.config
   manual_dir = data_config.manual_dir if main else ""
   data_dir = os.path.expanduser(data_config.data_dir)
   builder = distributed.on_process_0_first(
-      lambda: _open_or_prepare(name, config, data_dir, manual_dir, key, main=main),
-      f"{name}: process 0 could not open the dataset")
+    lambda: _open_or_prepare(name, config, data_dir, manual_dir, key, main=main),
+    f"{name}: process 0 could not open the dataset",
+  )
   if jax.process_index() != 0:
     builder = sources.get_builder(name, data_dir=data_dir, config=config or None)
     if not builder.is_prepared():
       raise FileNotFoundError(
-          f"{name}: process 0 has it, but process {jax.process_index()} finds nothing in "
-          f"{data_dir}. Give all processes one shared --config.data.data_dir, or run "
-          "--mode prepare on every host first.")
+        f"{name}: process 0 has it, but process {jax.process_index()} finds nothing in "
+        f"{data_dir}. Give all processes one shared --config.data.data_dir, or run "
+        "--mode prepare on every host first."
+      )
   return builder
 
 
-def _open_or_prepare(name: str, config: str, data_dir: str, manual_dir: str, key: str, *,
-                     main: bool) -> tfds.core.DatasetBuilder:
+def _open_or_prepare(
+  name: str, config: str, data_dir: str, manual_dir: str, key: str, *, main: bool
+) -> tfds.core.DatasetBuilder:
   builder = sources.get_builder(name, data_dir=data_dir, config=config or None)
   if builder.is_prepared():
     if manual_dir:
@@ -73,29 +82,40 @@ def _open_or_prepare(name: str, config: str, data_dir: str, manual_dir: str, key
     return prepare_dataset(name, config, data_dir, manual_dir)
   entry = f"{name}:{config}" if config else name
   if main:  # this run prepares it, given the folder
-    how = (f"run with --config.data.manual_dir=<the folder holding it> (once; it is then kept "
-           f"in {data_dir})")
+    how = (
+      f"run with --config.data.manual_dir=<the folder holding it> (once; it is then kept "
+      f"in {data_dir})"
+    )
   else:
-    how = ("prepare it once with: python run.py --config configs/common.py --mode prepare "
-           f"--config.data.name={name}" + (f" --config.data.config={config}" if config else "")
-           + f" --config.data.data_dir={data_dir} --config.data.manual_dir=<the folder "
-           "holding it>")
-  raise FileNotFoundError(f"{key}: {entry} is not prepared in {data_dir}. Download it as "
-                          f"apnet_jax/datasets/{name}/README.md says and {how}.")
+    how = (
+      "prepare it once with: python run.py --config configs/common.py --mode prepare "
+      f"--config.data.name={name}"
+      + (f" --config.data.config={config}" if config else "")
+      + f" --config.data.data_dir={data_dir} --config.data.manual_dir=<the folder "
+      "holding it>"
+    )
+  raise FileNotFoundError(
+    f"{key}: {entry} is not prepared in {data_dir}. Download it as "
+    f"apnet_jax/datasets/{name}/README.md says and {how}."
+  )
 
 
-def prepare_dataset(name: str, config: str, data_dir: str,
-                    manual_dir: str) -> tfds.core.DatasetBuilder:
+def prepare_dataset(
+  name: str, config: str, data_dir: str, manual_dir: str
+) -> tfds.core.DatasetBuilder:
   """Builds dataset ``name:config`` (a no-op when built) and prints its statistics table."""
-  return prepare.prepare(name, manual_dir=manual_dir or None,
-                         data_dir=os.path.expanduser(data_dir), config=config or None)
+  return prepare.prepare(
+    name,
+    manual_dir=manual_dir or None,
+    data_dir=os.path.expanduser(data_dir),
+    config=config or None,
+  )
 
 
 def prepare_data(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """``--mode prepare``: builds the dataset of ``data.name`` from ``data.manual_dir``."""
   (entry,) = entries.data_entries(data_config, known=sources.BUILDERS)  # one: config_check
-  return prepare_dataset(entry.name, entry.config, data_config.data_dir,
-                         data_config.manual_dir)
+  return prepare_dataset(entry.name, entry.config, data_config.data_dir, data_config.manual_dir)
 
 
 def open_train_split(data_config: ml_collections.ConfigDict) -> joint.JointTrainSplit:
@@ -113,8 +133,9 @@ def num_train_ids(data_config: ml_collections.ConfigDict) -> int:
   dataset, else from its published statistics."""
   total = 0
   for entry in entries.data_entries(data_config, known=sources.BUILDERS):
-    builder = sources.get_builder(entry.name, data_dir=os.path.expanduser(
-        data_config.data_dir), config=entry.config or None)
+    builder = sources.get_builder(
+      entry.name, data_dir=os.path.expanduser(data_config.data_dir), config=entry.config or None
+    )
     if builder.is_prepared():
       total += int(len(np.unique(sources.split_annotations(builder, "train").label)))
     elif prepare.dataset_key(builder) in prepare.STANDARD_STATISTICS:

@@ -42,26 +42,26 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from absl import flags
 import grain
 import jax
 import numpy as np
 import numpy.typing as npt
+from absl import flags
 from PIL import Image
 
 from apnet_jax import images
 from apnet_jax.data.sampler import (
-    RandomIdentitySampler,
-    check_int,
-    steps_per_epoch,
+  RandomIdentitySampler,
+  check_int,
+  steps_per_epoch,
 )
 
 __all__ = [
-    "RecordSource",
-    "decode_and_resize",
-    "eval_batches",
-    "steps_per_epoch",
-    "train_loader",
+  "RecordSource",
+  "decode_and_resize",
+  "eval_batches",
+  "steps_per_epoch",
+  "train_loader",
 ]
 
 _THREADS_PER_PROCESS = 2
@@ -72,11 +72,9 @@ _PREFETCH_BATCHES = 2
 class RecordSource(Protocol):
   """A random-access source of re-ID records (see the module docstring)."""
 
-  def __len__(self) -> int:
-    ...
+  def __len__(self) -> int: ...
 
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 def _as_str(value: Any) -> str:
@@ -86,7 +84,7 @@ def _as_str(value: Any) -> str:
 
 
 def decode_and_resize(
-    image: bytes, *, height: int, width: int, filename: str = "<unknown>"
+  image: bytes, *, height: int, width: int, filename: str = "<unknown>"
 ) -> np.ndarray:
   """Decodes an image to 8-bit RGB (`apnet_jax.images`) and resizes it like the official code.
 
@@ -108,9 +106,9 @@ def decode_and_resize(
   """
   if not isinstance(image, (bytes, np.bytes_)):
     raise ValueError(
-        f"record {filename!r}: 'image' must hold the encoded file bytes, got"
-        f" {type(image).__name__} (with TFDS, pass decoders={{'image':"
-        " tfds.decode.SkipDecoding()}} to tfds.data_source)."
+      f"record {filename!r}: 'image' must hold the encoded file bytes, got"
+      f" {type(image).__name__} (with TFDS, pass decoders={{'image':"
+      " tfds.decode.SkipDecoding()}} to tfds.data_source)."
     )
   rgb = images.decode_rgb(bytes(image), repr(filename))
   if rgb.size != (width, height):
@@ -125,9 +123,7 @@ def _read_records(source: RecordSource, indices: Sequence[int]) -> list[dict]:
   return [source[i] for i in indices]
 
 
-def _resolve_processes(
-    process_index: int | None, process_count: int | None
-) -> tuple[int, int]:
+def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   if process_index is None:
     process_index = jax.process_index()
   if process_count is None:
@@ -135,35 +131,31 @@ def _resolve_processes(
   check_int("process_count", process_count, 1)
   check_int("process_index", process_index, 0)
   if not 0 <= process_index < process_count:
-    raise ValueError(
-        f"process_index must be in [0, {process_count}), got {process_index}."
-    )
+    raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}.")
   return int(process_index), int(process_count)
 
 
 def _local_batch_size(global_batch: int, process_count: int, what: str) -> int:
   if global_batch % process_count:
     raise ValueError(
-        f"the global batch size {global_batch} ({what}) is not divisible by "
-        f"process_count={process_count}; every process must load an equal "
-        "share."
+      f"the global batch size {global_batch} ({what}) is not divisible by "
+      f"process_count={process_count}; every process must load an equal "
+      "share."
     )
   return global_batch // process_count
 
 
-def _make_iterator(
-    ds: grain.MapDataset, num_workers: int
-) -> grain.DatasetIterator:
+def _make_iterator(ds: grain.MapDataset, num_workers: int) -> grain.DatasetIterator:
   check_int("num_workers", num_workers, 0)
   # One element is a whole batch (~18 MB at 80 x 384 x 192): keep Grain's
   # defaults (16 threads, 500 elements of read-ahead) far away from it. Two
   # threads per process decode two batches at once (PIL releases the GIL);
   # on a 2-core machine that beat one thread in benchmarks/input_pipeline.py.
   iter_ds = ds.to_iter_dataset(
-      grain.ReadOptions(
-          num_threads=_THREADS_PER_PROCESS,
-          prefetch_buffer_size=_PREFETCH_BATCHES,
-      )
+    grain.ReadOptions(
+      num_threads=_THREADS_PER_PROCESS,
+      prefetch_buffer_size=_PREFETCH_BATCHES,
+    )
   )
   if num_workers:
     # grain 0.2.18 reads an absl flag when starting workers and fails unless
@@ -172,13 +164,13 @@ def _make_iterator(
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     iter_ds = iter_ds.mp_prefetch(
-        grain.MultiprocessingOptions(
-            num_workers=num_workers,
-            per_worker_buffer_size=_PREFETCH_BATCHES,
-        ),
-        # The parent's pid from here: a worker that starts after its parent died
-        # would see its adopter's pid as its parent's.
-        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
+      grain.MultiprocessingOptions(
+        num_workers=num_workers,
+        per_worker_buffer_size=_PREFETCH_BATCHES,
+      ),
+      # The parent's pid from here: a worker that starts after its parent died
+      # would see its adopter's pid as its parent's.
+      worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
     )
   return iter(iter_ds)
 
@@ -209,14 +201,14 @@ class _TrainBatch:
   """Step -> this process's slice of the decoded P x K batch (picklable)."""
 
   def __init__(
-      self,
-      source: RecordSource,
-      labels: np.ndarray,
-      sampler: RandomIdentitySampler,
-      start: int,
-      stop: int,
-      height: int,
-      width: int,
+    self,
+    source: RecordSource,
+    labels: np.ndarray,
+    sampler: RandomIdentitySampler,
+    start: int,
+    stop: int,
+    height: int,
+    width: int,
   ):
     self._source = source
     self._labels = labels
@@ -234,37 +226,35 @@ class _TrainBatch:
       # would silently stop being P x K.
       if r["label"] != self._labels[i]:
         raise ValueError(
-            f"record {name} has label {r['label']} but labels[{i}] is "
-            f"{self._labels[i]}: the labels do not belong to this source."
+          f"record {name} has label {r['label']} but labels[{i}] is "
+          f"{self._labels[i]}: the labels do not belong to this source."
         )
       images.append(
-          decode_and_resize(
-              r["image"], height=self._height, width=self._width, filename=name
-          )
+        decode_and_resize(r["image"], height=self._height, width=self._width, filename=name)
       )
     return {
-        "image": np.stack(images),
-        "label": np.array([r["label"] for r in records], np.int32),
-        "pid": np.array([r["pid"] for r in records], np.int32),
-        "camid": np.array([r["camid"] for r in records], np.int32),
-        "index": np.asarray(indices, np.int64),
+      "image": np.stack(images),
+      "label": np.array([r["label"] for r in records], np.int32),
+      "pid": np.array([r["pid"] for r in records], np.int32),
+      "camid": np.array([r["camid"] for r in records], np.int32),
+      "index": np.asarray(indices, np.int64),
     }
 
 
 def train_loader(
-    source: RecordSource,
-    labels: npt.ArrayLike | None = None,
-    *,
-    p: int,
-    k: int,
-    height: int,
-    width: int,
-    seed: int,
-    num_epochs: int | None = None,
-    start_step: int = 0,
-    num_workers: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  source: RecordSource,
+  labels: npt.ArrayLike | None = None,
+  *,
+  p: int,
+  k: int,
+  height: int,
+  width: int,
+  seed: int,
+  num_epochs: int | None = None,
+  start_step: int = 0,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> grain.DatasetIterator:
   """Returns an iterator over P x K training batches, from batch ``start_step`` on.
 
@@ -316,13 +306,11 @@ def train_loader(
   labels = np.asarray(labels)
   if labels.shape != (len(source),):
     raise ValueError(
-        f"labels has shape {labels.shape} but the source has {len(source)} "
-        "records; pass one train label per record."
+      f"labels has shape {labels.shape} but the source has {len(source)} "
+      "records; pass one train label per record."
     )
   sampler = RandomIdentitySampler(labels, p=p, k=k, seed=seed)
-  process_index, process_count = _resolve_processes(
-      process_index, process_count
-  )
+  process_index, process_count = _resolve_processes(process_index, process_count)
   local = _local_batch_size(sampler.batch_size, process_count, f"p={p} x k={k}")
   if num_epochs is None:
     num_steps = sys.maxsize
@@ -330,18 +318,19 @@ def train_loader(
     check_int("num_epochs", num_epochs, 1)
     num_steps = num_epochs * sampler.steps_per_epoch
   load = _TrainBatch(
-      source,
-      labels,
-      sampler,
-      process_index * local,
-      (process_index + 1) * local,
-      height,
-      width,
+    source,
+    labels,
+    sampler,
+    process_index * local,
+    (process_index + 1) * local,
+    height,
+    width,
   )
   check_int("start_step", start_step, 0)
   if start_step > num_steps:
-    raise ValueError(f"start_step={start_step} lies past the {num_steps} steps of "
-                     f"num_epochs={num_epochs}.")
+    raise ValueError(
+      f"start_step={start_step} lies past the {num_steps} steps of num_epochs={num_epochs}."
+    )
   ds = grain.MapDataset.range(start_step, num_steps).map(load)
   return _make_iterator(ds, num_workers)
 
@@ -350,13 +339,13 @@ class _EvalBatch:
   """Batch number -> this process's slice of an ordered, padded batch."""
 
   def __init__(
-      self,
-      source: RecordSource,
-      batch_size: int,
-      start: int,
-      stop: int,
-      height: int,
-      width: int,
+    self,
+    source: RecordSource,
+    batch_size: int,
+    start: int,
+    stop: int,
+    height: int,
+    width: int,
   ):
     self._source = source
     self._num_records = len(source)
@@ -378,31 +367,31 @@ class _EvalBatch:
     for j, (i, r) in enumerate(zip(real, records)):
       name = _as_str(r.get("filename", "?"))
       image[j] = decode_and_resize(
-          r["image"],
-          height=self._height,
-          width=self._width,
-          filename=f"{name} (record {i})",
+        r["image"],
+        height=self._height,
+        width=self._width,
+        filename=f"{name} (record {i})",
       )
       pid[j], camid[j], filename[j] = r["pid"], r["camid"], name
     return {
-        "image": image,
-        "pid": pid,
-        "camid": camid,
-        "index": np.where(mask, indices, -1),
-        "filename": np.array(filename, dtype=str),
-        "mask": mask,
+      "image": image,
+      "pid": pid,
+      "camid": camid,
+      "index": np.where(mask, indices, -1),
+      "filename": np.array(filename, dtype=str),
+      "mask": mask,
     }
 
 
 def eval_batches(
-    source: RecordSource,
-    *,
-    batch_size: int,
-    height: int,
-    width: int,
-    num_workers: int = 0,
-    process_index: int | None = None,
-    process_count: int | None = None,
+  source: RecordSource,
+  *,
+  batch_size: int,
+  height: int,
+  width: int,
+  num_workers: int = 0,
+  process_index: int | None = None,
+  process_count: int | None = None,
 ) -> grain.DatasetIterator:
   """Yields every record of ``source`` once, in order, in fixed-shape batches.
 
@@ -438,17 +427,15 @@ def eval_batches(
   check_int("width", width, 1)
   if len(source) == 0:
     raise ValueError("eval_batches got an empty source (0 records).")
-  process_index, process_count = _resolve_processes(
-      process_index, process_count
-  )
+  process_index, process_count = _resolve_processes(process_index, process_count)
   local = _local_batch_size(batch_size, process_count, "eval batch_size")
   load = _EvalBatch(
-      source,
-      batch_size,
-      process_index * local,
-      (process_index + 1) * local,
-      height,
-      width,
+    source,
+    batch_size,
+    process_index * local,
+    (process_index + 1) * local,
+    height,
+    width,
   )
   num_batches = math.ceil(len(source) / batch_size)
   ds = grain.MapDataset.range(num_batches).map(load)

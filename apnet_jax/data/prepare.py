@@ -60,12 +60,13 @@ class StatisticsWarning(UserWarning):
   """A prepared benchmark's statistics differ from the published ones."""
 
 
-def _table(train: tuple[int, int, int], query: tuple[int, int, int],
-           gallery: tuple[int, int, int]) -> dict[str, SplitStatistics]:
+def _table(
+  train: tuple[int, int, int], query: tuple[int, int, int], gallery: tuple[int, int, int]
+) -> dict[str, SplitStatistics]:
   return {
-      "train": SplitStatistics(*train),
-      "query": SplitStatistics(*query),
-      "gallery": SplitStatistics(*gallery),
+    "train": SplitStatistics(*train),
+    "query": SplitStatistics(*query),
+    "gallery": SplitStatistics(*gallery),
   }
 
 
@@ -73,12 +74,12 @@ def _table(train: tuple[int, int, int], query: tuple[int, int, int],
 # `dataset_key`); Market-1501's gallery counts the distractors (pid 0) as one
 # id. MSMT17 V1 and V2 have the same counts.
 STANDARD_STATISTICS: Mapping[str, Statistics] = {
-    "market1501": _table((751, 12936, 6), (750, 3368, 6), (751, 15913, 6)),
-    "dukemtmc_reid": _table((702, 16522, 8), (702, 2228, 8), (1110, 17661, 8)),
-    "cuhk03/labeled": _table((767, 7368, 2), (700, 1400, 2), (700, 5328, 2)),
-    "cuhk03/detected": _table((767, 7365, 2), (700, 1400, 2), (700, 5332, 2)),
-    "msmt17/train": _table((1041, 30248, 15), (3060, 11659, 15), (3060, 82161, 15)),
-    "msmt17/trainval": _table((1041, 32621, 15), (3060, 11659, 15), (3060, 82161, 15)),
+  "market1501": _table((751, 12936, 6), (750, 3368, 6), (751, 15913, 6)),
+  "dukemtmc_reid": _table((702, 16522, 8), (702, 2228, 8), (1110, 17661, 8)),
+  "cuhk03/labeled": _table((767, 7368, 2), (700, 1400, 2), (700, 5328, 2)),
+  "cuhk03/detected": _table((767, 7365, 2), (700, 1400, 2), (700, 5332, 2)),
+  "msmt17/train": _table((1041, 30248, 15), (3060, 11659, 15), (3060, 82161, 15)),
+  "msmt17/trainval": _table((1041, 32621, 15), (3060, 11659, 15), (3060, 82161, 15)),
 }
 
 
@@ -89,12 +90,12 @@ def dataset_key(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def prepare(
-    name: str,
-    *,
-    manual_dir: str | os.PathLike[str] | None,
-    data_dir: str | os.PathLike[str],
-    config: sources.Config = None,
-    **builder_kwargs: Any,
+  name: str,
+  *,
+  manual_dir: str | os.PathLike[str] | None,
+  data_dir: str | os.PathLike[str],
+  config: sources.Config = None,
+  **builder_kwargs: Any,
 ) -> tfds.core.DatasetBuilder:
   """Builds dataset ``name`` (if not built yet) and prints its statistics.
 
@@ -121,20 +122,22 @@ def prepare(
   """
   data_dir = os.path.expanduser(os.fspath(data_dir))
   builder = sources.get_builder(
-      name, data_dir=data_dir, config=config, file_format="array_record",
-      **builder_kwargs,
+    name,
+    data_dir=data_dir,
+    config=config,
+    file_format="array_record",
+    **builder_kwargs,
   )
   if builder.MANUAL_DOWNLOAD_INSTRUCTIONS and manual_dir is None:
     raise ValueError(
-        f"{name} needs manual_dir, the folder holding its files:\n"
-        f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      f"{name} needs manual_dir, the folder holding its files:\n"
+      f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}"
     )
   if builder.data_path.exists() and builder.is_prepared():
     _check_same_config(builder)
     check_same_source(builder, manual_dir)
   download_config = tfds.download.DownloadConfig(
-      manual_dir=None if manual_dir is None
-      else os.path.expanduser(os.fspath(manual_dir))
+    manual_dir=None if manual_dir is None else os.path.expanduser(os.fspath(manual_dir))
   )
   builder.download_and_prepare(download_config=download_config)
   _remove_killed_builds(builder)
@@ -145,10 +148,11 @@ def prepare(
     problems = statistics_mismatches(stats, STANDARD_STATISTICS[key])
     if problems:
       warnings.warn(
-          f"{key} at {builder.data_path} differs from the published statistics"
-          " (fine for a partial or dummy copy; otherwise check that manual_dir"
-          " holds the complete, right benchmark):\n  " + "\n  ".join(problems),
-          StatisticsWarning, stacklevel=2,
+        f"{key} at {builder.data_path} differs from the published statistics"
+        " (fine for a partial or dummy copy; otherwise check that manual_dir"
+        " holds the complete, right benchmark):\n  " + "\n  ".join(problems),
+        StatisticsWarning,
+        stacklevel=2,
       )
   return builder
 
@@ -160,8 +164,11 @@ def _remove_killed_builds(builder: tfds.core.DatasetBuilder) -> None:
   other file is touched. (A build of the same version still running elsewhere
   could not finish anyway: its rename onto the built version would fail.)
   """
-  unfinished = re.compile(re.escape(tfds.core.constants.INCOMPLETE_PREFIX) + r"[A-Z0-9]{6}_"
-                          + re.escape(str(builder.version)))
+  unfinished = re.compile(
+    re.escape(tfds.core.constants.INCOMPLETE_PREFIX)
+    + r"[A-Z0-9]{6}_"
+    + re.escape(str(builder.version))
+  )
   for path in builder.data_path.parent.iterdir():
     if unfinished.fullmatch(path.name) and path.is_dir():
       path.rmtree()
@@ -173,13 +180,14 @@ def _check_same_config(builder: tfds.core.DatasetBuilder) -> None:
   wanted = reid_common.config_fields(builder.builder_config)
   if built is not None and built != wanted:
     raise ValueError(
-        f"{builder.data_path} was built from config {built}, not {wanted}."
-        " Give the config another name, or use another data_dir."
+      f"{builder.data_path} was built from config {built}, not {wanted}."
+      " Give the config another name, or use another data_dir."
     )
 
 
-def check_same_source(builder: tfds.core.DatasetBuilder,
-                      manual_dir: str | os.PathLike[str] | None) -> None:
+def check_same_source(
+  builder: tfds.core.DatasetBuilder, manual_dir: str | os.PathLike[str] | None
+) -> None:
   """Refuses to pass off a prepared dataset as built from another ``manual_dir``.
 
   A prepared dataset is reused as it is; a new folder would be ignored without
@@ -191,17 +199,18 @@ def check_same_source(builder: tfds.core.DatasetBuilder,
   wanted = os.path.realpath(os.path.expanduser(os.fspath(manual_dir)))
   if wanted != built:
     raise ValueError(
-        f"{builder.data_path} was prepared from manual_dir {built}, not {wanted}; nothing was "
-        f"rebuilt. To prepare it from {wanted}, delete {builder.data_path} (or give "
-        "another --config.data.data_dir) and prepare again; to use the prepared one, set "
-        f"--config.data.manual_dir={built} or leave it empty.")
+      f"{builder.data_path} was prepared from manual_dir {built}, not {wanted}; nothing was "
+      f"rebuilt. To prepare it from {wanted}, delete {builder.data_path} (or give "
+      "another --config.data.data_dir) and prepare again; to use the prepared one, set "
+      f"--config.data.manual_dir={built} or leave it empty."
+    )
 
 
 def split_statistics(
-    name_or_builder: sources.DatasetRef,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    config: sources.Config = None,
+  name_or_builder: sources.DatasetRef,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  config: sources.Config = None,
 ) -> dict[str, SplitStatistics]:
   """The ids / images / cameras of every split of a prepared dataset."""
   builder = sources.get_builder(name_or_builder, data_dir=data_dir, config=config)
@@ -209,9 +218,9 @@ def split_statistics(
   for split in builder.info.splits:
     annotations = sources.split_annotations(builder, split)
     stats[split] = SplitStatistics(
-        ids=len(np.unique(annotations.pid)),
-        images=len(annotations),
-        cameras=len(np.unique(annotations.camid)),
+      ids=len(np.unique(annotations.pid)),
+      images=len(annotations),
+      cameras=len(np.unique(annotations.camid)),
     )
   return {s: stats[s] for s in reid_common.SPLITS if s in stats}
 
@@ -219,10 +228,7 @@ def split_statistics(
 def format_statistics(stats: Statistics, *, title: str = "") -> str:
   """A text table of ``stats``: one row per split."""
   rows = [f"{'split':<8} {'ids':>7} {'images':>8} {'cameras':>8}"]
-  rows += [
-      f"{split:<8} {s.ids:>7,} {s.images:>8,} {s.cameras:>8}"
-      for split, s in stats.items()
-  ]
+  rows += [f"{split:<8} {s.ids:>7,} {s.images:>8,} {s.cameras:>8}" for split, s in stats.items()]
   width = max(len(r) for r in rows)
   header = [title, "-" * width] if title else []
   return "\n".join(header + rows)
@@ -242,11 +248,11 @@ def statistics_mismatches(actual: Statistics, expected: Statistics) -> list[str]
 
 
 def check_standard_statistics(
-    name_or_builder: sources.DatasetRef,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    config: sources.Config = None,
-    expected: Statistics | None = None,
+  name_or_builder: sources.DatasetRef,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  config: sources.Config = None,
+  expected: Statistics | None = None,
 ) -> dict[str, SplitStatistics]:
   """Prints a prepared dataset's statistics and checks them.
 
@@ -269,8 +275,7 @@ def check_standard_statistics(
   if expected is None:
     if key not in STANDARD_STATISTICS:
       raise ValueError(
-          f"No standard statistics for {key}; known: "
-          f"{', '.join(STANDARD_STATISTICS)}."
+        f"No standard statistics for {key}; known: {', '.join(STANDARD_STATISTICS)}."
       )
     expected = STANDARD_STATISTICS[key]
   actual = split_statistics(builder)
@@ -278,7 +283,7 @@ def check_standard_statistics(
   problems = statistics_mismatches(actual, expected)
   if problems:
     raise ValueError(
-        f"{key} at {builder.data_path} differs from the expected statistics:\n  "
-        + "\n  ".join(problems)
+      f"{key} at {builder.data_path} differs from the expected statistics:\n  "
+      + "\n  ".join(problems)
     )
   return actual

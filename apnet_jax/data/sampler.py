@@ -45,7 +45,7 @@ __all__ = ["RandomIdentitySampler", "steps_per_epoch"]
 
 
 def _index_by_label(
-    labels: npt.ArrayLike,
+  labels: npt.ArrayLike,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
   """Groups record indices by train label.
 
@@ -61,14 +61,14 @@ def _index_by_label(
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        "labels must be a 1-D integer array with one train label per record; "
-        f"got shape {labels.shape} and dtype {labels.dtype}."
+      "labels must be a 1-D integer array with one train label per record; "
+      f"got shape {labels.shape} and dtype {labels.dtype}."
     )
   if labels.size and labels.min() < 0:
     bad = int(np.flatnonzero(labels < 0)[0])
     raise ValueError(
-        f"labels must be >= 0 (train labels); record {bad} has label "
-        f"{int(labels[bad])}. Only the train split can be P x K sampled."
+      f"labels must be >= 0 (train labels); record {bad} has label "
+      f"{int(labels[bad])}. Only the train split can be P x K sampled."
     )
   order = np.argsort(labels, kind="stable")
   ids, starts = np.unique(labels[order], return_index=True)
@@ -144,8 +144,8 @@ class RandomIdentitySampler:
     self.num_ids = int(ids.size)
     if self.num_ids < self.p:
       raise ValueError(
-          f"P x K sampling needs at least p={self.p} identities with >= 1 "
-          f"image, but the labels have {self.num_ids}."
+        f"P x K sampling needs at least p={self.p} identities with >= 1 "
+        f"image, but the labels have {self.num_ids}."
       )
     counts = np.array([idx.size for idx in self._indices_by_id])
     self.steps_per_epoch = _num_groups(counts, self.k) // self.p
@@ -224,7 +224,6 @@ class RandomIdentitySampler:
 
   def __repr__(self) -> str:
     return (
-        f"RandomIdentitySampler(p={self.p}, k={self.k}, num_ids="
-        f"{self.num_ids}, steps_per_epoch={self.steps_per_epoch})"
+      f"RandomIdentitySampler(p={self.p}, k={self.k}, num_ids="
+      f"{self.num_ids}, steps_per_epoch={self.steps_per_epoch})"
     )
-

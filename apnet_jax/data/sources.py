@@ -38,12 +38,12 @@ from apnet_jax.datasets.synthetic_reid import synthetic_reid_dataset_builder
 
 # Dataset name -> TFDS builder class.
 BUILDERS: Mapping[str, type[tfds.core.GeneratorBasedBuilder]] = {
-    "market1501": market1501_dataset_builder.Builder,
-    "dukemtmc_reid": dukemtmc_reid_dataset_builder.Builder,
-    "cuhk03": cuhk03_dataset_builder.Builder,
-    "msmt17": msmt17_dataset_builder.Builder,
-    "synthetic_reid": synthetic_reid_dataset_builder.Builder,
-    "reid_folder": reid_folder_dataset_builder.Builder,
+  "market1501": market1501_dataset_builder.Builder,
+  "dukemtmc_reid": dukemtmc_reid_dataset_builder.Builder,
+  "cuhk03": cuhk03_dataset_builder.Builder,
+  "msmt17": msmt17_dataset_builder.Builder,
+  "synthetic_reid": synthetic_reid_dataset_builder.Builder,
+  "reid_folder": reid_folder_dataset_builder.Builder,
 }
 
 DatasetRef = str | tfds.core.DatasetBuilder
@@ -51,11 +51,11 @@ Config = str | tfds.core.BuilderConfig | None
 
 
 def get_builder(
-    name_or_builder: DatasetRef,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    config: Config = None,
-    **builder_kwargs: Any,
+  name_or_builder: DatasetRef,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  config: Config = None,
+  **builder_kwargs: Any,
 ) -> tfds.core.DatasetBuilder:
   """Returns the builder of a dataset (a registered name) or ``builder`` itself.
 
@@ -71,42 +71,35 @@ def get_builder(
   """
   if isinstance(name_or_builder, tfds.core.DatasetBuilder):
     if data_dir is not None or config is not None or builder_kwargs:
-      raise ValueError(
-          "Pass data_dir/config only with a dataset name, not with a builder."
-      )
+      raise ValueError("Pass data_dir/config only with a dataset name, not with a builder.")
     return name_or_builder
   if name_or_builder not in BUILDERS:
-    raise ValueError(
-        f"Unknown dataset {name_or_builder!r}; known: {', '.join(BUILDERS)}."
-    )
+    raise ValueError(f"Unknown dataset {name_or_builder!r}; known: {', '.join(BUILDERS)}.")
   if data_dir is None:
     raise ValueError("data_dir is required with a dataset name.")
-  return BUILDERS[name_or_builder](
-      data_dir=os.fspath(data_dir), config=config, **builder_kwargs
-  )
+  return BUILDERS[name_or_builder](data_dir=os.fspath(data_dir), config=config, **builder_kwargs)
 
 
 def _prepared_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
   """Raises a clear error unless ``split`` of ``builder`` can be read."""
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"Dataset {builder.info.full_name} is not prepared: nothing at"
-        f" {builder.data_path}. Build it first with"
-        f" apnet_jax.data.prepare.prepare({builder.name!r}, ...)."
+      f"Dataset {builder.info.full_name} is not prepared: nothing at"
+      f" {builder.data_path}. Build it first with"
+      f" apnet_jax.data.prepare.prepare({builder.name!r}, ...)."
     )
   if split not in builder.info.splits:
     raise ValueError(
-        f"{builder.info.full_name} has no split {split!r}; it has"
-        f" {', '.join(builder.info.splits)}."
+      f"{builder.info.full_name} has no split {split!r}; it has {', '.join(builder.info.splits)}."
     )
 
 
 def load_split(
-    name_or_builder: DatasetRef,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    config: Config = None,
+  name_or_builder: DatasetRef,
+  split: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  config: Config = None,
 ) -> Sequence[dict[str, Any]]:
   """Opens a prepared split as a random-access source of records.
 
@@ -126,15 +119,14 @@ def load_split(
   """
   builder = get_builder(name_or_builder, data_dir=data_dir, config=config)
   _prepared_split(builder, split)
-  source = builder.as_data_source(
-      split, decoders={"image": tfds.decode.SkipDecoding()}
-  )
+  source = builder.as_data_source(split, decoders={"image": tfds.decode.SkipDecoding()})
   _check_readable(builder, split, source)
   return source
 
 
-def _check_readable(builder: tfds.core.DatasetBuilder, split: str,
-                    source: Sequence[dict[str, Any]]) -> None:
+def _check_readable(
+  builder: tfds.core.DatasetBuilder, split: str, source: Sequence[dict[str, Any]]
+) -> None:
   """Refuses a split whose ArrayRecord file is damaged, naming it and the fix.
 
   A truncated file (a full disk or an interrupted copy) loses the index at
@@ -143,13 +135,15 @@ def _check_readable(builder: tfds.core.DatasetBuilder, split: str,
   """
   for index in sorted({0, len(source) - 1}) if len(source) else ():
     if source[index].get("image") is None:
-      files = sorted(p.name for p in builder.data_path.iterdir()
-                     if f"-{split}.array_record" in p.name)
+      files = sorted(
+        p.name for p in builder.data_path.iterdir() if f"-{split}.array_record" in p.name
+      )
       raise ValueError(
-          f"{builder.data_path}: the {split} split ({', '.join(files)}) cannot be read "
-          f"(record {index} is empty): the file is damaged, e.g. truncated by a full disk "
-          f"or an interrupted copy. Delete {builder.data_path} and prepare the dataset "
-          "again (--mode prepare with its data.manual_dir).")
+        f"{builder.data_path}: the {split} split ({', '.join(files)}) cannot be read "
+        f"(record {index} is empty): the file is damaged, e.g. truncated by a full disk "
+        f"or an interrupted copy. Delete {builder.data_path} and prepare the dataset "
+        "again (--mode prepare with its data.manual_dir)."
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,11 +165,11 @@ class SplitAnnotations:
 
 
 def split_annotations(
-    name_or_builder: DatasetRef,
-    split: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    config: Config = None,
+  name_or_builder: DatasetRef,
+  split: str,
+  *,
+  data_dir: str | os.PathLike[str] | None = None,
+  config: Config = None,
 ) -> SplitAnnotations:
   """The pid/camid/label arrays of a prepared split, without reading images.
 
@@ -191,18 +185,17 @@ def split_annotations(
   try:
     columns = metadata["splits"][split]
     annotations = SplitAnnotations(
-        **{k: np.asarray(columns[k], np.int64) for k in ("pid", "camid", "label")}
+      **{k: np.asarray(columns[k], np.int64) for k in ("pid", "camid", "label")}
     )
   except (KeyError, TypeError) as e:
     raise ValueError(
-        f"{builder.data_path}/metadata.json lacks the annotations of {split}"
-        f" ({e!r}); rebuild the dataset with apnet_jax.data.prepare."
+      f"{builder.data_path}/metadata.json lacks the annotations of {split}"
+      f" ({e!r}); rebuild the dataset with apnet_jax.data.prepare."
     ) from None
   expected = builder.info.splits[split].num_examples
   if not len(annotations.pid) == len(annotations.camid) == len(annotations.label) == expected:
     raise ValueError(
-        f"{builder.data_path}/metadata.json: the {split} annotations do not"
-        f" match its {expected} records; rebuild the dataset."
+      f"{builder.data_path}/metadata.json: the {split} annotations do not"
+      f" match its {expected} records; rebuild the dataset."
     )
   return annotations
-

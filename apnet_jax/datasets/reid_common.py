@@ -54,14 +54,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def reid_features() -> tfds.features.FeaturesDict:
   """The features of every re-ID example (see the module docstring)."""
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       # Given bytes, tfds stores them unchanged (no TensorFlow needed).
       "image": tfds.features.Image(shape=(None, None, 3)),
       "pid": np.int64,
       "camid": np.int64,
       "label": np.int64,
       "filename": tfds.features.Text(),
-  })
+    }
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -110,9 +112,11 @@ class _ZipIndex:
     try:
       return self.zip.read(self.files[rel])
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-      raise ValueError(f"Cannot read {self.path}:{rel} ({type(e).__name__}: {e}): the "
-                       "archive is damaged; download it again or extract it with another "
-                       "tool and pass the folder as manual_dir.") from e
+      raise ValueError(
+        f"Cannot read {self.path}:{rel} ({type(e).__name__}: {e}): the "
+        "archive is damaged; download it again or extract it with another "
+        "tool and pass the folder as manual_dir."
+      ) from e
 
 
 class ManualTree:
@@ -127,9 +131,9 @@ class ManualTree:
     if not self.manual_dir.is_dir():
       raise FileNotFoundError(f"manual_dir {self.manual_dir} does not exist.")
     self._zips = [
-        _ZipIndex(p)
-        for p in sorted(self.manual_dir.iterdir())
-        if p.suffix.lower() == ".zip" and p.is_file()
+      _ZipIndex(p)
+      for p in sorted(self.manual_dir.iterdir())
+      if p.suffix.lower() == ".zip" and p.is_file()
     ]
 
   def _fs(self, rel: str) -> pathlib.Path:
@@ -233,9 +237,7 @@ class Layout:
   markers: tuple[str, ...]
 
 
-def locate_root(
-    tree: ManualTree, layouts: Sequence[Layout]
-) -> tuple[Layout, str]:
+def locate_root(tree: ManualTree, layouts: Sequence[Layout]) -> tuple[Layout, str]:
   """Finds the dataset root in ``tree`` and the layout it follows.
 
   Candidates are the manual dir itself and the folders one and two levels
@@ -275,20 +277,19 @@ def locate_root(
         best = (key, layout, root)
   if best is None:
     expected = "\n".join(
-        f"  {lay.root_name}/ (or {lay.root_name}.zip) holding "
-        + ", ".join(lay.markers)
-        for lay in layouts
+      f"  {lay.root_name}/ (or {lay.root_name}.zip) holding " + ", ".join(lay.markers)
+      for lay in layouts
     )
     raise FileNotFoundError(
-        f"Found no dataset in manual_dir {tree.manual_dir}. Expected one of:\n"
-        f"{expected}\nbut it holds: {', '.join(top)}"
+      f"Found no dataset in manual_dir {tree.manual_dir}. Expected one of:\n"
+      f"{expected}\nbut it holds: {', '.join(top)}"
     )
   _, layout, root = best
   missing = [m for m in layout.markers if not tree.exists(_join(root, m))]
   if missing:
     raise FileNotFoundError(
-        f"{layout.name} at {tree.where(root) if root else tree.manual_dir}"
-        f" lacks {', '.join(missing)} (expected: {', '.join(layout.markers)})."
+      f"{layout.name} at {tree.where(root) if root else tree.manual_dir}"
+      f" lacks {', '.join(missing)} (expected: {', '.join(layout.markers)})."
     )
   return layout, root
 
@@ -342,10 +343,10 @@ class NameStyle:
 # camera is followed by its video sequence ('c1s1', junk and distractors
 # too); Duke's names end in a frame number ('_f0046182').
 MARKET1501_NAMES = NameStyle(
-    "Market-1501", re.compile(r"-?\d+_c\d+s\d+_"), "0002_c1s1_000451_03.jpg"
+  "Market-1501", re.compile(r"-?\d+_c\d+s\d+_"), "0002_c1s1_000451_03.jpg"
 )
 DUKEMTMC_REID_NAMES = NameStyle(
-    "DukeMTMC-reID", re.compile(r"-?\d+_c\d+_f\d+"), "0001_c2_f0046182.jpg"
+  "DukeMTMC-reID", re.compile(r"-?\d+_c\d+_f\d+"), "0001_c2_f0046182.jpg"
 )
 
 
@@ -367,8 +368,8 @@ def parse_market_name(name: str, location: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
   except ValueError as e:
     raise ValueError(
-        f"Cannot parse pid and camera from {location}: {e}; expected a name"
-        " like 0002_c1s1_000451_03.jpg (pid 2, camera 1)."
+      f"Cannot parse pid and camera from {location}: {e}; expected a name"
+      " like 0002_c1s1_000451_03.jpg (pid 2, camera 1)."
     ) from None
 
 
@@ -380,13 +381,13 @@ def check_camid(camid: int, num_cameras: int | None, location: str) -> None:
 
 
 def read_market_style_folder(
-    tree: ManualTree,
-    folder: str,
-    *,
-    root: str,
-    num_cameras: int | None,
-    dataset: str = "",
-    foreign_names: Sequence[NameStyle] = (),
+  tree: ManualTree,
+  folder: str,
+  *,
+  root: str,
+  num_cameras: int | None,
+  dataset: str = "",
+  foreign_names: Sequence[NameStyle] = (),
 ) -> list[ReidImage]:
   """Reads a Market-style folder (bounding_box_train, query, ...).
 
@@ -421,9 +422,9 @@ def read_market_style_folder(
     for style in foreign_names:
       if style.pattern.match(name):
         raise ValueError(
-            f"{location} is named like a {style.dataset} image (e.g."
-            f" {style.example}), not a {dataset or 'dataset'} one: the folder"
-            f" {tree.where(_join(root, folder))} seems to hold {style.dataset}."
+          f"{location} is named like a {style.dataset} image (e.g."
+          f" {style.example}), not a {dataset or 'dataset'} one: the folder"
+          f" {tree.where(_join(root, folder))} seems to hold {style.dataset}."
         )
     pid, camera = parse_market_name(name, location)
     check_camid(camera - 1, num_cameras, location)
@@ -431,20 +432,22 @@ def read_market_style_folder(
       junk += 1
       continue  # junk: not a person, excluded by every protocol
     images.append(
-        ReidImage(
-            filename=rel[len(root) + 1:] if root else rel,
-            pid=pid,
-            camid=camera - 1,
-            location=location,
-            read=functools.partial(tree.read_bytes, rel),
-        )
+      ReidImage(
+        filename=rel[len(root) + 1 :] if root else rel,
+        pid=pid,
+        camid=camera - 1,
+        location=location,
+        read=functools.partial(tree.read_bytes, rel),
+      )
     )
   if not images:
-    what = (f"only junk images ({junk}, pid -1)" if junk
-            else f"no images ({', '.join(IMAGE_SUFFIXES)} files)")
+    what = (
+      f"only junk images ({junk}, pid -1)"
+      if junk
+      else f"no images ({', '.join(IMAGE_SUFFIXES)} files)"
+    )
     raise ValueError(
-        f"{tree.where(_join(root, folder))} holds {what}: the split read from"
-        " it would be empty."
+      f"{tree.where(_join(root, folder))} holds {what}: the split read from it would be empty."
     )
   return images
 
@@ -462,14 +465,12 @@ def check_image(data: bytes, location: str) -> None:
   except (OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"Cannot decode image {location}: {e}") from e
   if image_format not in ("JPEG", "PNG"):
-    raise ValueError(
-        f"{location} is a {image_format} image; expected JPEG or PNG."
-    )
+    raise ValueError(f"{location} is a {image_format} image; expected JPEG or PNG.")
   decode_rgb(data, location)
 
 
 def assign_labels(
-    splits: Mapping[str, Sequence[ReidImage]],
+  splits: Mapping[str, Sequence[ReidImage]],
 ) -> dict[str, list[ReidImage]]:
   """Sorts each split by filename and sets the contiguous train labels.
 
@@ -486,10 +487,7 @@ def assign_labels(
     images = sorted(splits[split], key=lambda image: image.filename)
     for a, b in zip(images, images[1:]):
       if a.filename == b.filename:
-        raise ValueError(
-            f"{a.filename} appears twice in {split}: {a.location}, "
-            f"{b.location}."
-        )
+        raise ValueError(f"{a.filename} appears twice in {split}: {a.location}, {b.location}.")
     if split == TRAIN_SPLIT:
       images = [dataclasses.replace(i, label=label_of[i.pid]) for i in images]
     result[split] = images
@@ -499,9 +497,9 @@ def assign_labels(
 def split_arrays(images: Sequence[ReidImage]) -> dict[str, list[int]]:
   """The pid/camid/label columns of a split, in record order (JSON-ready)."""
   return {
-      "pid": [i.pid for i in images],
-      "camid": [i.camid for i in images],
-      "label": [i.label for i in images],
+    "pid": [i.pid for i in images],
+    "camid": [i.camid for i in images],
+    "label": [i.label for i in images],
   }
 
 
@@ -515,9 +513,7 @@ def config_fields(config: tfds.core.BuilderConfig | None) -> dict[str, Any]:
     return {}
   skip = {"version", "release_notes", "supported_versions", "description", "tags"}
   fields = {
-      f.name: getattr(config, f.name)
-      for f in dataclasses.fields(config)
-      if f.name not in skip
+    f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in skip
   }
   return json.loads(json.dumps(fields))
 
@@ -536,6 +532,7 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
+
   # TFDS finds a builder's README.md, CITATIONS.bib and checksums.tsv from its
   # module file. Its `code_path` evaluates `importlib_resources.abc.Traversable`,
   # a package tfds 4.9.10 does not declare for Python >= 3.9
@@ -547,47 +544,43 @@ class ReidBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=reid_features(),
-        metadata=tfds.core.MetadataDict(),
-        # Keys are record indices in filename order; TFDS then writes the
-        # records in that order instead of ordering them by hashed keys.
-        disable_shuffling=True,
+      features=reid_features(),
+      metadata=tfds.core.MetadataDict(),
+      # Keys are record indices in filename order; TFDS then writes the
+      # records in that order instead of ordering them by hashed keys.
+      disable_shuffling=True,
     )
 
   @abc.abstractmethod
   def _collect_images(
-      self, dl_manager: tfds.download.DownloadManager
+    self, dl_manager: tfds.download.DownloadManager
   ) -> tuple[str, dict[str, list[ReidImage]]]:
     """Returns (source layout name, images of each split)."""
 
   def _split_generators(
-      self, dl_manager: tfds.download.DownloadManager
+    self, dl_manager: tfds.download.DownloadManager
   ) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     layout, splits = self._collect_images(dl_manager)
     splits = assign_labels(splits)
     self.info.metadata["source_layout"] = layout
     self.info.metadata["config"] = config_fields(self.builder_config)
-    self.info.metadata["splits"] = {
-        split: split_arrays(images) for split, images in splits.items()
-    }
-    return {
-        split: self._generate_examples(images)
-        for split, images in splits.items()
-    }
+    self.info.metadata["splits"] = {split: split_arrays(images) for split, images in splits.items()}
+    return {split: self._generate_examples(images) for split, images in splits.items()}
 
-  def _generate_examples(
-      self, images: Sequence[ReidImage]
-  ) -> Iterator[tuple[int, dict[str, Any]]]:
+  def _generate_examples(self, images: Sequence[ReidImage]) -> Iterator[tuple[int, dict[str, Any]]]:
     for index, image in enumerate(images):
       data = image.read()
       check_image(data, image.location)
-      yield index, {
+      yield (
+        index,
+        {
           "image": data,
           "pid": image.pid,
           "camid": image.camid,
           "label": image.label,
           "filename": image.filename,
-      }
+        },
+      )
 
 
 class ManualReidBuilder(ReidBuilder, skip_registration=True):
@@ -596,7 +589,7 @@ class ManualReidBuilder(ReidBuilder, skip_registration=True):
   LAYOUTS: Sequence[Layout]
 
   def _collect_images(
-      self, dl_manager: tfds.download.DownloadManager
+    self, dl_manager: tfds.download.DownloadManager
   ) -> tuple[str, dict[str, list[ReidImage]]]:
     # dl_manager.manual_dir says so when the folder is missing or empty.
     tree = ManualTree(dl_manager.manual_dir)
@@ -614,9 +607,7 @@ class ManualReidBuilder(ReidBuilder, skip_registration=True):
     return self.LAYOUTS
 
   @abc.abstractmethod
-  def _read_layout(
-      self, tree: ManualTree, layout: Layout, root: str
-  ) -> dict[str, list[ReidImage]]:
+  def _read_layout(self, tree: ManualTree, layout: Layout, root: str) -> dict[str, list[ReidImage]]:
     """Returns the images of each split of the dataset at ``root``."""
 
 
@@ -628,24 +619,25 @@ class MarketStyleBuilder(ManualReidBuilder, skip_registration=True):
   FOREIGN_NAMES: Sequence[NameStyle] = ()
   # Split -> folder below the root, for every layout of the benchmark.
   FOLDERS = {
-      "train": "bounding_box_train",
-      "query": "query",
-      "gallery": "bounding_box_test",
+    "train": "bounding_box_train",
+    "query": "query",
+    "gallery": "bounding_box_test",
   }
 
-  def _read_layout(
-      self, tree: ManualTree, layout: Layout, root: str
-  ) -> dict[str, list[ReidImage]]:
+  def _read_layout(self, tree: ManualTree, layout: Layout, root: str) -> dict[str, list[ReidImage]]:
     return {
-        split: read_market_style_folder(
-            tree, folder, root=root, num_cameras=self.NUM_CAMERAS,
-            dataset=self.name, foreign_names=self.FOREIGN_NAMES,
-        )
-        for split, folder in self.FOLDERS.items()
+      split: read_market_style_folder(
+        tree,
+        folder,
+        root=root,
+        num_cameras=self.NUM_CAMERAS,
+        dataset=self.name,
+        foreign_names=self.FOREIGN_NAMES,
+      )
+      for split, folder in self.FOLDERS.items()
     }
 
 
 def market_style_layout(root: str) -> Layout:
   """The layout of a Market-1501-style release whose root folder is ``root``."""
-  return Layout(name=root, root_name=root,
-                markers=tuple(MarketStyleBuilder.FOLDERS.values()))
+  return Layout(name=root, root_name=root, markers=tuple(MarketStyleBuilder.FOLDERS.values()))

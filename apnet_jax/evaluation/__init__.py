@@ -2,8 +2,6 @@
 
 from apnet_jax.evaluation.metrics import evaluate
 from apnet_jax.evaluation.query_expansion import alpha_query_expansion
-from apnet_jax.evaluation.rerank import k_reciprocal_rerank
-from apnet_jax.evaluation.rerank import k_reciprocal_rerank_chunks
+from apnet_jax.evaluation.rerank import k_reciprocal_rerank, k_reciprocal_rerank_chunks
 
-__all__ = ["alpha_query_expansion", "evaluate", "k_reciprocal_rerank",
-           "k_reciprocal_rerank_chunks"]
+__all__ = ["alpha_query_expansion", "evaluate", "k_reciprocal_rerank", "k_reciprocal_rerank_chunks"]

@@ -53,8 +53,9 @@ class EvalDataset:
 def eval_entries(config: ml_collections.ConfigDict) -> tuple[entries.DatasetEntry, ...]:
   """The datasets the run evaluates on, in order: ``eval.datasets``, else the training data."""
   if config.eval.datasets:
-    return entries.parse_entries(config.eval.datasets, separator=",", known=sources.BUILDERS,
-                                 key="eval.datasets")
+    return entries.parse_entries(
+      config.eval.datasets, separator=",", known=sources.BUILDERS, key="eval.datasets"
+    )
   return entries.data_entries(config.data, known=sources.BUILDERS)
 
 
@@ -107,8 +108,13 @@ class ReidEvaluator:
   ``eval.rerank*`` and ``eval.query_expansion*``.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, datasets: Sequence[EvalDataset], *,
-               mesh: jax.sharding.Mesh | None = None):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    datasets: Sequence[EvalDataset],
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+  ):
     self.config = copy.deepcopy(config)  # the settings of now, not of a later edit
     self.datasets = list(datasets)
     self.mesh = mesh
@@ -116,9 +122,15 @@ class ReidEvaluator:
   def features(self, model, source: Any, *, desc: str) -> dict[str, np.ndarray]:
     """Evaluation features, pids and camids of every record of ``source``, in order."""
     return extract_features(
-        model, source, eval_feature=self.config.model.eval_feature,
-        input_size=tuple(self.config.model.input_size), batch_size=self.config.eval.batch_size,
-        mesh=self.mesh, num_workers=self.config.data.num_workers, desc=desc)
+      model,
+      source,
+      eval_feature=self.config.model.eval_feature,
+      input_size=tuple(self.config.model.input_size),
+      batch_size=self.config.eval.batch_size,
+      mesh=self.mesh,
+      num_workers=self.config.data.num_workers,
+      desc=desc,
+    )
 
   def run(self, model) -> Report:
     """Extracts and scores every dataset of the list."""
@@ -133,16 +145,19 @@ class ReidEvaluator:
     features = {}
     for split in ("query", "gallery"):
       features[split] = self.features(
-          model, sources.load_split(dataset.builder, split),
-          desc=f"{dataset.entry} {split}" if several else split)
+        model,
+        sources.load_split(dataset.builder, split),
+        desc=f"{dataset.entry} {split}" if several else split,
+      )
       features[split]["index"] = np.arange(len(features[split]["pid"]))
     if self.config.eval.drop_distractors:
       keep = features["gallery"]["pid"] != 0
       features["gallery"] = {k: v[keep] for k, v in features["gallery"].items()}
     return features
 
-  def score(self, features: dict[str, dict[str, np.ndarray]],
-            dataset: EvalDataset) -> dict[str, Any]:
+  def score(
+    self, features: dict[str, dict[str, np.ndarray]], dataset: EvalDataset
+  ) -> dict[str, Any]:
     """CMC, mAP and mINP (in percent) of one entry's features, with the protocol used.
 
     Returns ``R1``, ``R5``, ``R10``, ``mAP``, ``mINP``, ``cmc``,
@@ -151,8 +166,14 @@ class ReidEvaluator:
     """
     ev = self.config.eval
     query, gallery = features["query"], features["gallery"]
-    args = (query["features"], gallery["features"], query["pid"], gallery["pid"],
-            query["camid"], gallery["camid"])
+    args = (
+      query["features"],
+      gallery["features"],
+      query["pid"],
+      gallery["pid"],
+      query["camid"],
+      gallery["camid"],
+    )
     results = _summary(evaluate(*args, max_rank=ev.max_rank))
     if ev.rerank:
       rerank = dict(k1=ev.rerank_k1, k2=ev.rerank_k2, lambda_value=ev.rerank_lambda)
@@ -160,13 +181,15 @@ class ReidEvaluator:
     if ev.query_expansion:
       expansion = dict(k=ev.query_expansion_k, alpha=ev.query_expansion_alpha)
       results["query_expansion"] = _summary(
-          evaluate(*args, max_rank=ev.max_rank, query_expansion=expansion))
+        evaluate(*args, max_rank=ev.max_rank, query_expansion=expansion)
+      )
     results["protocol"] = {
-        "dataset": prepare.dataset_key(dataset.builder),
-        "distractors": "dropped" if ev.drop_distractors else "kept (standard)",
-        "eval_feature": self.config.model.eval_feature,
-        "flip": "image + horizontal flip, summed, L2-normalized",
-        "num_query": int(len(query["pid"])), "num_gallery": int(len(gallery["pid"])),
+      "dataset": prepare.dataset_key(dataset.builder),
+      "distractors": "dropped" if ev.drop_distractors else "kept (standard)",
+      "eval_feature": self.config.model.eval_feature,
+      "flip": "image + horizontal flip, summed, L2-normalized",
+      "num_query": int(len(query["pid"])),
+      "num_gallery": int(len(gallery["pid"])),
     }
     return results
 
@@ -180,15 +203,19 @@ class ReidEvaluator:
     out = {}
     for dataset in self.datasets:
       suffix = "_" + dataset.entry.replace(":", "-") if several else ""
-      pictures = _pictures(report.results["datasets"][dataset.entry],
-                           report.features[dataset.entry], dataset.builder,
-                           num_queries=num_queries)
+      pictures = _pictures(
+        report.results["datasets"][dataset.entry],
+        report.features[dataset.entry],
+        dataset.builder,
+        num_queries=num_queries,
+      )
       out.update({name + suffix: picture for name, picture in pictures.items()})
     return out
 
 
-def _pictures(results: dict[str, Any], features: dict[str, dict[str, Any]], builder, *,
-              num_queries: int) -> dict[str, np.ndarray]:
+def _pictures(
+  results: dict[str, Any], features: dict[str, dict[str, Any]], builder, *, num_queries: int
+) -> dict[str, np.ndarray]:
   """The CMC curve (and its variants), and queries spread over the split beside their top 10."""
   curves = {"APNet": results["cmc"]}
   for key, title in VARIANTS.items():
@@ -197,25 +224,39 @@ def _pictures(results: dict[str, Any], features: dict[str, dict[str, Any]], buil
   query, gallery = features["query"], features["gallery"]
   picked = np.linspace(0, len(query["pid"]) - 1, min(num_queries, len(query["pid"]))).astype(int)
   order, matches = plots.ranked_lists(
-      query["features"][picked], gallery["features"], query["pid"][picked], gallery["pid"],
-      query["camid"][picked], gallery["camid"], top=min(10, len(gallery["pid"])))
+    query["features"][picked],
+    gallery["features"],
+    query["pid"][picked],
+    gallery["pid"],
+    query["camid"][picked],
+    gallery["camid"],
+    top=min(10, len(gallery["pid"])),
+  )
   query_source = sources.load_split(builder, "query")
   gallery_source = sources.load_split(builder, "gallery")
   return {
-      "cmc": plots.plot_cmc(curves, title=results["protocol"]["dataset"]),
-      "ranked_list": plots.plot_ranked_lists(
-          [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
-          [[plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
-           for row in order],
-          matches, query_labels=[f"pid {query['pid'][i]}" for i in picked]),
+    "cmc": plots.plot_cmc(curves, title=results["protocol"]["dataset"]),
+    "ranked_list": plots.plot_ranked_lists(
+      [plots.decode(query_source[int(query["index"][i])]["image"]) for i in picked],
+      [
+        [plots.decode(gallery_source[int(gallery["index"][j])]["image"]) for j in row]
+        for row in order
+      ],
+      matches,
+      query_labels=[f"pid {query['pid'][i]}" for i in picked],
+    ),
   }
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
   cmc = np.asarray(metrics["cmc"])
   out = {f"R{k}": 100 * float(cmc[k - 1]) for k in (1, 5, 10) if k <= len(cmc)}
-  out.update(mAP=100 * float(metrics["mAP"]), mINP=100 * float(metrics["mINP"]),
-             num_valid_queries=int(metrics["num_valid_queries"]), cmc=cmc.tolist())
+  out.update(
+    mAP=100 * float(metrics["mAP"]),
+    mINP=100 * float(metrics["mINP"]),
+    num_valid_queries=int(metrics["num_valid_queries"]),
+    cmc=cmc.tolist(),
+  )
   return out
 
 

@@ -84,8 +84,9 @@ class _QueryChunk(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "padded_size"))
-def _prepare_features(features: jax.Array, normalize: bool,
-                      padded_size: int) -> tuple[jax.Array, jax.Array]:
+def _prepare_features(
+  features: jax.Array, normalize: bool, padded_size: int
+) -> tuple[jax.Array, jax.Array]:
   """Normalises (optionally) and zero-pads rows; returns squared norms too.
 
   A separate step from the distances on purpose: inside one jitted function
@@ -98,20 +99,20 @@ def _prepare_features(features: jax.Array, normalize: bool,
   return features, jnp.sum(features * features, axis=1)
 
 
-def _distances(query_features: jax.Array, query_squared_norms: jax.Array,
-               gallery: _GalleryFeatures, metric: str) -> jax.Array:
+def _distances(
+  query_features: jax.Array, query_squared_norms: jax.Array, gallery: _GalleryFeatures, metric: str
+) -> jax.Array:
   """Query x gallery distances at full float32 matmul precision."""
-  similarity = jnp.matmul(query_features, gallery.features.T,
-                          precision=jax.lax.Precision.HIGHEST)
+  similarity = jnp.matmul(query_features, gallery.features.T, precision=jax.lax.Precision.HIGHEST)
   if metric == "cosine":
     return 1.0 - similarity
-  squared = (query_squared_norms[:, None] + gallery.squared_norms[None, :]
-             - 2.0 * similarity)
+  squared = query_squared_norms[:, None] + gallery.squared_norms[None, :] - 2.0 * similarity
   return jnp.sqrt(jnp.maximum(squared, _MIN_SQUARED_DISTANCE))
 
 
-def _match_ranks(distances: jax.Array, gallery: _GalleryLabels,
-                 chunk: _QueryChunk) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _match_ranks(
+  distances: jax.Array, gallery: _GalleryLabels, chunk: _QueryChunk
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-query AP, INP and rank of the first true match for one chunk.
 
   Args:
@@ -125,8 +126,9 @@ def _match_ranks(distances: jax.Array, gallery: _GalleryLabels,
   """
   num_queries, padded_gallery = distances.shape
   gallery_index = jnp.arange(padded_gallery, dtype=jnp.int32)
-  same_tracklet = ((chunk.pids[:, None] == gallery.pids[None, :])
-                   & (chunk.camids[:, None] == gallery.camids[None, :]))
+  same_tracklet = (chunk.pids[:, None] == gallery.pids[None, :]) & (
+    chunk.camids[:, None] == gallery.camids[None, :]
+  )
   removed = same_tracklet | (gallery_index >= gallery.size)[None, :]
   # A removed item sorts after every real one and never counts as "before".
   distances = jnp.where(removed, jnp.inf, distances)
@@ -145,8 +147,11 @@ def _match_ranks(distances: jax.Array, gallery: _GalleryLabels,
     start = block_index * _GALLERY_BLOCK
     block = jax.lax.dynamic_slice_in_dim(distances, start, _GALLERY_BLOCK, axis=1)
     rows = block[slot_row]  # (T, B): each slot's query row
-    before = jnp.where((start + lane)[None, :] < chunk.slot_gallery[:, None],
-                       rows <= threshold[:, None], rows < threshold[:, None])
+    before = jnp.where(
+      (start + lane)[None, :] < chunk.slot_gallery[:, None],
+      rows <= threshold[:, None],
+      rows < threshold[:, None],
+    )
     return counts + before.astype(counter)
 
   counts = jnp.zeros((chunk.slot_query.shape[0], _GALLERY_BLOCK), counter)
@@ -171,10 +176,10 @@ def _match_ranks(distances: jax.Array, gallery: _GalleryLabels,
 
 
 @functools.partial(jax.jit, static_argnames=("metric",))
-def _evaluate_feature_chunk(query_features, query_squared_norms,
-                            gallery_features, gallery_labels, chunk, metric):
-  distances = _distances(query_features, query_squared_norms,
-                         gallery_features, metric)
+def _evaluate_feature_chunk(
+  query_features, query_squared_norms, gallery_features, gallery_labels, chunk, metric
+):
+  distances = _distances(query_features, query_squared_norms, gallery_features, metric)
   return _match_ranks(distances, gallery_labels, chunk)
 
 
@@ -187,27 +192,29 @@ def _as_labels(name: str, labels: Any, expected: int) -> np.ndarray:
     raise ValueError(f"{name} must be 1-D, got shape {labels.shape}.")
   if labels.shape[0] != expected:
     raise ValueError(
-        f"{name} has {labels.shape[0]} entries but there are {expected} "
-        "features: features and ids must have the same length.")
+      f"{name} has {labels.shape[0]} entries but there are {expected} "
+      "features: features and ids must have the same length."
+    )
   return labels
 
 
-def _codes(query_labels: np.ndarray, gallery_labels: np.ndarray,
-           name: str) -> tuple[np.ndarray, np.ndarray]:
+def _codes(
+  query_labels: np.ndarray, gallery_labels: np.ndarray, name: str
+) -> tuple[np.ndarray, np.ndarray]:
   """Maps labels of any type to shared int32 codes (only equality matters)."""
   # np.concatenate would turn 1 and '1' into equal strings: refuse the mix.
   kinds = {"query": _label_kind(query_labels), "gallery": _label_kind(gallery_labels)}
   if kinds["query"] != kinds["gallery"]:
-    raise ValueError(f"query_{name} are {kinds['query']} but gallery_{name} are "
-                     f"{kinds['gallery']}: use one type for both.")
+    raise ValueError(
+      f"query_{name} are {kinds['query']} but gallery_{name} are "
+      f"{kinds['gallery']}: use one type for both."
+    )
   try:
-    _, codes = np.unique(np.concatenate([query_labels, gallery_labels]),
-                         return_inverse=True)
+    _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
   except TypeError as error:
-    raise ValueError(f"query_{name} and gallery_{name} cannot be compared: "
-                     f"{error}") from error
+    raise ValueError(f"query_{name} and gallery_{name} cannot be compared: {error}") from error
   codes = codes.astype(np.int32).reshape(-1)
-  return codes[:len(query_labels)], codes[len(query_labels):]
+  return codes[: len(query_labels)], codes[len(query_labels) :]
 
 
 def _label_kind(labels: np.ndarray) -> str:
@@ -219,9 +226,12 @@ def _label_kind(labels: np.ndarray) -> str:
   return f"{labels.dtype} objects"
 
 
-def _true_matches(query_pids: np.ndarray, query_camids: np.ndarray,
-                  gallery_pids: np.ndarray,
-                  gallery_camids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _true_matches(
+  query_pids: np.ndarray,
+  query_camids: np.ndarray,
+  gallery_pids: np.ndarray,
+  gallery_camids: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
   """Lists every query's true matches: same pid, other camera.
 
   Returns:
@@ -241,50 +251,53 @@ def _true_matches(query_pids: np.ndarray, query_camids: np.ndarray,
   return num_matches.astype(np.int32), gallery[other_camera].astype(np.int32)
 
 
-def _check_rerank(rerank: Mapping[str, Any] | None,
-                  metric: str) -> dict[str, Any] | None:
+def _check_rerank(rerank: Mapping[str, Any] | None, metric: str) -> dict[str, Any] | None:
   if rerank is None:
     return None
   if not isinstance(rerank, Mapping):
-    raise ValueError("rerank must be None or a dict with keys k1, k2, "
-                     f"lambda_value; got {type(rerank).__name__}.")
+    raise ValueError(
+      f"rerank must be None or a dict with keys k1, k2, lambda_value; got {type(rerank).__name__}."
+    )
   unknown = set(rerank) - {"k1", "k2", "lambda_value"}
   if unknown:
-    raise ValueError(f"Unknown rerank keys {sorted(unknown)}; expected k1, k2, "
-                     "lambda_value.")
+    raise ValueError(f"Unknown rerank keys {sorted(unknown)}; expected k1, k2, lambda_value.")
   if metric != "euclidean":
-    raise ValueError("rerank uses the squared euclidean distance of the "
-                     "original algorithm: it requires metric='euclidean'.")
+    raise ValueError(
+      "rerank uses the squared euclidean distance of the "
+      "original algorithm: it requires metric='euclidean'."
+    )
   return dict(rerank)
 
 
-def _check_query_expansion(
-    query_expansion: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _check_query_expansion(query_expansion: Mapping[str, Any] | None) -> dict[str, Any] | None:
   if query_expansion is None:
     return None
   if not isinstance(query_expansion, Mapping):
-    raise ValueError("query_expansion must be None or a dict with keys k, alpha, "
-                     f"times; got {type(query_expansion).__name__}.")
+    raise ValueError(
+      "query_expansion must be None or a dict with keys k, alpha, "
+      f"times; got {type(query_expansion).__name__}."
+    )
   unknown = set(query_expansion) - {"k", "alpha", "times"}
   if unknown:
-    raise ValueError(f"Unknown query_expansion keys {sorted(unknown)}; expected k, "
-                     "alpha, times.")
+    raise ValueError(f"Unknown query_expansion keys {sorted(unknown)}; expected k, alpha, times.")
   return dict(query_expansion)
 
 
-def evaluate(query_features: Any,
-             gallery_features: Any,
-             query_pids: Any,
-             gallery_pids: Any,
-             query_camids: Any,
-             gallery_camids: Any,
-             *,
-             metric: str = "euclidean",
-             normalize: bool = True,
-             max_rank: int = 50,
-             query_expansion: Mapping[str, Any] | None = None,
-             rerank: Mapping[str, Any] | None = None,
-             chunk_size: int = 256) -> dict[str, Any]:
+def evaluate(
+  query_features: Any,
+  gallery_features: Any,
+  query_pids: Any,
+  gallery_pids: Any,
+  query_camids: Any,
+  gallery_camids: Any,
+  *,
+  metric: str = "euclidean",
+  normalize: bool = True,
+  max_rank: int = 50,
+  query_expansion: Mapping[str, Any] | None = None,
+  rerank: Mapping[str, Any] | None = None,
+  chunk_size: int = 256,
+) -> dict[str, Any]:
   """Scores a query set against a gallery with CMC, mAP and mINP.
 
   Args:
@@ -329,32 +342,37 @@ def evaluate(query_features: Any,
     raise ValueError(f"max_rank must be an int, got {max_rank!r}.")
   if max_rank < 1:
     raise ValueError(f"max_rank must be at least 1, got {max_rank}.")
-  if isinstance(chunk_size, bool) or not isinstance(
-      chunk_size, (int, np.integer)) or chunk_size < 1:
+  if (
+    isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1
+  ):
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
   query_expansion = _check_query_expansion(query_expansion)
   rerank = _check_rerank(rerank, metric)
-  query_features = rerank_lib.as_feature_matrix("query_features",
-                                                query_features)
-  gallery_features = rerank_lib.as_feature_matrix("gallery_features",
-                                                  gallery_features)
+  query_features = rerank_lib.as_feature_matrix("query_features", query_features)
+  gallery_features = rerank_lib.as_feature_matrix("gallery_features", gallery_features)
   rerank_lib.check_same_dim(query_features, gallery_features)
   num_query, num_gallery = len(query_features), len(gallery_features)
   query_pid_codes, gallery_pid_codes = _codes(
-      _as_labels("query_pids", query_pids, num_query),
-      _as_labels("gallery_pids", gallery_pids, num_gallery), "pids")
+    _as_labels("query_pids", query_pids, num_query),
+    _as_labels("gallery_pids", gallery_pids, num_gallery),
+    "pids",
+  )
   query_cam_codes, gallery_cam_codes = _codes(
-      _as_labels("query_camids", query_camids, num_query),
-      _as_labels("gallery_camids", gallery_camids, num_gallery), "camids")
+    _as_labels("query_camids", query_camids, num_query),
+    _as_labels("gallery_camids", gallery_camids, num_gallery),
+    "camids",
+  )
 
   num_matches, match_gallery = _true_matches(
-      query_pid_codes, query_cam_codes, gallery_pid_codes, gallery_cam_codes)
+    query_pid_codes, query_cam_codes, gallery_pid_codes, gallery_cam_codes
+  )
   valid = num_matches > 0
   if not valid.any():
     raise ValueError(
-        "No valid query: no query has a gallery item with the same pid seen "
-        "by another camera. Check that query and gallery pids/camids come "
-        "from the same dataset split.")
+      "No valid query: no query has a gallery item with the same pid seen "
+      "by another camera. Check that query and gallery pids/camids come "
+      "from the same dataset split."
+    )
 
   padded_gallery = -(-num_gallery // _GALLERY_BLOCK) * _GALLERY_BLOCK
   normalize_features = normalize or metric == "cosine"
@@ -365,20 +383,20 @@ def evaluate(query_features: Any,
       query_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(query_features)))
       gallery_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
     query_features, gallery_features = query_expansion_lib.alpha_query_expansion(
-        query_features, gallery_features, chunk_size=chunk_size, **query_expansion)
+      query_features, gallery_features, chunk_size=chunk_size, **query_expansion
+    )
   label_padding = ((0, padded_gallery - num_gallery),)
   gallery_labels = _GalleryLabels(
-      pids=jnp.asarray(np.pad(gallery_pid_codes, label_padding,
-                              constant_values=-1)),
-      camids=jnp.asarray(np.pad(gallery_cam_codes, label_padding,
-                                constant_values=-1)),
-      size=jnp.asarray(num_gallery, jnp.int32))
+    pids=jnp.asarray(np.pad(gallery_pid_codes, label_padding, constant_values=-1)),
+    camids=jnp.asarray(np.pad(gallery_cam_codes, label_padding, constant_values=-1)),
+    size=jnp.asarray(num_gallery, jnp.int32),
+  )
 
   match_start = np.concatenate([[0], np.cumsum(num_matches)])
   chunk_starts = range(0, num_query, chunk_size)
   slots_per_chunk = max(
-      match_start[min(start + chunk_size, num_query)] - match_start[start]
-      for start in chunk_starts)
+    match_start[min(start + chunk_size, num_query)] - match_start[start] for start in chunk_starts
+  )
   num_slots = max(1, -(-slots_per_chunk // _SLOT_ROUNDING)) * _SLOT_ROUNDING
 
   def query_chunk(start: int) -> _QueryChunk:
@@ -386,56 +404,68 @@ def evaluate(query_features: Any,
     pad = chunk_size - (stop - start)
     first, last = match_start[start], match_start[stop]
     slot_query = np.full(num_slots, chunk_size, np.int32)
-    slot_query[:last - first] = np.repeat(
-        np.arange(stop - start, dtype=np.int32), num_matches[start:stop])
+    slot_query[: last - first] = np.repeat(
+      np.arange(stop - start, dtype=np.int32), num_matches[start:stop]
+    )
     slot_gallery = np.zeros(num_slots, np.int32)
-    slot_gallery[:last - first] = match_gallery[first:last]
+    slot_gallery[: last - first] = match_gallery[first:last]
     return _QueryChunk(
-        pids=jnp.asarray(np.pad(query_pid_codes[start:stop], (0, pad),
-                                constant_values=-2)),
-        camids=jnp.asarray(np.pad(query_cam_codes[start:stop], (0, pad),
-                                  constant_values=-2)),
-        slot_query=jnp.asarray(slot_query),
-        slot_gallery=jnp.asarray(slot_gallery),
-        num_matches=jnp.asarray(np.pad(num_matches[start:stop], (0, pad))))
+      pids=jnp.asarray(np.pad(query_pid_codes[start:stop], (0, pad), constant_values=-2)),
+      camids=jnp.asarray(np.pad(query_cam_codes[start:stop], (0, pad), constant_values=-2)),
+      slot_query=jnp.asarray(slot_query),
+      slot_gallery=jnp.asarray(slot_gallery),
+      num_matches=jnp.asarray(np.pad(num_matches[start:stop], (0, pad))),
+    )
 
   # Dispatch every chunk before reading any result back: JAX runs them
   # asynchronously while the host prepares the next one.
   results = []
   if rerank is None:
-    gallery_features = _GalleryFeatures(*_prepare_features(
-        jnp.asarray(gallery_features), normalize=normalize_features,
-        padded_size=padded_gallery))
+    gallery_features = _GalleryFeatures(
+      *_prepare_features(
+        jnp.asarray(gallery_features), normalize=normalize_features, padded_size=padded_gallery
+      )
+    )
     for start in chunk_starts:
-      query = query_features[start:start + chunk_size]
+      query = query_features[start : start + chunk_size]
       query, query_squared_norms = _prepare_features(
-          jnp.asarray(np.pad(query, ((0, chunk_size - len(query)), (0, 0)))),
-          normalize=normalize_features, padded_size=chunk_size)
-      results.append(_evaluate_feature_chunk(
-          query, query_squared_norms, gallery_features, gallery_labels,
-          query_chunk(start), metric=metric))
+        jnp.asarray(np.pad(query, ((0, chunk_size - len(query)), (0, 0)))),
+        normalize=normalize_features,
+        padded_size=chunk_size,
+      )
+      results.append(
+        _evaluate_feature_chunk(
+          query,
+          query_squared_norms,
+          gallery_features,
+          gallery_labels,
+          query_chunk(start),
+          metric=metric,
+        )
+      )
   else:
     if normalize:
       query_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(query_features)))
-      gallery_features = np.asarray(
-          rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
+      gallery_features = np.asarray(rerank_lib.l2_normalize(jnp.asarray(gallery_features)))
     blocks = rerank_lib.k_reciprocal_rerank_chunks(
-        query_features, gallery_features, chunk_size=chunk_size, **rerank)
+      query_features, gallery_features, chunk_size=chunk_size, **rerank
+    )
     for start, block in blocks:
-      block = np.pad(block, ((0, chunk_size - len(block)),
-                             (0, padded_gallery - num_gallery)))
-      results.append(_evaluate_distance_chunk(
-          jnp.asarray(block), gallery_labels, query_chunk(start)))
+      block = np.pad(block, ((0, chunk_size - len(block)), (0, padded_gallery - num_gallery)))
+      results.append(
+        _evaluate_distance_chunk(jnp.asarray(block), gallery_labels, query_chunk(start))
+      )
 
   ap, inp, first_rank = (
-      np.concatenate([np.asarray(r[i]) for r in results])[:num_query]
-      for i in range(3))
+    np.concatenate([np.asarray(r[i]) for r in results])[:num_query] for i in range(3)
+  )
   num_valid = int(valid.sum())
-  first_hits = np.bincount(np.minimum(first_rank[valid], max_rank),
-                           minlength=max_rank + 1)[:max_rank]
+  first_hits = np.bincount(np.minimum(first_rank[valid], max_rank), minlength=max_rank + 1)[
+    :max_rank
+  ]
   return {
-      "cmc": np.cumsum(first_hits) / num_valid,
-      "mAP": float(np.mean(ap[valid], dtype=np.float64)),
-      "mINP": float(np.mean(inp[valid], dtype=np.float64)),
-      "num_valid_queries": num_valid,
+    "cmc": np.cumsum(first_hits) / num_valid,
+    "mAP": float(np.mean(ap[valid], dtype=np.float64)),
+    "mINP": float(np.mean(inp[valid], dtype=np.float64)),
+    "num_valid_queries": num_valid,
   }

@@ -7,7 +7,8 @@ distance of the L2-normalized features.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -16,8 +17,9 @@ from apnet_jax import images
 from apnet_jax.evaluation import metrics
 
 
-def plot_cmc(curves: dict[str, Sequence[float]], path: str | None = None, *,
-             title: str = "") -> np.ndarray:
+def plot_cmc(
+  curves: dict[str, Sequence[float]], path: str | None = None, *, title: str = ""
+) -> np.ndarray:
   """CMC curves (rank-k accuracy in %, k = 1..len) of one or more runs.
 
   Returns the picture, uint8 (H, W, 3); writes it to ``path`` (a PNG) if given.
@@ -48,31 +50,45 @@ def plot_cmc(curves: dict[str, Sequence[float]], path: str | None = None, *,
   return picture
 
 
-def rank(query_features: np.ndarray, gallery_features: np.ndarray, *, top: int,
-         exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rank(
+  query_features: np.ndarray,
+  gallery_features: np.ndarray,
+  *,
+  top: int,
+  exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-``top`` gallery indices and distances per query (L2-normalized, euclidean).
 
   ``exclude`` (Q, G) marks pairs left out of the ranking.
   """
+
   def normalized(x):
     # The evaluator's epsilon: an all-zero feature ranks at distance sqrt(2), not NaN.
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), metrics.NORM_EPS)
 
-  dist = np.sqrt(np.clip(2 - 2 * normalized(query_features) @ normalized(gallery_features).T,
-                         1e-12, None))
+  dist = np.sqrt(
+    np.clip(2 - 2 * normalized(query_features) @ normalized(gallery_features).T, 1e-12, None)
+  )
   if exclude is not None:
     dist[exclude] = np.inf
   order = np.argsort(dist, axis=1, kind="stable")[:, :top]
   return order, np.take_along_axis(dist, order, axis=1)
 
 
-def ranked_lists(query_features: np.ndarray, gallery_features: np.ndarray,
-                 query_pids: np.ndarray, gallery_pids: np.ndarray,
-                 query_camids: np.ndarray, gallery_camids: np.ndarray, *,
-                 top: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def ranked_lists(
+  query_features: np.ndarray,
+  gallery_features: np.ndarray,
+  query_pids: np.ndarray,
+  gallery_pids: np.ndarray,
+  query_camids: np.ndarray,
+  gallery_camids: np.ndarray,
+  *,
+  top: int = 10,
+) -> tuple[np.ndarray, np.ndarray]:
   """Top-``top`` gallery indices per query under the protocol, and which are true matches."""
-  junk = (query_pids[:, None] == gallery_pids[None]) & (query_camids[:, None]
-                                                        == gallery_camids[None])
+  junk = (query_pids[:, None] == gallery_pids[None]) & (
+    query_camids[:, None] == gallery_camids[None]
+  )
   order, _ = rank(query_features, gallery_features, top=top, exclude=junk)
   return order, gallery_pids[order] == query_pids[:, None]
 
@@ -84,9 +100,14 @@ _FRAME, _GAP, _QUERY_GAP, _TEXT = 3, 6, 10, 14
 _MATCH, _MISMATCH, _UNKNOWN, _QUERY = "#1a9641", "#d7191c", "#888888", "#333333"
 
 
-def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequence[Sequence[Any]],
-                      matches: np.ndarray | None, path: str | None = None, *,
-                      query_labels: Sequence[str] | None = None) -> np.ndarray:
+def plot_ranked_lists(
+  query_images: Sequence[np.ndarray],
+  gallery_images: Sequence[Sequence[Any]],
+  matches: np.ndarray | None,
+  path: str | None = None,
+  *,
+  query_labels: Sequence[str] | None = None,
+) -> np.ndarray:
   """Each query beside its top gallery images: true matches framed green, others red.
 
   Drawn with PIL, image by image (matplotlib took ~2 s for a grid of 8 x 11).
@@ -105,8 +126,9 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
   cell_h, cell_w = _CELL_HW
   framed_w, framed_h = cell_w + 2 * _FRAME, cell_h + 2 * _FRAME
   row_h = _TEXT + framed_h + _GAP
-  canvas = Image.new("RGB", (_GAP + _QUERY_GAP + (top + 1) * (framed_w + _GAP), _GAP + n * row_h),
-                     "white")
+  canvas = Image.new(
+    "RGB", (_GAP + _QUERY_GAP + (top + 1) * (framed_w + _GAP), _GAP + n * row_h), "white"
+  )
   draw = ImageDraw.Draw(canvas)
   font = ImageFont.load_default()
 
@@ -115,12 +137,15 @@ def plot_ranked_lists(query_images: Sequence[np.ndarray], gallery_images: Sequen
     y = _GAP + row * row_h
     if caption:
       caption = _fit(draw, caption, font, framed_w + _GAP)
-      draw.text((x + (framed_w - draw.textlength(caption, font=font)) / 2, y), caption,
-                fill="black", font=font)
+      draw.text(
+        (x + (framed_w - draw.textlength(caption, font=font)) / 2, y),
+        caption,
+        fill="black",
+        font=font,
+      )
     draw.rectangle((x, y + _TEXT, x + framed_w - 1, y + _TEXT + framed_h - 1), fill=color)
     picture = Image.fromarray(np.asarray(image)).convert("RGB")
-    canvas.paste(picture.resize((cell_w, cell_h), Image.BILINEAR),
-                 (x + _FRAME, y + _TEXT + _FRAME))
+    canvas.paste(picture.resize((cell_w, cell_h), Image.BILINEAR), (x + _FRAME, y + _TEXT + _FRAME))
 
   for i in range(n):
     put(query_images[i], _QUERY, i, 0, query_labels[i] if query_labels else "query")

@@ -73,28 +73,34 @@ def _expand_rows(features, unit, num_items, start, alpha, rows, k):
   def add_neighbour(j, total):
     return total + weights[:, j, None] * features[neighbours[:, j]]
 
-  total = jax.lax.fori_loop(0, k, add_neighbour,
-                            jnp.zeros((rows, features.shape[1]), features.dtype))
+  total = jax.lax.fori_loop(
+    0, k, add_neighbour, jnp.zeros((rows, features.shape[1]), features.dtype)
+  )
   real = start + jnp.arange(rows, dtype=jnp.int32) < num_items
   undefined = jnp.any(jnp.isnan(weights) & real[:, None])
   return total / k, undefined
 
 
 def _check_alpha(alpha: Any) -> float:
-  if (isinstance(alpha, bool)
-      or not isinstance(alpha, (int, float, np.integer, np.floating))
-      or not math.isfinite(alpha) or alpha < 0):
+  if (
+    isinstance(alpha, bool)
+    or not isinstance(alpha, (int, float, np.integer, np.floating))
+    or not math.isfinite(alpha)
+    or alpha < 0
+  ):
     raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}.")
   return float(alpha)
 
 
-def alpha_query_expansion(query_features: Any,
-                          gallery_features: Any,
-                          *,
-                          k: int = 5,
-                          alpha: float = 3.0,
-                          times: int = 1,
-                          chunk_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def alpha_query_expansion(
+  query_features: Any,
+  gallery_features: Any,
+  *,
+  k: int = 5,
+  alpha: float = 3.0,
+  times: int = 1,
+  chunk_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
   """Expands query and gallery features with their nearest pool neighbours.
 
   Args:
@@ -123,8 +129,10 @@ def alpha_query_expansion(query_features: Any,
   num_items = num_query + len(gallery_features)
   k = rerank_lib.check_int("k", k, 1)
   if k > num_items:
-    raise ValueError(f"k = {k} must not exceed the {num_items} query and gallery "
-                     "items of the query expansion pool.")
+    raise ValueError(
+      f"k = {k} must not exceed the {num_items} query and gallery "
+      "items of the query expansion pool."
+    )
   alpha = _check_alpha(alpha)
   times = rerank_lib.check_int("times", times, 1)
   chunk_size = rerank_lib.check_int("chunk_size", chunk_size, 1)
@@ -132,20 +140,21 @@ def alpha_query_expansion(query_features: Any,
   rows = min(chunk_size, num_items)
   padded = -(-num_items // rows) * rows
   padding = ((0, padded - num_items), (0, 0))
-  features = jnp.asarray(np.pad(np.concatenate([query_features, gallery_features]),
-                                padding))
+  features = jnp.asarray(np.pad(np.concatenate([query_features, gallery_features]), padding))
   for _ in range(times):
     unit = _unit_rows(features)
     outputs = [
-        _expand_rows(features, unit, jnp.int32(num_items), jnp.int32(start),
-                     jnp.float32(alpha), rows=rows, k=k)
-        for start in range(0, padded, rows)
+      _expand_rows(
+        features, unit, jnp.int32(num_items), jnp.int32(start), jnp.float32(alpha), rows=rows, k=k
+      )
+      for start in range(0, padded, rows)
     ]
     if any(bool(undefined) for _, undefined in outputs):
       raise ValueError(
-          f"alpha = {alpha} is not an integer and some item has a negative "
-          f"similarity among its k = {k} nearest: the weight sim ** alpha is "
-          "undefined. Use an integer alpha or a smaller k.")
+        f"alpha = {alpha} is not an integer and some item has a negative "
+        f"similarity among its k = {k} nearest: the weight sim ** alpha is "
+        "undefined. Use an integer alpha or a smaller k."
+      )
     # Padding rows get some finite mean: harmless, as columns they stay masked.
     features = jnp.concatenate([expanded for expanded, _ in outputs])
   features = np.asarray(features[:num_items], dtype=np.float32)

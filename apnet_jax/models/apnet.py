@@ -51,46 +51,54 @@ class APNet(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_classes: int,
-      *,
-      depth: int = 50,
-      width: float = 1.0,
-      last_stride: int = 1,
-      stem_relu: bool = False,
-      level: int = 2,
-      kind: str = "channel",
-      input_size: tuple[int, int] = (384, 192),
-      dtype: Dtype | None = None,
-      rngs: nnx.Rngs,
+    self,
+    num_classes: int,
+    *,
+    depth: int = 50,
+    width: float = 1.0,
+    last_stride: int = 1,
+    stem_relu: bool = False,
+    level: int = 2,
+    kind: str = "channel",
+    input_size: tuple[int, int] = (384, 192),
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
   ):
     if num_classes < 1:
       raise ValueError(f"num_classes must be at least 1, got {num_classes}.")
     self.level = level
     self.kind = kind
     self.compute_dtype = dtype or jnp.float32
-    self.backbone = ResNet(depth, width=width, last_stride=last_stride, stem_relu=stem_relu,
-                           dtype=dtype, rngs=rngs)
+    self.backbone = ResNet(
+      depth, width=width, last_stride=last_stride, stem_relu=stem_relu, dtype=dtype, rngs=rngs
+    )
     sizes = stage_sizes(tuple(input_size), last_stride)
-    self.pyramids = compat.module_list([
+    self.pyramids = compat.module_list(
+      [
         attention.AttentionPyramid(c, level, kind, hw, dtype=dtype, rngs=rngs)
         for c, hw in zip(self.backbone.stage_channels, sizes)
-    ])
+      ]
+    )
     dim = self.backbone.out_channels
     # The head runs in float32 whatever the compute dtype: it is tiny, and the
     # losses and the evaluation feature want full precision.
     self.bottleneck = layers.BatchNorm(dim, frozen_bias=True)
     self.classifier = nnx.Linear(
-        dim, num_classes, use_bias=False,
-        kernel_init=layers.normal_init(0.001), rngs=rngs)
+      dim, num_classes, use_bias=False, kernel_init=layers.normal_init(0.001), rngs=rngs
+    )
 
   @property
   def feature_dim(self) -> int:
     return self.backbone.out_channels
 
-  def __call__(self, images: jax.Array, *, return_stages: bool = False,
-               return_attention: bool = False,
-               stage_offsets: Sequence[jax.Array] | None = None) -> dict[str, Any]:
+  def __call__(
+    self,
+    images: jax.Array,
+    *,
+    return_stages: bool = False,
+    return_attention: bool = False,
+    stage_offsets: Sequence[jax.Array] | None = None,
+  ) -> dict[str, Any]:
     """The re-ID outputs of NHWC float images.
 
     Args:
@@ -116,9 +124,9 @@ class APNet(nnx.Module):
     global_feat = layers.global_avg_pool(x)
     feat = self.bottleneck(global_feat)
     out = {
-        "global_feat": global_feat,
-        "feat": feat,
-        "logits": self.classifier(feat),
+      "global_feat": global_feat,
+      "feat": feat,
+      "logits": self.classifier(feat),
     }
     if return_stages:
       out["stages"] = stages
@@ -145,14 +153,14 @@ def build_model(model_config: Any, num_classes: int, *, rngs: nnx.Rngs) -> APNet
   if dtype == "?":
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_config.dtype!r}.")
   return APNet(
-      num_classes,
-      depth=int(model_config.depth),
-      width=float(model_config.width),
-      last_stride=int(model_config.last_stride),
-      stem_relu=bool(model_config.stem_relu),
-      level=int(model_config.level),
-      kind=str(model_config.kind),
-      input_size=tuple(model_config.input_size),
-      dtype=dtype,
-      rngs=rngs,
+    num_classes,
+    depth=int(model_config.depth),
+    width=float(model_config.width),
+    last_stride=int(model_config.last_stride),
+    stem_relu=bool(model_config.stem_relu),
+    level=int(model_config.level),
+    kind=str(model_config.kind),
+    input_size=tuple(model_config.input_size),
+    dtype=dtype,
+    rngs=rngs,
   )

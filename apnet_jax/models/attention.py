@@ -39,14 +39,14 @@ SE_HIDDEN = 8  # the official SELayer reductions (8, 32, ..., 256) all give 8.
 def _dense(in_features, out_features, *, use_bias, dtype, rngs):
   """A Linear / 1x1 conv with PyTorch's default initialisation."""
   return nnx.Linear(
-      in_features,
-      out_features,
-      use_bias=use_bias,
-      kernel_init=layers.torch_default_kernel_init,
-      bias_init=layers.torch_default_bias_init(in_features),
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      rngs=rngs,
+    in_features,
+    out_features,
+    use_bias=use_bias,
+    kernel_init=layers.torch_default_kernel_init,
+    bias_init=layers.torch_default_bias_init(in_features),
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    rngs=rngs,
   )
 
 
@@ -105,8 +105,14 @@ class _PointwiseBN(nnx.Module):
 
   def __init__(self, in_features, out_features, *, relu=True, dtype, rngs):
     self.conv = nnx.Linear(
-        in_features, out_features, use_bias=False, kernel_init=layers.kaiming_fan_out,
-        dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+      in_features,
+      out_features,
+      use_bias=False,
+      kernel_init=layers.kaiming_fan_out,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+    )
     self.bn = layers.BatchNorm(out_features, dtype=dtype)
     self.relu = relu
 
@@ -125,9 +131,18 @@ class RelationSpatialAttention(nnx.Module):
   Reductions follow the RGA paper's defaults (channel 8, spatial 8, down 8).
   """
 
-  def __init__(self, channels: int, height: int, width: int, *, dtype: Dtype | None = None,
-               rngs: nnx.Rngs, channel_ratio: int = 8, spatial_ratio: int = 8,
-               down_ratio: int = 8):
+  def __init__(
+    self,
+    channels: int,
+    height: int,
+    width: int,
+    *,
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
+    channel_ratio: int = 8,
+    spatial_ratio: int = 8,
+    down_ratio: int = 8,
+  ):
     self.height, self.width = height, width
     positions = height * width
     inter_ch = max(channels // channel_ratio, 1)
@@ -168,13 +183,22 @@ class StripeAttention(nnx.Module):
   one call attends all of them; their maps are merged along the height.
   """
 
-  def __init__(self, channels: int, height: int, width: int, stripes: int, *,
-               dtype: Dtype | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    height: int,
+    width: int,
+    stripes: int,
+    *,
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
+  ):
     if height % stripes:
       raise ValueError(
-          f"APNet-S: a {height}x{width} feature map does not split into {stripes} equal "
-          "stripes; choose model.input_size so that every stage's height divides by "
-          f"{stripes}.")
+        f"APNet-S: a {height}x{width} feature map does not split into {stripes} equal "
+        "stripes; choose model.input_size so that every stage's height divides by "
+        f"{stripes}."
+      )
     self.stripes = stripes
     self.rga = RelationSpatialAttention(channels, height // stripes, width, dtype=dtype, rngs=rngs)
 
@@ -204,8 +228,16 @@ def split_sizes(level: int) -> tuple[int, ...]:
 class AttentionPyramid(nnx.Module):
   """The pyramid after one stage: split attentions (+ BN), then the whole map."""
 
-  def __init__(self, channels: int, level: int, kind: str, feature_hw: tuple[int, int], *,
-               dtype: Dtype | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    level: int,
+    kind: str,
+    feature_hw: tuple[int, int],
+    *,
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
+  ):
     if kind not in ("channel", "spatial"):
       raise ValueError(f"model.kind must be 'channel' or 'spatial', got {kind!r}.")
     h, w = feature_hw
@@ -220,7 +252,8 @@ class AttentionPyramid(nnx.Module):
     self.splits = compat.module_list(splits)
     # The official BN2d after each SAMS: bias frozen at zero.
     self.split_bns = compat.module_list(
-        [layers.BatchNorm(channels, frozen_bias=True, dtype=dtype) for _ in splits])
+      [layers.BatchNorm(channels, frozen_bias=True, dtype=dtype) for _ in splits]
+    )
     if level == 0:
       self.whole = None
     elif kind == "channel":
@@ -282,8 +315,9 @@ class AttentionPyramid(nnx.Module):
         shift, mul = bn.normalizer()
       else:
         batch_mean = jnp.mean(mean, axis=0)
-        batch_var = (jnp.mean(v * jnp.square(scale), axis=0)
-                     + jnp.mean(jnp.square(mean - batch_mean), axis=0))
+        batch_var = jnp.mean(v * jnp.square(scale), axis=0) + jnp.mean(
+          jnp.square(mean - batch_mean), axis=0
+        )
         shift, mul = bn.normalizer(batch_mean, batch_var, b * h * w)
       scale, mean = scale * mul, (mean - shift) * mul + bn.bias[...]
     gate = self.whole.weights(mean)

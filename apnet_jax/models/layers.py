@@ -49,8 +49,9 @@ def host_initializer(draw: Callable[[np.random.Generator, tuple[int, ...]], np.n
     is_typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     words = jax.random.key_data(key) if is_typed else key
     if isinstance(words, jax.core.Tracer):
-      return jax.pure_callback(values, jax.ShapeDtypeStruct(shape, dtype), words,
-                               vmap_method="sequential")
+      return jax.pure_callback(
+        values, jax.ShapeDtypeStruct(shape, dtype), words, vmap_method="sequential"
+      )
     return jax.device_put(values(words))
 
   return init
@@ -69,13 +70,15 @@ def normal_init(stddev: float):
 
 # Kaiming normal, fan_out: torchvision's ResNet init for convolutions.
 kaiming_fan_out = host_initializer(
-    lambda rng, shape: math.sqrt(2.0 / _fans(shape)[1]) * rng.standard_normal(shape))
+  lambda rng, shape: math.sqrt(2.0 / _fans(shape)[1]) * rng.standard_normal(shape)
+)
 
 # PyTorch's default init for Conv2d/Linear weights is kaiming_uniform(a=sqrt(5)),
 # i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)); the official code keeps it for the
 # attention layers.
 torch_default_kernel_init = host_initializer(
-    lambda rng, shape: rng.uniform(-1.0, 1.0, shape) / math.sqrt(_fans(shape)[0]))
+  lambda rng, shape: rng.uniform(-1.0, 1.0, shape) / math.sqrt(_fans(shape)[0])
+)
 
 
 def torch_default_bias_init(fan_in: int):
@@ -114,14 +117,14 @@ class BatchNorm(nnx.Module):
   """
 
   def __init__(
-      self,
-      num_features: int,
-      *,
-      frozen_bias: bool = False,
-      momentum: float = 0.1,
-      epsilon: float = 1e-5,
-      dtype: Dtype | None = None,
-      use_running_average: bool = False,
+    self,
+    num_features: int,
+    *,
+    frozen_bias: bool = False,
+    momentum: float = 0.1,
+    epsilon: float = 1e-5,
+    dtype: Dtype | None = None,
+    use_running_average: bool = False,
   ):
     self.num_features = num_features
     self.momentum = momentum
@@ -134,8 +137,9 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(_filled(num_features, 0.0))
     self.var = nnx.BatchStat(_filled(num_features, 1.0))
 
-  def normalizer(self, batch_mean: jax.Array | None = None, batch_var: jax.Array | None = None,
-                 count: int = 0) -> tuple[jax.Array, jax.Array]:
+  def normalizer(
+    self, batch_mean: jax.Array | None = None, batch_var: jax.Array | None = None, count: int = 0
+  ) -> tuple[jax.Array, jax.Array]:
     """``(mean, mul)`` such that this layer maps x to ``(x - mean) * mul + bias``.
 
     In training mode it takes the batch's per-channel mean and biased
@@ -152,9 +156,11 @@ class BatchNorm(nnx.Module):
       if count <= 1:
         # One value per channel has no variance: every output would be the
         # bias. PyTorch refuses this too.
-        raise ValueError(f"BatchNorm in training mode needs more than one value per channel, "
-                         f"got {count}: train with batches of at least 2 images, or call "
-                         "model.eval() first.")
+        raise ValueError(
+          f"BatchNorm in training mode needs more than one value per channel, "
+          f"got {count}: train with batches of at least 2 images, or call "
+          "model.eval() first."
+        )
       mean, var = batch_mean, batch_var
       unbiased = var * (count / (count - 1))
       m = self.momentum
@@ -183,7 +189,8 @@ class BatchNorm(nnx.Module):
 # works (forward mode too); a caller that compiles for one platform may trace
 # the model with a faster equivalent in its place (`convolution`).
 _CONVOLUTION: contextvars.ContextVar[Callable[..., jax.Array]] = contextvars.ContextVar(
-    "convolution", default=jax.lax.conv_general_dilated)
+  "convolution", default=jax.lax.conv_general_dilated
+)
 
 
 @contextlib.contextmanager
@@ -207,30 +214,30 @@ def _convolve(lhs, rhs, *args, **kwargs):
 
 
 def conv(
-    in_features: int,
-    out_features: int,
-    kernel_size: int,
-    *,
-    stride: int = 1,
-    padding: int = 0,
-    use_bias: bool = False,
-    kernel_init=kaiming_fan_out,
-    dtype: Dtype | None = None,
-    rngs: nnx.Rngs,
+  in_features: int,
+  out_features: int,
+  kernel_size: int,
+  *,
+  stride: int = 1,
+  padding: int = 0,
+  use_bias: bool = False,
+  kernel_init=kaiming_fan_out,
+  dtype: Dtype | None = None,
+  rngs: nnx.Rngs,
 ) -> nnx.Conv:
   """A 2-D convolution with PyTorch's explicit, symmetric padding."""
   return nnx.Conv(
-      in_features,
-      out_features,
-      kernel_size=(kernel_size, kernel_size),
-      strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      use_bias=use_bias,
-      kernel_init=kernel_init,
-      dtype=dtype,
-      param_dtype=jnp.float32,
-      conv_general_dilated=_convolve,
-      rngs=rngs,
+    in_features,
+    out_features,
+    kernel_size=(kernel_size, kernel_size),
+    strides=(stride, stride),
+    padding=((padding, padding), (padding, padding)),
+    use_bias=use_bias,
+    kernel_init=kernel_init,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    conv_general_dilated=_convolve,
+    rngs=rngs,
   )
 
 
@@ -238,12 +245,12 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
   """``nn.MaxPool2d(3, stride=2, padding=1)``: pads with -inf, not zeros."""
   # A Python -inf lets JAX recognise the max monoid (differentiable under jit).
   return jax.lax.reduce_window(
-      x,
-      -jnp.inf,
-      jax.lax.max,
-      window_dimensions=(1, 3, 3, 1),
-      window_strides=(1, 2, 2, 1),
-      padding=((0, 0), (1, 1), (1, 1), (0, 0)),
+    x,
+    -jnp.inf,
+    jax.lax.max,
+    window_dimensions=(1, 3, 3, 1),
+    window_strides=(1, 2, 2, 1),
+    padding=((0, 0), (1, 1), (1, 1), (0, 0)),
   )
 
 

@@ -22,10 +22,10 @@ Dtype = Any
 
 # depth -> (block type, blocks per stage)
 RESNET_SPECS = {
-    18: ("basic", (2, 2, 2, 2)),
-    34: ("basic", (3, 4, 6, 3)),
-    50: ("bottleneck", (3, 4, 6, 3)),
-    101: ("bottleneck", (3, 4, 23, 3)),
+  18: ("basic", (2, 2, 2, 2)),
+  34: ("basic", (3, 4, 6, 3)),
+  50: ("bottleneck", (3, 4, 6, 3)),
+  101: ("bottleneck", (3, 4, 23, 3)),
 }
 
 
@@ -73,8 +73,10 @@ class Bottleneck(nnx.Module):
 def _downsample(in_ch, out_ch, stride, dtype, rngs):
   if stride == 1 and in_ch == out_ch:
     return None, None
-  return (layers.conv(in_ch, out_ch, 1, stride=stride, dtype=dtype, rngs=rngs),
-          layers.BatchNorm(out_ch, dtype=dtype))
+  return (
+    layers.conv(in_ch, out_ch, 1, stride=stride, dtype=dtype, rngs=rngs),
+    layers.BatchNorm(out_ch, dtype=dtype),
+  )
 
 
 def _shortcut(block, x):
@@ -91,14 +93,14 @@ class ResNet(nnx.Module):
   """
 
   def __init__(
-      self,
-      depth: int = 50,
-      *,
-      width: float = 1.0,
-      last_stride: int = 1,
-      stem_relu: bool = False,
-      dtype: Dtype | None = None,
-      rngs: nnx.Rngs,
+    self,
+    depth: int = 50,
+    *,
+    width: float = 1.0,
+    last_stride: int = 1,
+    stem_relu: bool = False,
+    dtype: Dtype | None = None,
+    rngs: nnx.Rngs,
   ):
     if depth not in RESNET_SPECS:
       raise ValueError(f"model.depth must be one of {sorted(RESNET_SPECS)}, got {depth}.")

@@ -22,8 +22,12 @@ def count_parameters(model: nnx.Module) -> dict[str, int]:
   """Trainable, frozen (zero biases) and 'official' (both, as PyTorch counts them)."""
   trainable = _size(nnx.state(model, nnx.Param))
   frozen = _size(nnx.state(model, FrozenBias))
-  return {"trainable": trainable, "frozen": frozen, "official": trainable + frozen,
-          "batch_stats": _size(nnx.state(model, nnx.BatchStat))}
+  return {
+    "trainable": trainable,
+    "frozen": frozen,
+    "official": trainable + frozen,
+    "batch_stats": _size(nnx.state(model, nnx.BatchStat)),
+  }
 
 
 def _group(path: tuple) -> str:
@@ -91,13 +95,13 @@ def describe(model_config: Any, num_classes: int, *, batch_size: int = 2) -> str
   model.eval()
   out = nnx.eval_shape(lambda m, x: m(x, return_stages=True), model, images)
   lines = [
-      f"APNet-{'C' if model_config.kind == 'channel' else 'S'} level {model_config.level}, "
-      f"ResNet-{model_config.depth} x{model_config.width}, input {height}x{width}, "
-      f"{num_classes} classes, compute {model_config.dtype}",
-      "",
-      parameter_table(model),
-      "",
-      f"outputs for a batch of {batch_size}:",
+    f"APNet-{'C' if model_config.kind == 'channel' else 'S'} level {model_config.level}, "
+    f"ResNet-{model_config.depth} x{model_config.width}, input {height}x{width}, "
+    f"{num_classes} classes, compute {model_config.dtype}",
+    "",
+    parameter_table(model),
+    "",
+    f"outputs for a batch of {batch_size}:",
   ]
   for i, stage in enumerate(out["stages"]):
     lines.append(f"  stage {i} (after attention)  {tuple(stage.shape)}  {stage.dtype}")

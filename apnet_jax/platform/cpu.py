@@ -38,7 +38,7 @@ YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 # XLA:CPU's default YNNPACK set (jaxlib 0.10: individual dots, reductions and
 # individual convolutions) without the convolutions.
 CPU_COMPILER_OPTIONS = {
-    YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+  YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
 }
 
 
@@ -104,9 +104,11 @@ def save_replicas_whole(devices: Iterable[Any]) -> None:
     devices: the devices the checkpointed arrays live on (``jax.devices()``).
   """
   handler = ocp.type_handlers.get_type_handler(jax.Array)
-  if (type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
-      and getattr(handler, "_use_replica_parallel", False)
-      and _all_cpu(devices)):
+  if (
+    type(handler) is ocp.type_handlers.ArrayHandler  # pylint: disable=unidiomatic-typecheck
+    and getattr(handler, "_use_replica_parallel", False)
+    and _all_cpu(devices)
+  ):
     whole = copy.copy(handler)  # the same settings and metadata store otherwise
     whole._use_replica_parallel = False  # pylint: disable=protected-access
     ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
@@ -141,20 +143,27 @@ def _pointwise_matmul_bwd(precision, residuals, dy):
   mesh = jax.typeof(x).sharding.mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.P()) if mesh.explicit_axes else None
   if x.shape[-1] < dy.shape[-1]:
-    dkernel = jnp.einsum("bhwc,bhwd->cd", x, dy, precision=precision,
-                         out_sharding=replicated)
+    dkernel = jnp.einsum("bhwc,bhwd->cd", x, dy, precision=precision, out_sharding=replicated)
   else:  # autodiff's own form
-    dkernel = jnp.einsum("bhwd,bhwc->dc", dy, x, precision=precision,
-                         out_sharding=replicated).T
+    dkernel = jnp.einsum("bhwd,bhwc->dc", dy, x, precision=precision, out_sharding=replicated).T
   return dx, dkernel
 
 
 _pointwise_matmul.defvjp(_pointwise_matmul_fwd, _pointwise_matmul_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, **kwargs):
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+  **kwargs,
+):
   """``jax.lax.conv_general_dilated`` with 1x1 kernels as matmuls (for XLA:CPU).
 
   XLA:CPU runs the gradients of a 1x1 convolution as convolutions several
@@ -166,22 +175,29 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   Differentiable in reverse mode only (``jax.grad``, ``jax.vjp``).
   """
   plain = (
-      not isinstance(padding, str)
-      and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-      and feature_group_count == 1
-      and not kwargs.get("out_sharding")
-      and not kwargs.get("preferred_element_type")
-      and lhs.ndim == 4
-      and rhs.shape[:2] == (1, 1)
-      and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                              _NHWC_DIMENSIONS)
+    not isinstance(padding, str)
+    and all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+    and feature_group_count == 1
+    and not kwargs.get("out_sharding")
+    and not kwargs.get("preferred_element_type")
+    and lhs.ndim == 4
+    and rhs.shape[:2] == (1, 1)
+    and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC_DIMENSIONS)
   )
   if not plain:
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision, **kwargs)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+      **kwargs,
+    )
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   strides = tuple(int(s) for s in window_strides)
-  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))[:, ::strides[0], ::strides[1]]
+  x = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))[:, :: strides[0], :: strides[1]]
   return _pointwise_matmul(x, rhs[0, 0], precision)

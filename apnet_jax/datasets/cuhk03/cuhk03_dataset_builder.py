@@ -40,9 +40,9 @@ from .. import reid_common
 
 _MAT = "cuhk03_release/cuhk-03.mat"
 _NP_FOLDERS = {
-    "train": "bounding_box_train",
-    "query": "query",
-    "gallery": "bounding_box_test",
+  "train": "bounding_box_train",
+  "query": "query",
+  "gallery": "bounding_box_test",
 }
 _PROTOCOL_KEYS = {"train": "train_idx", "query": "query_idx", "gallery": "gallery_idx"}
 _MAT_NAME = re.compile(r"(\d+)_(\d+)_([12])_(\d+)\.png")
@@ -56,8 +56,8 @@ class Builder(reid_common.ManualReidBuilder):
   """CUHK03 767/700: 767 train ids, 700 test ids, 2 cameras per pair."""
 
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(name="labeled", description="Hand-drawn boxes."),
-      tfds.core.BuilderConfig(name="detected", description="DPM-detected boxes."),
+    tfds.core.BuilderConfig(name="labeled", description="Hand-drawn boxes."),
+    tfds.core.BuilderConfig(name="detected", description="DPM-detected boxes."),
   ]
   DEFAULT_CONFIG_NAME = "labeled"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -72,31 +72,31 @@ class Builder(reid_common.ManualReidBuilder):
   def _layouts(self) -> Sequence[reid_common.Layout]:
     config = self.builder_config.name
     return (
-        reid_common.Layout(
-            name="cuhk03_release",
-            root_name="cuhk03",
-            markers=(_MAT, _protocol_file(config)),
-        ),
-        reid_common.Layout(
-            name="CUHK03-NP",
-            root_name="cuhk03-np",
-            markers=tuple(f"{config}/{f}" for f in _NP_FOLDERS.values()),
-        ),
+      reid_common.Layout(
+        name="cuhk03_release",
+        root_name="cuhk03",
+        markers=(_MAT, _protocol_file(config)),
+      ),
+      reid_common.Layout(
+        name="CUHK03-NP",
+        root_name="cuhk03-np",
+        markers=tuple(f"{config}/{f}" for f in _NP_FOLDERS.values()),
+      ),
     )
 
   def _read_layout(
-      self,
-      tree: reid_common.ManualTree,
-      layout: reid_common.Layout,
-      root: str,
+    self,
+    tree: reid_common.ManualTree,
+    layout: reid_common.Layout,
+    root: str,
   ) -> dict[str, list[reid_common.ReidImage]]:
     config = self.builder_config.name
     if layout.name == "CUHK03-NP":
       return {
-          split: reid_common.read_market_style_folder(
-              tree, f"{config}/{folder}", root=root, num_cameras=2
-          )
-          for split, folder in _NP_FOLDERS.items()
+        split: reid_common.read_market_style_folder(
+          tree, f"{config}/{folder}", root=root, num_cameras=2
+        )
+        for split, folder in _NP_FOLDERS.items()
       }
     return _read_release(tree, root, config)
 
@@ -114,7 +114,7 @@ def _mat_string(cell: np.ndarray) -> str:
 
 
 def _read_protocol(
-    data: bytes, location: str
+  data: bytes, location: str
 ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
   """Returns (filelist, pids, 0-based indices of each split)."""
   import scipy.io  # pylint: disable=g-import-not-at-top
@@ -123,10 +123,7 @@ def _read_protocol(
     protocol = scipy.io.loadmat(io.BytesIO(data))
   except Exception as e:  # scipy raises several types for a bad file
     raise ValueError(f"Cannot read {location} as a MATLAB file: {e}") from e
-  missing = [
-      k for k in ("filelist", "labels", *_PROTOCOL_KEYS.values())
-      if k not in protocol
-  ]
+  missing = [k for k in ("filelist", "labels", *_PROTOCOL_KEYS.values()) if k not in protocol]
   if missing:
     raise ValueError(f"{location} lacks the field(s) {', '.join(missing)}.")
   try:
@@ -135,18 +132,14 @@ def _read_protocol(
     raise ValueError(f"{location}: bad filelist entry: {e}") from None
   pids = np.ravel(protocol["labels"]).astype(np.int64)
   if len(pids) != len(filelist):
-    raise ValueError(
-        f"{location}: {len(pids)} labels for {len(filelist)} files."
-    )
+    raise ValueError(f"{location}: {len(pids)} labels for {len(filelist)} files.")
   indices = {}
   for split, key in _PROTOCOL_KEYS.items():
     index = np.ravel(protocol[key]).astype(np.int64) - 1  # MATLAB: 1-based
     if not index.size:
       raise ValueError(f"{location}: {key} is empty: the {split} split would have no images.")
     if index.min() < 0 or index.max() >= len(filelist):
-      raise ValueError(
-          f"{location}: {key} holds indices outside 1..{len(filelist)}."
-      )
+      raise ValueError(f"{location}: {key} holds indices outside 1..{len(filelist)}.")
     indices[split] = index
   return filelist, pids, indices
 
@@ -156,14 +149,14 @@ def _parse_mat_name(name: str, location: str) -> tuple[int, int, int, int]:
   match = _MAT_NAME.fullmatch(name)
   if not match:
     raise ValueError(
-        f"{location}: cannot parse {name!r}; expected"
-        " <pair>_<person>_<camera 1|2>_<slot>.png, e.g. 1_001_1_01.png."
+      f"{location}: cannot parse {name!r}; expected"
+      " <pair>_<person>_<camera 1|2>_<slot>.png, e.g. 1_001_1_01.png."
     )
   pair, person, camera, slot = map(int, match.groups())
   if not 1 <= slot <= 10 or camera != (1 if slot <= 5 else 2):
     raise ValueError(
-        f"{location}: {name!r} names slot {slot} of camera {camera}; slots"
-        " 1-5 belong to camera 1, 6-10 to camera 2."
+      f"{location}: {name!r} names slot {slot} of camera {camera}; slots"
+      " 1-5 belong to camera 1, 6-10 to camera 2."
     )
   return pair, person, camera, slot
 
@@ -197,16 +190,14 @@ class _ReleaseImages:
 
 
 def _read_release(
-    tree: reid_common.ManualTree, root: str, config: str
+  tree: reid_common.ManualTree, root: str, config: str
 ) -> dict[str, list[reid_common.ReidImage]]:
   """Reads the .mat release; PNG-encodes the protocol's images up front."""
   import h5py  # pylint: disable=g-import-not-at-top
 
   protocol_rel = _join(root, _protocol_file(config))
   protocol_location = tree.where(protocol_rel)
-  filelist, pids, indices = _read_protocol(
-      tree.read_bytes(protocol_rel), protocol_location
-  )
+  filelist, pids, indices = _read_protocol(tree.read_bytes(protocol_rel), protocol_location)
   mat_rel = _join(root, _MAT)
   mat_location = tree.where(mat_rel)
   wanted = sorted({int(i) for index in indices.values() for i in index})
@@ -219,9 +210,7 @@ def _read_release(
     try:
       mat = stack.enter_context(h5py.File(path, "r"))
     except OSError as e:
-      raise ValueError(
-          f"Cannot read {mat_location} as a MATLAB v7.3 (HDF5) file: {e}"
-      ) from e
+      raise ValueError(f"Cannot read {mat_location} as a MATLAB v7.3 (HDF5) file: {e}") from e
     release = _ReleaseImages(mat, config, mat_location)
     # Not apnet_jax.progress.bar: preparing runs on one process and must not
     # start a JAX backend (on a TPU host it would hold the chips).
@@ -232,13 +221,13 @@ def _read_release(
   splits = {}
   for split, index in indices.items():
     splits[split] = [
-        reid_common.ReidImage(
-            filename=filelist[i],
-            pid=int(pids[i]),
-            camid=_parse_mat_name(filelist[i], protocol_location)[2] - 1,
-            location=f"{mat_location} ({config} image {filelist[i]})",
-            read=functools.partial(pngs.__getitem__, filelist[i]),
-        )
-        for i in index
+      reid_common.ReidImage(
+        filename=filelist[i],
+        pid=int(pids[i]),
+        camid=_parse_mat_name(filelist[i], protocol_location)[2] - 1,
+        location=f"{mat_location} ({config} image {filelist[i]})",
+        read=functools.partial(pngs.__getitem__, filelist[i]),
+      )
+      for i in index
     ]
   return splits

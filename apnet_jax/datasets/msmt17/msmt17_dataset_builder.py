@@ -27,15 +27,13 @@ _LISTS = ("list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt"
 
 
 def _layout(version: str, train_dir: str, test_dir: str) -> reid_common.Layout:
-  return reid_common.Layout(
-      name=version, root_name=version, markers=(train_dir, test_dir) + _LISTS
-  )
+  return reid_common.Layout(name=version, root_name=version, markers=(train_dir, test_dir) + _LISTS)
 
 
 # Layout name -> (train image folder, test image folder).
 _IMAGE_DIRS = {
-    "MSMT17_V1": ("train", "test"),
-    "MSMT17_V2": ("mask_train_v2", "mask_test_v2"),
+  "MSMT17_V1": ("train", "test"),
+  "MSMT17_V2": ("mask_train_v2", "mask_test_v2"),
 }
 
 
@@ -43,13 +41,11 @@ class Builder(reid_common.ManualReidBuilder):
   """MSMT17: 1,041 train ids, 3,060 test ids, 15 cameras."""
 
   BUILDER_CONFIGS = [
-      tfds.core.BuilderConfig(
-          name="train", description="Train split = list_train.txt (standard)."
-      ),
-      tfds.core.BuilderConfig(
-          name="trainval",
-          description="Train split = list_train.txt + list_val.txt.",
-      ),
+    tfds.core.BuilderConfig(name="train", description="Train split = list_train.txt (standard)."),
+    tfds.core.BuilderConfig(
+      name="trainval",
+      description="Train split = list_train.txt + list_val.txt.",
+    ),
   ]
   DEFAULT_CONFIG_NAME = "train"
   LAYOUTS = tuple(_layout(v, *dirs) for v, dirs in _IMAGE_DIRS.items())
@@ -61,10 +57,10 @@ class Builder(reid_common.ManualReidBuilder):
   """
 
   def _read_layout(
-      self,
-      tree: reid_common.ManualTree,
-      layout: reid_common.Layout,
-      root: str,
+    self,
+    tree: reid_common.ManualTree,
+    layout: reid_common.Layout,
+    root: str,
   ) -> dict[str, list[reid_common.ReidImage]]:
     train_dir, test_dir = _IMAGE_DIRS[layout.name]
     train_lists = ["list_train.txt"]
@@ -72,9 +68,9 @@ class Builder(reid_common.ManualReidBuilder):
       train_lists.append("list_val.txt")
     read = functools.partial(_read_list, tree, root)
     lists = {
-        "train": train_lists,
-        "query": ["list_query.txt"],
-        "gallery": ["list_gallery.txt"],
+      "train": train_lists,
+      "query": ["list_query.txt"],
+      "gallery": ["list_gallery.txt"],
     }
     splits = {}
     for split, names in lists.items():
@@ -88,7 +84,7 @@ class Builder(reid_common.ManualReidBuilder):
 
 
 def _read_list(
-    tree: reid_common.ManualTree, root: str, list_name: str, image_dir: str
+  tree: reid_common.ManualTree, root: str, list_name: str, image_dir: str
 ) -> list[reid_common.ReidImage]:
   """Reads one list file; its paths are relative to ``image_dir``."""
   list_rel = f"{root}/{list_name}" if root else list_name
@@ -109,26 +105,24 @@ def _read_list(
     filename = f"{image_dir}/{path}"
     rel = f"{root}/{filename}" if root else filename
     if not tree.is_file(rel):
-      raise FileNotFoundError(
-          f"{where} lists {path}, but {tree.where(rel)} does not exist."
-      )
+      raise FileNotFoundError(f"{where} lists {path}, but {tree.where(rel)} does not exist.")
     try:
       pid = int(pid_text)
       camera = int(path.rsplit("/", 1)[-1].split("_")[2])
     except (ValueError, IndexError):
       raise ValueError(
-          f"{where}: cannot parse pid and camera from {line!r}; expected"
-          " e.g. '0000/0000_000_01_0303morning_0008_0.jpg 0' (camera 1)."
+        f"{where}: cannot parse pid and camera from {line!r}; expected"
+        " e.g. '0000/0000_000_01_0303morning_0008_0.jpg 0' (camera 1)."
       ) from None
     location = tree.where(rel)
     reid_common.check_camid(camera - 1, _NUM_CAMERAS, location)
     images.append(
-        reid_common.ReidImage(
-            filename=filename,
-            pid=pid,
-            camid=camera - 1,
-            location=location,
-            read=functools.partial(tree.read_bytes, rel),
-        )
+      reid_common.ReidImage(
+        filename=filename,
+        pid=pid,
+        camid=camera - 1,
+        location=location,
+        read=functools.partial(tree.read_bytes, rel),
+      )
     )
   return images

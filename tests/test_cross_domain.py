@@ -218,3 +218,15 @@ def _flat(tree):
 
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return [(jax.tree_util.keystr(path), np.asarray(leaf)) for path, leaf in leaves]
+
+
+def test_prepare_mode_refuses_a_joined_name_naming_each_dataset(tmp_path):
+  from apnet_jax.data import opening
+
+  config = tiny_config(str(tmp_path), **{"data.name": JOINT, "data.config": ""})
+  with pytest.raises(ValueError) as refusal:
+    opening.prepare_data(config.data)
+  message = str(refusal.value)
+  assert "data.name" in message and JOINT in message
+  assert "--config.data.name=reid_folder --config.data.config=mine" in message
+  assert not any(tmp_path.iterdir())  # nothing prepared

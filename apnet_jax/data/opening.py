@@ -113,8 +113,23 @@ def prepare_dataset(
 
 
 def prepare_data(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-  """``--mode prepare``: builds the dataset of ``data.name`` from ``data.manual_dir``."""
-  (entry,) = entries.data_entries(data_config, known=sources.BUILDERS)  # one: config_check
+  """``--mode prepare``: builds the dataset of ``data.name`` from ``data.manual_dir``.
+
+  Raises:
+    ValueError: ``data.name`` joins several datasets (one folder cannot hold
+      them); the message names each one to prepare on its own.
+  """
+  named = entries.data_entries(data_config, known=sources.BUILDERS)
+  if len(named) > 1:
+    each = ", ".join(
+      f"--config.data.name={e.name}" + (f" --config.data.config={e.config}" if e.config else "")
+      for e in named
+    )
+    raise ValueError(
+      f"data.name={data_config.name!r} joins {len(named)} datasets: prepare each on its own, "
+      f"with its folder as --config.data.manual_dir ({each})."
+    )
+  (entry,) = named
   return prepare_dataset(entry.name, entry.config, data_config.data_dir, data_config.manual_dir)
 
 

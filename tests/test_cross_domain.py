@@ -9,8 +9,8 @@ import os
 
 import data_fixtures as fx
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from test_train import saved_state
 
 from apnet_jax import checkpointing, evaluate, restore, train
 from apnet_jax.evaluation import evaluator as evaluator_lib
@@ -155,12 +155,6 @@ def test_query_expansion_is_its_own_row_and_k_1_changes_nothing(data_dir, cross_
 # --- Joint training -------------------------------------------------------------------
 
 JOINT = f"synthetic_reid:tiny+{FOLDER}"
-
-
-def saved_state(workdir, step):
-  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return restored["state"]
 
 
 @pytest.fixture(scope="module")

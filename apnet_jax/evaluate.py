@@ -24,11 +24,13 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   """``--mode eval``: evaluates a checkpoint (see `restore.restore_model`); writes the report.
 
   Evaluates on every dataset of the evaluator's list (``eval.datasets``, or
-  the training dataset(s)). Writes nothing a training writes while one holds
-  ``workdir``: the report (``results.json`` and the pictures, see
-  `evaluator.ReidEvaluator.pictures`) goes into ``workdir`` itself when no
-  training holds it (eval holds the lock while writing), and into
-  ``workdir/eval/`` otherwise, a folder replaced whole at each evaluation.
+  the training dataset(s)). The report (``results.json`` and the pictures, see
+  `evaluator.ReidEvaluator.pictures`) goes into ``workdir`` itself, replacing
+  training's, when it scores exactly the training dataset(s) and no training
+  holds the workdir (eval holds the lock while writing). Otherwise (another
+  list of datasets, whose report must not pass for the run's own; or a
+  training holds the workdir) it goes into ``workdir/eval/``, a folder
+  replaced whole at each evaluation.
   """
   config_check.check_mode(config, "eval")
   workdir = os.path.abspath(os.path.expanduser(workdir))
@@ -42,13 +44,20 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
     return results
   pictures = evaluator.pictures(report)
   workdir = workdir_lib.ensure_workdir(workdir)  # new when evaluating eval.torch_checkpoint
+  aside = os.path.join(workdir, EVAL_FOLDER)
+  evaluated = [d.entry for d in evaluator.datasets]
+  if sorted(evaluated) != sorted(str(e) for e in evaluator_lib.trained_entries(config)):
+    with workdir_lib.replace_folder(aside) as folder:
+      evaluator_lib.write_report(folder, results, pictures)
+    print(f"the report on {', '.join(evaluated)} went to {aside}/, beside the run's own.")
+    return results
   try:
     held = workdir_lib.WorkdirLock.acquire(workdir, "evaluation")
   except workdir_lib.WorkdirBusyError as e:
-    with workdir_lib.replace_folder(os.path.join(workdir, EVAL_FOLDER)) as folder:
+    with workdir_lib.replace_folder(aside) as folder:
       evaluator_lib.write_report(folder, results, pictures)
     print(
-      f"{workdir} is in use ({e.holder}): the report went to {workdir}/{EVAL_FOLDER}/, "
+      f"{workdir} is in use ({e.holder}): the report went to {aside}/, "
       "not beside the training's files."
     )
   else:

@@ -210,7 +210,7 @@ def _train_and_evaluate_locked(
             checkpointing.save(manager, done, state, dict(meta, epoch=epoch))
             checkpointing.wait_until_finished(manager)
             raise
-          evaluated = {"mAP": report.main["mAP"]}  # the best checkpoint's measure
+          evaluated = {"mAP": report.selection_map}  # the best checkpoint's measure
           writer.write(done, report.scalars(), kind="eval")
           pictures = evaluator.pictures(report) if is_main else {}
           writer.write_images(done, pictures)

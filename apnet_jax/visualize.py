@@ -258,7 +258,7 @@ def visualize_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   num_queries = config.visualize.num_queries
   workdir = os.path.abspath(os.path.expanduser(workdir))
   model, _ = restore.restore_model(config, workdir)
-  dataset = evaluator_lib.open_eval_datasets(config)[0]  # the first the evaluator scores
+  dataset = evaluator_lib.open_eval_dataset(config, evaluator_lib.eval_entries(config)[0])
   query = sources.load_split(dataset.builder, "query")
   picked = np.linspace(0, len(query) - 1, min(num_queries, len(query))).astype(int)
   height, width = config.model.input_size

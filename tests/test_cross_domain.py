@@ -6,6 +6,8 @@ train/, query/ and gallery/; the first is `synthetic_reid:tiny`.
 
 import json
 import os
+import pathlib
+import shutil
 
 import data_fixtures as fx
 import numpy as np
@@ -55,16 +57,19 @@ def tiny_config(data_dir, **overrides):
 
 @pytest.fixture(scope="module")
 def cross_run(data_dir, tmp_path_factory):
-  """2 steps on synthetic_reid:tiny, evaluated on itself and on the folder: (workdir, results)."""
+  """2 steps on synthetic_reid:tiny, evaluated on the folder and on itself: (workdir, results)."""
   workdir = str(tmp_path_factory.mktemp("cross_run"))
-  config = tiny_config(data_dir, **{"eval.datasets": f"synthetic_reid:tiny,{FOLDER}"})
+  # Evaluated in the loop at epoch 1 (step 2, the last), so its checkpoint carries an mAP.
+  config = tiny_config(
+    data_dir, **{"eval.datasets": f"{FOLDER},synthetic_reid:tiny", "train.eval_epochs": (1,)}
+  )
   return workdir, config, train.train_and_evaluate(config, workdir)
 
 
 @pytest.mark.slow
 def test_each_entry_scores_as_it_would_as_the_main_dataset(data_dir, cross_run):
   workdir, config, results = cross_run
-  assert list(results["datasets"]) == ["synthetic_reid:tiny", FOLDER]
+  assert list(results["datasets"]) == [FOLDER, "synthetic_reid:tiny"]  # as listed
   assert results["datasets"][FOLDER]["protocol"]["dataset"] == "reid_folder/mine"
   assert (
     results["datasets"][FOLDER]["protocol"]["num_query"],
@@ -82,15 +87,15 @@ def test_each_entry_scores_as_it_would_as_the_main_dataset(data_dir, cross_run):
     for key in METRICS:
       assert results["datasets"][entry][key] == separate[key], (entry, key)
   # The top level is the first entry's, for tools that read one dataset.
-  assert results["mAP"] == results["datasets"]["synthetic_reid:tiny"]["mAP"]
+  assert results["mAP"] == results["datasets"][FOLDER]["mAP"]
 
 
 @pytest.mark.slow
 def test_the_report_has_a_row_and_pictures_per_dataset(cross_run):
   workdir, _, results = cross_run
   table = evaluator_lib.format_results(results).splitlines()
-  assert [line.split()[0] for line in table] == ["dataset", "synthetic_reid:tiny", FOLDER]
-  assert float(table[2].split()[4]) == pytest.approx(results["datasets"][FOLDER]["mAP"], abs=0.006)
+  assert [line.split()[0] for line in table] == ["dataset", FOLDER, "synthetic_reid:tiny"]
+  assert float(table[1].split()[4]) == pytest.approx(results["datasets"][FOLDER]["mAP"], abs=0.006)
   with open(os.path.join(workdir, "results.json")) as f:
     assert set(json.load(f)["datasets"]) == {"synthetic_reid:tiny", FOLDER}
   for picture in ("cmc", "ranked_list"):
@@ -98,18 +103,43 @@ def test_the_report_has_a_row_and_pictures_per_dataset(cross_run):
       assert os.path.isfile(os.path.join(workdir, f"{picture}_{entry}.png"))
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     evals = [json.loads(line) for line in f if '"eval"' in line]
-  assert evals[-1][f"{FOLDER}/mAP"] == pytest.approx(results["datasets"][FOLDER]["mAP"])
+  # Tagged '<entry>/mAP', the entry's ':' written '-' as TensorBoard's tags allow.
+  assert evals[-1]["reid_folder-mine/mAP"] == pytest.approx(results["datasets"][FOLDER]["mAP"])
+  # The best checkpoint is chosen on the training dataset, not on another domain's test set,
+  # though that one is listed first.
+  manager = checkpointing.make_manager(workdir, keep_best=1, read_only=True)
+  step = max(manager.all_steps())
+  assert manager.metrics(step)["mAP"] == pytest.approx(
+    results["datasets"]["synthetic_reid:tiny"]["mAP"]
+  )
+  manager.close()
 
 
 @pytest.mark.slow
 def test_eval_mode_takes_eval_datasets_and_agrees_with_training(data_dir, cross_run, tmp_path):
-  workdir, config, results = cross_run
+  workdir, _, results = cross_run
+  before = (pathlib.Path(workdir) / "results.json").read_bytes()
   # --mode eval on the folder alone, from the same checkpoint.
   config = tiny_config(data_dir, **{"eval.datasets": FOLDER})
   again = evaluate.evaluate_workdir(config, workdir)
   assert list(again["datasets"]) == [FOLDER]
   for key in METRICS:
     assert again["datasets"][FOLDER][key] == results["datasets"][FOLDER][key], key
+  # Another list of datasets than training's: its report goes aside, the run's own stays.
+  assert (pathlib.Path(workdir) / "results.json").read_bytes() == before
+  with open(os.path.join(workdir, "eval", "results.json")) as f:
+    assert list(json.load(f)["datasets"]) == [FOLDER]
+
+
+def test_one_dataset_listed_twice_is_refused_naming_both(data_dir):
+  # The builder's default config written out and left out: one prepared dataset, two entries.
+  fx.build("reid_folder", pathlib.Path(data_dir).parent / "mine", data_dir)
+  config = tiny_config(data_dir, **{"eval.datasets": "reid_folder,reid_folder:default"})
+  with pytest.raises(ValueError) as refusal:
+    evaluator_lib.open_eval_datasets(config)
+  message = str(refusal.value)
+  assert "eval.datasets" in message and "'reid_folder'" in message
+  assert "'reid_folder:default'" in message
 
 
 def test_a_dataset_that_needs_a_download_is_refused_before_training(data_dir, tmp_path):
@@ -135,8 +165,9 @@ def test_an_unknown_eval_dataset_is_a_config_error(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_query_expansion_is_its_own_row_and_k_1_changes_nothing(data_dir, cross_run):
-  workdir, _, _ = cross_run
+def test_query_expansion_is_its_own_row_and_k_1_changes_nothing(data_dir, cross_run, tmp_path):
+  workdir = str(tmp_path / "copy")  # --mode eval on the training's datasets rewrites its report
+  shutil.copytree(cross_run[0], workdir)
   config = tiny_config(data_dir, **{"eval.query_expansion": True, "eval.query_expansion_k": 1})
   results = evaluate.evaluate_workdir(config, workdir)
   entry = results["datasets"]["synthetic_reid:tiny"]
@@ -194,8 +225,6 @@ def test_joint_training_resumes_bitwise(data_dir, joint_run, tmp_path):
 
 @pytest.mark.slow
 def test_resuming_with_another_set_of_datasets_is_refused_by_name(data_dir, joint_run, tmp_path):
-  import shutil
-
   workdir, _, _ = joint_run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)

@@ -66,17 +66,44 @@ def open_eval_datasets(config: ml_collections.ConfigDict) -> list[EvalDataset]:
     FileNotFoundError: an entry is not prepared and needs a download; the
       message names it and the command that prepares it. Training calls this
       before its first step.
+    ValueError: two entries name the same prepared dataset (``msmt17`` and
+      ``msmt17:train``); the message names both.
   """
-  trained = entries.data_entries(config.data, known=sources.BUILDERS)
-  key = "eval.datasets" if config.eval.datasets else "data.name"
-  datasets = []
+  datasets, seen = [], {}
   for entry in eval_entries(config):
-    if trained == (entry,):  # the one training dataset: prepared from data.manual_dir if need be
-      builder = opening.open_dataset(config.data)
-    else:
-      builder = opening.open_dataset(config.data, entry, key=key)
-    datasets.append(EvalDataset(str(entry), builder))
+    dataset = open_eval_dataset(config, entry)
+    path = str(dataset.builder.data_path)
+    if path in seen:
+      raise ValueError(
+        f"eval.datasets: {seen[path]!r} and {dataset.entry!r} are the same prepared dataset "
+        f"({path}); list it once."
+      )
+    seen[path] = dataset.entry
+    datasets.append(dataset)
   return datasets
+
+
+def open_eval_dataset(
+  config: ml_collections.ConfigDict, entry: entries.DatasetEntry
+) -> EvalDataset:
+  """Opens one entry of `eval_entries` (the training dataset as training opens it)."""
+  if is_trained_on(config, [entry]) and len(trained_entries(config)) == 1:
+    builder = opening.open_dataset(config.data)  # prepared from data.manual_dir if need be
+  else:
+    key = "eval.datasets" if config.eval.datasets else "data.name"
+    builder = opening.open_dataset(config.data, entry, key=key)
+  return EvalDataset(str(entry), builder)
+
+
+def trained_entries(config: ml_collections.ConfigDict) -> tuple[entries.DatasetEntry, ...]:
+  """The datasets ``data.name`` trains on."""
+  return entries.data_entries(config.data, known=sources.BUILDERS)
+
+
+def is_trained_on(config: ml_collections.ConfigDict, evaluated: Sequence[Any]) -> bool:
+  """Whether every one of ``evaluated`` (entries, or their text) is a training dataset."""
+  trained = {str(e) for e in trained_entries(config)}
+  return all(str(e) in trained for e in evaluated)
 
 
 @dataclasses.dataclass
@@ -86,17 +113,39 @@ class Report:
   results: dict[str, Any]
   features: dict[str, dict[str, dict[str, np.ndarray]]]
 
+  selected_by: tuple[str, ...] = ()
+
   @property
   def main(self) -> dict[str, Any]:
     """The first entry's results (the training dataset's by default)."""
     return next(iter(self.results["datasets"].values()))
 
+  @property
+  def selection_map(self) -> float:
+    """The mAP that picks the best checkpoint: the mean over `selected_by`.
+
+    Those are the evaluated entries that are training datasets, so that no
+    checkpoint is chosen on another domain's test set; all entries when none is.
+    """
+    per_entry = self.results["datasets"]
+    chosen = [e for e in self.selected_by if e in per_entry] or list(per_entry)
+    return float(np.mean([per_entry[e]["mAP"] for e in chosen]))
+
   def scalars(self) -> dict[str, float]:
-    """`METRICS` of each entry: ``R1``, ... for one entry, ``<entry>/R1``, ... for several."""
+    """`METRICS` of each entry: ``R1``, ... for one entry, ``<entry>/R1``, ... for several.
+
+    An entry's ':' is written '-' (TensorBoard tags allow no colon).
+    """
     per_entry = self.results["datasets"]
     if len(per_entry) == 1:
-      return {k: self.main[k] for k in METRICS}
-    return {f"{entry}/{k}": r[k] for entry, r in per_entry.items() for k in METRICS}
+      return {k: self.main[k] for k in METRICS if k in self.main}
+    return {
+      f"{_slug(entry)}/{k}": r[k] for entry, r in per_entry.items() for k in METRICS if k in r
+    }
+
+
+def _slug(entry: str) -> str:
+  return entry.replace(":", "-")
 
 
 class ReidEvaluator:
@@ -117,6 +166,7 @@ class ReidEvaluator:
   ):
     self.config = copy.deepcopy(config)  # the settings of now, not of a later edit
     self.datasets = list(datasets)
+    self.selected_by = tuple(d.entry for d in self.datasets if is_trained_on(config, [d.entry]))
     self.mesh = mesh
 
   def features(self, model, source: Any, *, desc: str) -> dict[str, np.ndarray]:
@@ -138,7 +188,9 @@ class ReidEvaluator:
     for dataset in self.datasets:
       features[dataset.entry] = self._query_gallery(model, dataset)
       results[dataset.entry] = self.score(features[dataset.entry], dataset)
-    return Report(dict(results[self.datasets[0].entry], datasets=results), features)
+    return Report(
+      dict(results[self.datasets[0].entry], datasets=results), features, self.selected_by
+    )
 
   def _query_gallery(self, model, dataset: EvalDataset) -> dict[str, dict[str, np.ndarray]]:
     several = len(self.datasets) > 1
@@ -202,7 +254,7 @@ class ReidEvaluator:
     several = len(self.datasets) > 1
     out = {}
     for dataset in self.datasets:
-      suffix = "_" + dataset.entry.replace(":", "-") if several else ""
+      suffix = "_" + _slug(dataset.entry) if several else ""
       pictures = _pictures(
         report.results["datasets"][dataset.entry],
         report.features[dataset.entry],

@@ -253,3 +253,12 @@ def test_prepare_mode_refuses_a_joined_name_naming_each_dataset(tmp_path):
   assert "data.name" in message and JOINT in message
   assert "--config.data.name=reid_folder --config.data.config=mine" in message
   assert not any(tmp_path.iterdir())  # nothing prepared
+
+
+def test_the_logged_scalars_leave_out_ranks_past_eval_max_rank():
+  # eval.max_rank=5: the CMC has no rank 10, so neither has the summary nor the log.
+  entry = {"R1": 40.0, "R5": 60.0, "mAP": 30.0, "mINP": 10.0}
+  report = evaluator_lib.Report(dict(entry, datasets={"market1501": entry}), features={})
+  assert report.scalars() == entry
+  two = evaluator_lib.Report(dict(entry, datasets={"a:x": entry, "b": entry}), features={})
+  assert set(two.scalars()) == {f"{e}/{k}" for e in ("a-x", "b") for k in entry}

@@ -262,3 +262,20 @@ def test_the_logged_scalars_leave_out_ranks_past_eval_max_rank():
   assert report.scalars() == entry
   two = evaluator_lib.Report(dict(entry, datasets={"a:x": entry, "b": entry}), features={})
   assert set(two.scalars()) == {f"{e}/{k}" for e in ("a-x", "b") for k in entry}
+
+
+def test_a_dataset_with_nothing_to_score_is_refused_before_training(data_dir, tmp_path):
+  # Each query's identity is in the gallery, but only under the query's own camera.
+  folder = tmp_path / "samecam"
+  names = [f"train/{pid:04d}_c{cam}_a.jpg" for pid in (1, 2) for cam in (1, 2)]
+  names += ["query/0011_c1_q.jpg", "gallery/0011_c1_g.jpg", "gallery/0012_c2_g.jpg"]
+  for seed, name in enumerate(names):
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(fx.jpeg_bytes(seed, size=(64, 32)))
+  fx.build("reid_folder", folder, data_dir, config="samecam")
+  config = tiny_config(data_dir, **{"eval.datasets": "synthetic_reid:tiny,reid_folder:samecam"})
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as refusal:
+    train.train_and_evaluate(config, str(workdir))
+  assert "eval.datasets" in str(refusal.value) and "reid_folder:samecam" in str(refusal.value)
+  assert not (workdir / "checkpoints").exists()

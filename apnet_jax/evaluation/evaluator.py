@@ -67,11 +67,13 @@ def open_eval_datasets(config: ml_collections.ConfigDict) -> list[EvalDataset]:
       message names it and the command that prepares it. Training calls this
       before its first step.
     ValueError: two entries name the same prepared dataset (``msmt17`` and
-      ``msmt17:train``); the message names both.
+      ``msmt17:train``), or an entry has no query that can be scored; the
+      message names them.
   """
   datasets, seen = [], {}
   for entry in eval_entries(config):
     dataset = open_eval_dataset(config, entry)
+    _check_scorable(dataset, "eval.datasets" if config.eval.datasets else "data.name")
     path = str(dataset.builder.data_path)
     if path in seen:
       raise ValueError(
@@ -93,6 +95,29 @@ def open_eval_dataset(
     key = "eval.datasets" if config.eval.datasets else "data.name"
     builder = opening.open_dataset(config.data, entry, key=key)
   return EvalDataset(str(entry), builder)
+
+
+def _check_scorable(dataset: EvalDataset, key: str) -> None:
+  """Refuses a dataset none of whose queries has a true match under another camera.
+
+  The protocol scores a query only against gallery images of its identity
+  from other cameras: without any, the evaluation would fail only when it
+  runs, perhaps hours into training. Reads the annotations, not the images.
+  """
+  query = sources.split_annotations(dataset.builder, "query")
+  gallery = sources.split_annotations(dataset.builder, "gallery")
+  cameras: dict[int, set[int]] = {}
+  for pid, camid in zip(gallery.pid.tolist(), gallery.camid.tolist()):
+    cameras.setdefault(pid, set()).add(camid)
+  if not any(
+    cameras.get(pid, set()) - {camid}
+    for pid, camid in zip(query.pid.tolist(), query.camid.tolist())
+  ):
+    raise ValueError(
+      f"{key}: {dataset.entry} ({dataset.builder.data_path}) has no query whose identity is in "
+      "the gallery under another camera, so the protocol can score none of them; give the "
+      "gallery images of the query identities from other cameras."
+    )
 
 
 def trained_entries(config: ml_collections.ConfigDict) -> tuple[entries.DatasetEntry, ...]:

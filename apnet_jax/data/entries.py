@@ -91,28 +91,22 @@ def data_entries(
   """The datasets a ``data`` config section trains on, in order.
 
   ``data.name`` with ``+`` or ``:`` is read by `parse_entries` (separator
-  '+'), and each entry carries its own config, so ``data.config`` must then
-  be ''. A plain ``data.name`` is one dataset with ``data.config``.
+  '+'), and each entry carries its own config: ``data.config`` is not used
+  then (a config file's default for it, e.g. ``configs/folder.py``'s, must not
+  stand in the way; `apnet_jax.data.opening.open_train_split` warns when it is
+  set). A plain ``data.name`` is one dataset with ``data.config``.
 
   Args:
     data_config: the ``data`` section (``name`` and ``config`` are read).
     known: the builder names allowed; None checks the syntax only.
 
   Raises:
-    ValueError: a bad ``data.name`` (see `parse_entries`), or ``data.config``
-      set together with a joined or ``name:config`` ``data.name`` (both keys
-      are named).
+    ValueError: a bad ``data.name`` (see `parse_entries`).
     TypeError: ``data.name`` or ``data.config`` is not a string.
   """
   name, config = data_config.name, data_config.config
   entries = parse_entries(name, separator="+", known=known, key="data.name")
   if "+" in name or ":" in name:
-    if config:
-      raise ValueError(
-        f"data.config={config!r} is set together with data.name={name!r}, which gives "
-        "its datasets as name[:config] entries: leave data.config '' and write each "
-        "config into data.name."
-      )
     return entries
   if not isinstance(config, str):
     raise TypeError(f"data.config={config!r}: expected a string ('' for the default).")

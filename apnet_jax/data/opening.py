@@ -18,6 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from apnet_jax import distributed
 from apnet_jax.data import entries, joint, prepare, sources
@@ -136,6 +137,13 @@ def prepare_data(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBui
 def open_train_split(data_config: ml_collections.ConfigDict) -> joint.JointTrainSplit:
   """The train split of ``data.name``: one dataset's, or several joined (`joint`)."""
   named = entries.data_entries(data_config, known=sources.BUILDERS)
+  if data_config.config and ("+" in data_config.name or ":" in data_config.name):
+    logging.warning(
+      "data.config=%r is not used: data.name=%r gives each dataset's config (%s).",
+      data_config.config,
+      data_config.name,
+      ", ".join(map(str, named)),
+    )
   if len(named) == 1:
     builders = [open_dataset(data_config)]
   else:

@@ -280,3 +280,38 @@ def test_a_dataset_with_nothing_to_score_is_refused_before_training(data_dir, tm
     train.train_and_evaluate(config, str(workdir))
   assert "eval.datasets" in str(refusal.value) and "reid_folder:samecam" in str(refusal.value)
   assert not (workdir / "checkpoints").exists()
+
+
+def _report(*entries):
+  """Results and pictures of a report on ``entries``, named as `ReidEvaluator.pictures` does."""
+  scores = {"R1": 50.0, "R5": 60.0, "R10": 70.0, "mAP": 40.0, "mINP": 30.0}
+  results = dict(scores, datasets={entry: dict(scores) for entry in entries})
+  suffixes = [""] if len(entries) == 1 else ["_" + e.replace(":", "-") for e in entries]
+  picture = np.zeros((4, 4, 3), np.uint8)
+  return results, {name + s: picture for name in ("cmc", "ranked_list") for s in suffixes}
+
+
+def test_a_report_leaves_no_picture_of_the_report_it_replaces(tmp_path, capsys):
+  (tmp_path / "notes.png").write_bytes(b"the user's own")
+  evaluator_lib.write_report(str(tmp_path), *_report(FOLDER, "synthetic_reid:tiny"))
+  pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+  assert pngs == [
+    "cmc_reid_folder-mine.png",
+    "cmc_synthetic_reid-tiny.png",
+    "notes.png",
+    "ranked_list_reid_folder-mine.png",
+    "ranked_list_synthetic_reid-tiny.png",
+  ]
+  # One dataset now (--mode eval without eval.datasets, say): the per-dataset pictures go.
+  evaluator_lib.write_report(str(tmp_path), *_report("synthetic_reid:tiny"))
+  assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+    "cmc.png",
+    "notes.png",
+    "ranked_list.png",
+  ]
+  # And back to two: the single-dataset pictures go; another file of the user's stays.
+  evaluator_lib.write_report(str(tmp_path), *_report("synthetic_reid:tiny", FOLDER))
+  assert "cmc.png" not in {p.name for p in tmp_path.glob("*.png")}
+  assert (tmp_path / "notes.png").read_bytes() == b"the user's own"
+  with open(tmp_path / "results.json") as f:
+    assert list(json.load(f)["datasets"]) == ["synthetic_reid:tiny", FOLDER]

@@ -17,6 +17,7 @@ entry's metrics once more at the top level, for tools that read one dataset.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -40,6 +41,8 @@ from apnet_jax.evaluation.metrics import evaluate
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 # Extra rows of an entry: results key -> row title.
 VARIANTS = {"rerank": "re-ranked", "query_expansion": "query exp."}
+# The pictures of each entry of a report.
+PICTURES = ("cmc", "ranked_list")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,14 +358,39 @@ def write_report(workdir: str, results: dict[str, Any], pictures: dict[str, np.n
   """Prints the table; writes results.json and ``<name>.png`` of each picture (process 0).
 
   Each file is written beside its place and renamed into it when complete.
+  The pictures of the report this one replaces that it does not write again
+  (``cmc_<entry>.png`` of a dataset no longer evaluated, say) are removed, so
+  that every picture in ``workdir`` belongs to its results.json.
   """
   if jax.process_index() != 0:
     return
   print(format_results(results))
   os.makedirs(workdir, exist_ok=True)
-  with workdir_lib.replace_file(os.path.join(workdir, "results.json")) as path:
-    with open(path, "w") as f:
+  path = os.path.join(workdir, "results.json")
+  previous = _report_pictures(path)
+  with workdir_lib.replace_file(path) as staging:
+    with open(staging, "w") as f:
       json.dump(results, f, indent=2, default=str)
   for name, picture in pictures.items():
-    with workdir_lib.replace_file(os.path.join(workdir, f"{name}.png")) as path:
-      PIL.Image.fromarray(picture).save(path)
+    with workdir_lib.replace_file(os.path.join(workdir, f"{name}.png")) as staging:
+      PIL.Image.fromarray(picture).save(staging)
+  for name in previous - set(pictures):
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, f"{name}.png"))
+
+
+def _report_pictures(results_path: str) -> set[str]:
+  """The names of the pictures `ReidEvaluator.pictures` gave for the report at ``results_path``.
+
+  They follow from its datasets; a report older than ``"datasets"`` had one.
+  Nothing when there is no readable report.
+  """
+  try:
+    with open(results_path) as f:
+      per_entry = json.load(f).get("datasets") or {"": None}
+  except (OSError, ValueError, AttributeError):
+    return set()
+  several = len(per_entry) > 1
+  return {
+    name + ("_" + _slug(entry) if several else "") for name in PICTURES for entry in per_entry
+  }

@@ -36,6 +36,7 @@ from absl import logging as absl_logging
 from orbax.checkpoint import checkpoint_managers as policies
 
 from apnet_jax import progress
+from apnet_jax.data import sources
 from apnet_jax.platform import cpu
 
 
@@ -306,11 +307,13 @@ def check_compatible(
   depends on; `EVAL_KEYS` for evaluation).
   """
   current = json.loads(json.dumps(current))  # tuples -> lists, as saved
+  # One list of datasets spelled another way (msmt17, msmt17:train) is the same data.
+  same_data = sources.same_training_data(saved.get("data", {}), current.get("data", {}))
   diffs = []
   for section, section_keys in keys.items():
     for key in section_keys:
       old, new = saved.get(section, {}).get(key), current[section].get(key)
-      if old != new:
+      if old != new and not (same_data and section == "data" and key in ("name", "config")):
         diffs.append(f"{section}.{key}: checkpoint {old!r}, config {new!r}")
   if saved.get("num_classes") != current.get("num_classes"):
     diffs.append(

@@ -46,7 +46,9 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[st
   workdir = workdir_lib.ensure_workdir(workdir)  # new when evaluating eval.torch_checkpoint
   aside = os.path.join(workdir, EVAL_FOLDER)
   evaluated = [d.entry for d in evaluator.datasets]
-  if sorted(evaluated) != sorted(str(e) for e in evaluator_lib.trained_entries(config)):
+  # The training datasets exactly (however spelled): entries are distinct datasets.
+  trained = evaluator_lib.trained_entries(config)
+  if not (evaluator_lib.is_trained_on(config, evaluated) and len(evaluated) == len(trained)):
     with workdir_lib.replace_folder(aside) as folder:
       evaluator_lib.write_report(folder, results, pictures)
     print(f"the report on {', '.join(evaluated)} went to {aside}/, beside the run's own.")

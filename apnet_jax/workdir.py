@@ -31,6 +31,7 @@ from typing import Any
 import ml_collections
 
 from apnet_jax import config_check
+from apnet_jax.data import sources
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -179,7 +180,8 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
     return {}
   try:
     with open(path) as f:
-      saved = _recipe(json.load(f))
+      saved_config = json.load(f)
+    saved = _recipe(saved_config)
   except (OSError, ValueError, AttributeError) as e:
     raise ValueError(
       f"{path} cannot be read ({e}); it should hold the config of the run in "
@@ -195,6 +197,12 @@ def check_recipe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, d
     for key in saved
     if saved[key] != current.get(key)
   }
+  # One list of datasets spelled another way (msmt17, msmt17:train) is no change.
+  if {"data.name", "data.config"} & changed.keys() and sources.same_training_data(
+    saved_config.get("data", {}), config.data
+  ):
+    changed.pop("data.name", None)
+    changed.pop("data.config", None)
   allowed = set(allowed_changes(config))
   following = {
     key

@@ -265,6 +265,49 @@ def test_a_bias_decay_that_differed_from_weight_decay_is_not_changed_silently(tm
   assert workdir.check_recipe(config, run) == {}
 
 
+def workdir_trained_on(tmp_path, name, builder_config=""):
+  recorded = common.get_config().to_dict()
+  recorded["data"].update(name=name, config=builder_config)
+  (tmp_path / workdir.CONFIG_FILE).write_text(json.dumps(recorded))
+  return str(tmp_path)
+
+
+@pytest.mark.parametrize(
+  "recorded, name, builder_config",
+  [
+    (("msmt17", ""), "msmt17:train", ""),  # MSMT17's default config written out
+    (("msmt17", ""), "msmt17", "train"),
+    (("msmt17:train", ""), "msmt17", ""),
+    (("reid_folder", ""), "reid_folder:default", ""),
+    (("market1501+msmt17", ""), " market1501 + msmt17:train ", "tiny"),  # unused when joined
+  ],
+)
+def test_the_same_datasets_spelled_another_way_continue_the_run(
+  tmp_path, recorded, name, builder_config
+):
+  run = workdir_trained_on(tmp_path, *recorded)
+  config = common.get_config()
+  config.data.name, config.data.config = name, builder_config
+  assert workdir.check_recipe(config, run) == {}
+
+
+@pytest.mark.parametrize(
+  "recorded, name, builder_config, named",
+  [
+    (("msmt17", ""), "msmt17:trainval", "", "data.name"),
+    (("msmt17", ""), "msmt17", "trainval", "data.config"),
+    (("synthetic_reid", "tiny"), "synthetic_reid", "", "data.config"),  # the default is small
+    (("market1501+msmt17", ""), "msmt17+market1501", "", "data.name"),  # the labels' order
+  ],
+)
+def test_other_datasets_are_refused_by_name(tmp_path, recorded, name, builder_config, named):
+  run = workdir_trained_on(tmp_path, *recorded)
+  config = common.get_config()
+  config.data.name, config.data.config = name, builder_config
+  with pytest.raises(ValueError, match=re.escape(named) + ": workdir"):
+    workdir.check_recipe(config, run)
+
+
 @pytest.mark.parametrize(
   "mode, run, key, value",
   [

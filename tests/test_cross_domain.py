@@ -237,6 +237,35 @@ def test_resuming_with_another_set_of_datasets_is_refused_by_name(data_dir, join
   assert "data.name" in str(refusal.value) and JOINT in str(refusal.value)
 
 
+@pytest.mark.slow
+def test_joint_training_resumes_with_its_datasets_spelled_another_way(
+  data_dir, joint_run, tmp_path
+):
+  workdir, _, _ = joint_run
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  respelled = " + ".join(JOINT.split("+"))  # spaces around '+', and data.config unused
+  config = tiny_config(
+    data_dir, **{"data.name": respelled, "data.config": "small", "train.max_steps": 3}
+  )
+  results = train.train_and_evaluate(config, copy)
+  assert list(results["datasets"]) == ["synthetic_reid:tiny", FOLDER]
+  with open(os.path.join(copy, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]  # continued, not anew
+  assert not os.path.exists(os.path.join(copy, "config_changes.jsonl"))  # nothing changed
+
+
+def test_an_evaluated_dataset_is_a_training_one_however_spelled():
+  config = get_config("tiny")
+  config.data.name, config.data.config = "msmt17", ""
+  assert evaluator_lib.is_trained_on(config, ["msmt17:train"])  # TFDS's default for msmt17
+  assert not evaluator_lib.is_trained_on(config, ["msmt17:trainval"])
+  config.data.name = "market1501 + msmt17"
+  assert evaluator_lib.is_trained_on(config, ["msmt17:train", "market1501"])
+  assert not evaluator_lib.is_trained_on(config, ["dukemtmc_reid"])
+
+
 def _flat(tree):
   import jax
 

@@ -147,6 +147,15 @@ def test_records_without_seed_still_resume():
     )
 
 
+def test_a_checkpoint_of_the_same_datasets_spelled_another_way_is_the_run_own():
+  saved = {"seed": 0, "num_classes": 1041, "model": {}, "data": {"name": "msmt17", "config": ""}}
+  current = dict(saved, data={"name": "msmt17:train", "config": ""})
+  checkpointing.check_compatible(saved, current, "w")  # TFDS opens msmt17 as msmt17:train
+  current = dict(saved, data={"name": "msmt17", "config": "trainval"})
+  with pytest.raises(ValueError, match=r"data\.config: checkpoint '', config 'trainval'"):
+    checkpointing.check_compatible(saved, current, "w")
+
+
 @pytest.mark.slow
 def test_training_gives_the_signals_back(straight_run):
   """After train_and_evaluate returns (in a notebook, say), SIGTERM and SIGINT act as before."""

@@ -97,14 +97,14 @@ def data_entries(
   set). A plain ``data.name`` is one dataset with ``data.config``.
 
   Args:
-    data_config: the ``data`` section (``name`` and ``config`` are read).
+    data_config: the ``data`` section, or its dict (``name`` and ``config`` are read).
     known: the builder names allowed; None checks the syntax only.
 
   Raises:
     ValueError: a bad ``data.name`` (see `parse_entries`).
     TypeError: ``data.name`` or ``data.config`` is not a string.
   """
-  name, config = data_config.name, data_config.config
+  name, config = data_config["name"], data_config["config"]
   entries = parse_entries(name, separator="+", known=known, key="data.name")
   if "+" in name or ":" in name:
     return entries

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from apnet_jax.data import entries
 from apnet_jax.datasets.cuhk03 import cuhk03_dataset_builder
 from apnet_jax.datasets.dukemtmc_reid import dukemtmc_reid_dataset_builder
 from apnet_jax.datasets.market1501 import market1501_dataset_builder
@@ -48,6 +49,37 @@ BUILDERS: Mapping[str, type[tfds.core.GeneratorBasedBuilder]] = {
 
 DatasetRef = str | tfds.core.DatasetBuilder
 Config = str | tfds.core.BuilderConfig | None
+
+
+def resolved(entry: entries.DatasetEntry) -> entries.DatasetEntry:
+  """``entry`` with the config TFDS opens for it written out (``msmt17`` -> ``msmt17:train``).
+
+  An entry without a config opens its builder's default: the
+  ``DEFAULT_BUILDER_CONFIG_NAME``, else the first of ``BUILDER_CONFIGS``; a
+  builder without configs keeps ''.
+  """
+  if entry.config or entry.name not in BUILDERS:
+    return entry
+  builder = BUILDERS[entry.name]
+  configs = builder.BUILDER_CONFIGS or []
+  default = builder.DEFAULT_BUILDER_CONFIG_NAME or (configs[0].name if configs else "")
+  return entries.DatasetEntry(entry.name, default)
+
+
+def same_training_data(first: Any, second: Any) -> bool:
+  """Whether two ``data`` sections (configs or their dicts) train on the same datasets.
+
+  Spellings of one list of datasets agree: ``msmt17`` and ``msmt17:train``,
+  ``data.name=msmt17`` with ``data.config=train``, spaces around a ``+``. The
+  order counts (it sets each dataset's identity labels). A section that does
+  not parse agrees with none.
+  """
+  try:
+    return [resolved(e) for e in entries.data_entries(first, known=BUILDERS)] == [
+      resolved(e) for e in entries.data_entries(second, known=BUILDERS)
+    ]
+  except (ValueError, TypeError, KeyError):
+    return False
 
 
 def get_builder(

@@ -129,9 +129,19 @@ def trained_entries(config: ml_collections.ConfigDict) -> tuple[entries.DatasetE
 
 
 def is_trained_on(config: ml_collections.ConfigDict, evaluated: Sequence[Any]) -> bool:
-  """Whether every one of ``evaluated`` (entries, or their text) is a training dataset."""
-  trained = {str(e) for e in trained_entries(config)}
-  return all(str(e) in trained for e in evaluated)
+  """Whether every one of ``evaluated`` (entries, or their text) is a training dataset.
+
+  However spelled: ``msmt17:train`` is the ``msmt17`` a run trains on.
+  """
+  trained = {sources.resolved(e) for e in trained_entries(config)}
+  return all(
+    sources.resolved(e if isinstance(e, entries.DatasetEntry) else _parse(e)) in trained
+    for e in evaluated
+  )
+
+
+def _parse(entry: str) -> entries.DatasetEntry:
+  return entries.parse_entries(entry, separator=",", known=sources.BUILDERS)[0]
 
 
 @dataclasses.dataclass

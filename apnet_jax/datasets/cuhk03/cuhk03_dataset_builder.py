@@ -59,7 +59,7 @@ class Builder(reid_common.ManualReidBuilder):
     tfds.core.BuilderConfig(name="labeled", description="Hand-drawn boxes."),
     tfds.core.BuilderConfig(name="detected", description="DPM-detected boxes."),
   ]
-  DEFAULT_CONFIG_NAME = "labeled"
+  DEFAULT_BUILDER_CONFIG_NAME = "labeled"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Either place cuhk03_release.zip (or the folder cuhk03_release/ holding
   cuhk-03.mat) together with cuhk03_new_protocol_config_labeled.mat and

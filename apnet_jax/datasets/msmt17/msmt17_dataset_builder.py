@@ -47,7 +47,7 @@ class Builder(reid_common.ManualReidBuilder):
       description="Train split = list_train.txt + list_val.txt.",
     ),
   ]
-  DEFAULT_CONFIG_NAME = "train"
+  DEFAULT_BUILDER_CONFIG_NAME = "train"
   LAYOUTS = tuple(_layout(v, *dirs) for v, dirs in _IMAGE_DIRS.items())
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place MSMT17_V1.zip or MSMT17_V2.zip, or the folder extracted from it

@@ -103,7 +103,7 @@ class Builder(reid_common.ManualReidBuilder):
   """One's own images in train/query/gallery folders, labelled by labels.csv or file names."""
 
   BUILDER_CONFIGS = [named_config(DEFAULT_NAME)]
-  DEFAULT_CONFIG_NAME = DEFAULT_NAME
+  DEFAULT_BUILDER_CONFIG_NAME = DEFAULT_NAME
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass your folder as manual_dir: it holds train/, query/ and gallery/ (or
   bounding_box_train/, query/, bounding_box_test/), images named

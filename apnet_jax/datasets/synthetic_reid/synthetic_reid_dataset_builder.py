@@ -470,7 +470,7 @@ class Builder(reid_common.ReidBuilder):
       width=32,
     ),
   ]
-  DEFAULT_CONFIG_NAME = "small"
+  DEFAULT_BUILDER_CONFIG_NAME = "small"
 
   def _collect_images(
     self, dl_manager: tfds.download.DownloadManager

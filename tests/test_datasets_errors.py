@@ -18,15 +18,18 @@ def _market_copy(tmp_path):
   return manual, manual / MARKET_ROOT
 
 
-def test_empty_manual_dir(tmp_path):
-  (tmp_path / "manual").mkdir()
-  with pytest.raises(Exception, match=re.escape(str(tmp_path / "manual"))):
-    fx.build("market1501", tmp_path / "manual", tmp_path / "data")
-
-
-def test_missing_manual_dir(tmp_path):
-  with pytest.raises(Exception, match=re.escape(str(tmp_path / "nowhere"))):
-    fx.build("market1501", tmp_path / "nowhere", tmp_path / "data")
+@pytest.mark.parametrize("name", ["market1501", "reid_folder"])
+@pytest.mark.parametrize("what", ["missing", "empty", "a file"])
+def test_a_manual_dir_that_cannot_hold_the_dataset_is_named_before_any_build(tmp_path, name, what):
+  # TFDS's own check raised an AssertionError naming neither the dataset nor the setting.
+  manual = tmp_path / "manual"
+  if what == "empty":
+    manual.mkdir()
+  elif what == "a file":
+    manual.write_text("not a folder")
+  with pytest.raises(FileNotFoundError, match=rf"{name}.*{re.escape(str(manual))}.*manual_dir"):
+    fx.build(name, manual, tmp_path / "data")
+  assert not any((tmp_path / "data").rglob("*"))  # nothing half-built
 
 
 def test_manual_dir_required(tmp_path):

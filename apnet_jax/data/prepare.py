@@ -136,6 +136,8 @@ def prepare(
   if builder.data_path.exists() and builder.is_prepared():
     _check_same_config(builder)
     check_same_source(builder, manual_dir)
+  elif builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    _check_manual_dir(name, manual_dir, builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
   download_config = tfds.download.DownloadConfig(
     manual_dir=None if manual_dir is None else os.path.expanduser(os.fspath(manual_dir))
   )
@@ -155,6 +157,25 @@ def prepare(
         stacklevel=2,
       )
   return builder
+
+
+def _check_manual_dir(name: str, manual_dir: str | os.PathLike[str], instructions: str) -> None:
+  """Refuses a manual_dir that cannot hold the dataset, before TFDS starts a build.
+
+  TFDS would stop with an AssertionError that names neither the dataset nor
+  the setting; an existing but unrelated folder is the builder's to judge.
+  """
+  path = os.path.expanduser(os.fspath(manual_dir))
+  if not os.path.isdir(path):
+    problem = "is a file, not a folder" if os.path.exists(path) else "does not exist"
+  elif not os.listdir(path):
+    problem = "is empty"
+  else:
+    return
+  raise FileNotFoundError(
+    f"{name}: manual_dir {path} {problem}; pass the folder holding its files "
+    f"(data.manual_dir):\n{instructions}"
+  )
 
 
 def _remove_killed_builds(builder: tfds.core.DatasetBuilder) -> None:

@@ -219,10 +219,18 @@ def check_same_source(
     return
   wanted = os.path.realpath(os.path.expanduser(os.fspath(manual_dir)))
   if wanted != built:
+    if getattr(builder, "ANY_CONFIG_NAME", False):  # a name of the user's: pick another
+      remedy = (
+        "prepare it under another name (--config.data.config=NEW_NAME), or delete "
+        f"{builder.data_path} and prepare again"
+      )
+    else:
+      remedy = (
+        f"delete {builder.data_path} (or give another --config.data.data_dir) and prepare again"
+      )
     raise ValueError(
       f"{builder.data_path} was prepared from manual_dir {built}, not {wanted}; nothing was "
-      f"rebuilt. To prepare it from {wanted}, delete {builder.data_path} (or give "
-      "another --config.data.data_dir) and prepare again; to use the prepared one, set "
+      f"rebuilt. To prepare {wanted}, {remedy}; to use the prepared one, set "
       f"--config.data.manual_dir={built} or leave it empty."
     )
 

@@ -104,6 +104,7 @@ class Builder(reid_common.ManualReidBuilder):
 
   BUILDER_CONFIGS = [named_config(DEFAULT_NAME)]
   DEFAULT_BUILDER_CONFIG_NAME = DEFAULT_NAME
+  ANY_CONFIG_NAME = True  # data.config names the prepared copy (`get_builder_config`).
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Pass your folder as manual_dir: it holds train/, query/ and gallery/ (or
   bounding_box_train/, query/, bounding_box_test/), images named

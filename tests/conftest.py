@@ -96,3 +96,34 @@ def pytest_report_header(config):
     "numpy",
   )
   return "apnet-jax under " + ", ".join(f"{n} {importlib.metadata.version(n)}" for n in names)
+
+
+# A worker's peak: about 2 GB for the full-size ResNet-50 parity tests, more
+# while a test's run.py processes are alive.
+_MEMORY_PER_WORKER = 4 * 2**30
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto`` (in pyproject's addopts): a worker per usable core, as memory allows.
+
+  The cores this process may run on, not the host's (a container or a CPU
+  quota can show many more), and at most one worker per 4 GiB of memory.
+  """
+  del config
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return max(1, min(cores or 1, memory // _MEMORY_PER_WORKER))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Leaves out the tests marked `gpu` unless the -m expression names them.
+
+  So `pytest` and `pytest -m "not slow"` never run them on a machine without
+  an accelerator, and `pytest -m gpu` runs them on the device machine.
+  """
+  if "gpu" in (config.option.markexpr or ""):
+    return
+  gpu = [item for item in items if item.get_closest_marker("gpu")]
+  if gpu:
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=gpu)

@@ -106,8 +106,9 @@ _MEMORY_PER_WORKER = 4 * 2**30
 def pytest_xdist_auto_num_workers(config):
   """``-n auto`` (in pyproject's addopts): a worker per usable core, as memory allows.
 
-  The cores this process may run on, not the host's (a container or a CPU
-  quota can show many more), and at most one worker per 4 GiB of memory.
+  The cores this process may run on (its affinity, which a container's
+  cpuset narrows), not all the host's, and at most one worker per 4 GiB of
+  memory.
   """
   del config
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -591,7 +591,8 @@ class ManualReidBuilder(ReidBuilder, skip_registration=True):
   def _collect_images(
     self, dl_manager: tfds.download.DownloadManager
   ) -> tuple[str, dict[str, list[ReidImage]]]:
-    # dl_manager.manual_dir says so when the folder is missing or empty.
+    # A missing or empty folder never gets here: `prepare` refuses it first, and
+    # under TFDS's own tools dl_manager.manual_dir does.
     tree = ManualTree(dl_manager.manual_dir)
     # Recorded so that preparing again from another folder is noticed.
     self.info.metadata["manual_dir"] = os.path.realpath(os.fspath(dl_manager.manual_dir))
